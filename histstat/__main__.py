@@ -1,0 +1,8 @@
+"""Entry point for ``python -m histstat``."""
+
+import sys
+
+from histstat.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

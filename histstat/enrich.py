@@ -1,0 +1,108 @@
+"""Process facts for a pid (name, user, command line, executable), through a cache."""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import Future
+from typing import Callable
+
+import psutil
+
+from histstat.hashing import ExecutableHasher
+from histstat.records import UNKNOWN_PROCESS, ProcessFacts
+
+_PROCESS_GONE_OR_HIDDEN = (psutil.Error, OSError)
+
+
+def _field(read: Callable):
+    """One process fact, or None when the process hides it or is gone."""
+    try:
+        return read()
+    except _PROCESS_GONE_OR_HIDDEN:
+        return None
+
+
+def _command(proc: psutil.Process) -> str | None:
+    args = proc.cmdline()
+    return " ".join(args) if args else None
+
+
+def executable_path(proc: psutil.Process) -> str | None:
+    """The executable's path as the kernel names it.
+
+    On Linux the link is read directly because psutil drops the " (deleted)" suffix,
+    and a binary deleted after it started is exactly what an analyst must see.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            return os.readlink(f"/proc/{proc.pid}/exe")
+        except OSError:
+            return None
+    return _field(proc.exe) or None
+
+
+def executable_to_hash(proc: psutil.Process, exe: str | None) -> str | None:
+    """The path to open for hashing: on Linux /proc/<pid>/exe reaches deleted files too."""
+    if exe is None:
+        return None
+    if sys.platform.startswith("linux"):
+        return f"/proc/{proc.pid}/exe"
+    return exe
+
+
+def read_process_facts(proc: psutil.Process) -> ProcessFacts:
+    """Every fact independently: AccessDenied on one leaves the others intact."""
+    return ProcessFacts(
+        name=_field(proc.name) or None,
+        user=_field(proc.username) or None,
+        command=_field(lambda: _command(proc)),
+        exe=executable_path(proc),
+    )
+
+
+class ProcessCache:
+    """Process facts keyed by (pid, create time), so a reused pid is never confused.
+
+    Entries for pids that no longer own a socket are dropped by ``retain``, which keeps
+    the cache as small as the socket table on a machine that runs for weeks.
+    """
+
+    def __init__(
+        self,
+        hasher: ExecutableHasher | None = None,
+        process: Callable = psutil.Process,
+    ) -> None:
+        self._hasher = hasher
+        self._process = process
+        self._entries: dict = {}
+
+    def lookup(self, pid: int | None) -> tuple:
+        """(ProcessFacts, future of Hashes or None) for ``pid``; unknown if it is gone."""
+        if pid is None:
+            return UNKNOWN_PROCESS, None
+        try:
+            proc = self._process(pid)
+        except _PROCESS_GONE_OR_HIDDEN:
+            return UNKNOWN_PROCESS, None
+        created = _field(proc.create_time)
+        cached = self._entries.get(pid)
+        if cached is not None and created is not None and cached[0] == created:
+            return cached[1], cached[2]
+        facts = read_process_facts(proc)
+        hashes: Future | None = None
+        if self._hasher is not None:
+            path = executable_to_hash(proc, facts.exe)
+            if path is not None:
+                hashes = self._hasher.hashes_of(path)
+        if created is not None:
+            self._entries[pid] = (created, facts, hashes)
+        return facts, hashes
+
+    def retain(self, live_pids: set) -> None:
+        """Forget processes that own no socket any more."""
+        for pid in [pid for pid in self._entries if pid not in live_pids]:
+            del self._entries[pid]
+
+    def __len__(self) -> int:
+        return len(self._entries)

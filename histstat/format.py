@@ -1,0 +1,152 @@
+"""Formatters: pure functions that turn one row into one line of text, no I/O."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Sequence
+from typing import Callable
+
+from histstat.records import Row
+
+TEXT_FIELDS = (
+    "proto", "laddr", "lport", "raddr", "rport", "status",
+    "pid", "pname", "time", "date", "user", "command",
+)  # fmt: skip
+HASH_FIELDS = ("md5", "sha256")
+JSON_HASH_FIELDS = ("exe", "md5", "sha256")
+
+UNKNOWN = "-"
+NO_REMOTE = "*"
+
+# Minimum widths of the pretty view; a longer value widens its own line only, because
+# a stream cannot know the widest value ahead and must never cut an address or a name.
+PRETTY_WIDTHS = {
+    "proto": 5, "laddr": 15, "lport": 5, "raddr": 15, "rport": 5, "status": 11,
+    "pid": 7, "pname": 15, "time": 8, "date": 8, "user": 10, "exe": 20,
+    "md5": 32, "sha256": 64,
+}  # fmt: skip
+PRETTY_GAP = "  "
+
+# Unicode categories never written raw: controls, format characters (bidi overrides,
+# zero-width), surrogates (undecodable bytes) and the line/paragraph separators.
+_HIDDEN_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+_SURROGATE_ESCAPES = range(0xDC80, 0xDD00)  # how Python carries bytes that are not UTF-8
+
+
+def text_fields(with_hashes: bool) -> tuple:
+    """The text columns in order; hashes go just before the command."""
+    if not with_hashes:
+        return TEXT_FIELDS
+    return TEXT_FIELDS[:-1] + HASH_FIELDS + TEXT_FIELDS[-1:]
+
+
+def json_fields(with_hashes: bool) -> tuple:
+    """The JSON keys in order: the text columns (exe and hashes with --hash), timestamp."""
+    keys = TEXT_FIELDS[:-1] + (JSON_HASH_FIELDS if with_hashes else ()) + ("command",)
+    return keys + ("timestamp",)
+
+
+def _hidden(char: str) -> bool:
+    return unicodedata.category(char) in _HIDDEN_CATEGORIES
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code in _SURROGATE_ESCAPES:
+        return f"\\x{code - 0xDC00:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape_text(value: str) -> str:
+    """Show every control, format and undecodable character as a visible escape."""
+    if value.isascii() and value.isprintable():
+        return value
+    return "".join(_escape_char(c) if _hidden(c) else c for c in value)
+
+
+def json_text(value: str) -> str:
+    """The true text for JSON, except undecodable bytes, which become ``\\xNN`` text."""
+    if value.isascii() or not any(ord(c) in _SURROGATE_ESCAPES for c in value):
+        return value
+    return "".join(
+        f"\\x{ord(c) - 0xDC00:02x}" if ord(c) in _SURROGATE_ESCAPES else c for c in value
+    )
+
+
+def _json_escape_char(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def _escape_json_line(line: str) -> str:
+    """Escape, in JSON's own syntax, what json.dumps leaves raw: DEL, C1, Cf, Zl, Zp."""
+    if line.isascii() and "\x7f" not in line:
+        return line
+    return "".join(_json_escape_char(c) if _hidden(c) else c for c in line)
+
+
+_VALUE_OF: dict = {
+    "time": lambda row: row.timestamp.strftime("%H:%M:%S"),
+    "date": lambda row: row.timestamp.strftime("%y-%m-%d"),
+    "timestamp": lambda row: row.timestamp.isoformat(timespec="microseconds"),
+}
+
+
+def field_value(row: Row, field: str):
+    """The typed value of one field; None when unknown or absent."""
+    read: Callable | None = _VALUE_OF.get(field)
+    return read(row) if read is not None else getattr(row, field)
+
+
+def text_value(row: Row, field: str) -> str:
+    """One field as safe text: ``*`` for no remote end, ``-`` for unknown."""
+    value = field_value(row, field)
+    if value is None:
+        return NO_REMOTE if field in ("raddr", "rport") else UNKNOWN
+    return escape_text(value) if isinstance(value, str) else str(value)
+
+
+def plain_header(fields: Sequence[str]) -> str:
+    return "\t".join(fields)
+
+
+def format_plain_row(row: Row, fields: Sequence[str]) -> str:
+    """Tab-separated; tabs inside values are escaped, so columns never shift."""
+    return "\t".join(text_value(row, field) for field in fields)
+
+
+def _pad(cells: Sequence[str], fields: Sequence[str]) -> str:
+    last = len(fields) - 1
+    return PRETTY_GAP.join(
+        cell if i == last else cell.ljust(PRETTY_WIDTHS.get(field, 0))
+        for i, (cell, field) in enumerate(zip(cells, fields))
+    )
+
+
+def pretty_header(fields: Sequence[str]) -> str:
+    return _pad(fields, fields)
+
+
+def format_pretty_row(row: Row, fields: Sequence[str]) -> str:
+    """Space-aligned columns; the last column (the command) is never cut."""
+    return _pad([text_value(row, field) for field in fields], fields)
+
+
+def format_json_row(row: Row, fields: Sequence[str]) -> str:
+    """One NDJSON object: real types, null for unknown, no raw control character."""
+    obj = {}
+    for field in fields:
+        value = field_value(row, field)
+        obj[field] = json_text(value) if isinstance(value, str) else value
+    return _escape_json_line(json.dumps(obj, ensure_ascii=False))

@@ -1,0 +1,62 @@
+"""Immutable records that flow through the pipeline: connections and enriched rows."""
+
+from __future__ import annotations
+
+import datetime
+from typing import NamedTuple
+
+
+class Connection(NamedTuple):
+    """One socket as a source saw it; its identity is the whole tuple."""
+
+    proto: str  # tcp, tcp6, udp or udp6
+    laddr: str
+    lport: int
+    raddr: str | None  # None: no remote end
+    rport: int | None
+    status: str | None  # None: stateless (UDP)
+    pid: int | None  # None: no owning process known
+
+
+class ProcessFacts(NamedTuple):
+    """What histstat knows of a process; None marks an unknown value."""
+
+    name: str | None = None
+    user: str | None = None
+    command: str | None = None
+    exe: str | None = None
+
+
+UNKNOWN_PROCESS = ProcessFacts()
+
+
+class Row(NamedTuple):
+    """One output row: a new connection, its process facts and when it was seen."""
+
+    proto: str
+    laddr: str
+    lport: int
+    raddr: str | None
+    rport: int | None
+    status: str | None
+    pid: int | None
+    pname: str | None
+    user: str | None
+    command: str | None
+    exe: str | None
+    md5: str | None
+    sha256: str | None
+    timestamp: datetime.datetime
+
+
+def sort_key(conn: Connection) -> tuple:
+    """Order connections deterministically although some fields may be None."""
+    return (
+        conn.proto,
+        conn.laddr,
+        conn.lport,
+        conn.raddr or "",
+        -1 if conn.rport is None else conn.rport,
+        conn.status or "",
+        -1 if conn.pid is None else conn.pid,
+    )

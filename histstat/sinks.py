@@ -1,0 +1,111 @@
+"""Sinks own where lines go: stdout and log files, their handles, flushing and errors."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import BinaryIO, Callable
+
+
+class SinkError(Exception):
+    """A sink cannot open or write; the message is one line for the user."""
+
+
+class ReaderGone(Exception):
+    """Whoever read stdout closed the pipe: a normal end, not an error."""
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+class StdoutSink:
+    """Rows to stdout, in the terminal's encoding; undecodable text is escaped."""
+
+    def __init__(self, stream: BinaryIO, encoding: str) -> None:
+        self._stream = stream
+        self._encoding = encoding
+
+    def open(self, header: str | None) -> None:
+        if header is not None:
+            self.write(header)
+            self.flush()
+
+    def write(self, line: str) -> None:
+        try:
+            self._stream.write((line + "\n").encode(self._encoding, "backslashreplace"))
+        except BrokenPipeError as exc:
+            raise ReaderGone() from exc
+        except OSError as exc:
+            raise SinkError(f"cannot write to stdout: {_describe(exc)}") from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError as exc:
+            raise ReaderGone() from exc
+        except OSError as exc:
+            raise SinkError(f"cannot write to stdout: {_describe(exc)}") from exc
+
+    def reopen(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class LogSink:
+    """Rows appended to a file, written one by one so ``tail -f`` and a crash lose nothing.
+
+    A new file is created 0600 (rows hold other users' command lines); the header goes in
+    only when the file is empty; ``reopen`` (on SIGHUP) follows a rotated log. Writes go
+    straight to the descriptor: no buffer can hold a row back, or fail again at close.
+    """
+
+    def __init__(self, path: str, warn: Callable[[str], None]) -> None:
+        self.path = path
+        self._warn = warn
+        self._fd: int | None = None
+        self._header: str | None = None
+
+    def open(self, header: str | None) -> None:
+        self._header = header
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+        try:
+            self._fd = os.open(self.path, flags, 0o600)
+            info = os.fstat(self._fd)
+        except OSError as exc:
+            self.close()
+            raise SinkError(f"cannot open log {self.path!r}: {_describe(exc)}") from exc
+        if stat.S_ISREG(info.st_mode) and info.st_mode & 0o044:
+            self._warn(
+                f"log {self.path!r} is readable by group or others (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}); it will hold other users' command lines"
+            )
+        if header is not None and info.st_size == 0:
+            self.write(header)
+
+    def write(self, line: str) -> None:
+        assert self._fd is not None
+        try:
+            _write_all(self._fd, (line + "\n").encode("utf-8", "backslashreplace"))
+        except OSError as exc:
+            raise SinkError(f"cannot write log {self.path!r}: {_describe(exc)}") from exc
+
+    def flush(self) -> None:
+        pass  # every write reached the file already
+
+    def reopen(self) -> None:
+        self.close()
+        self.open(self._header)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
