@@ -86,7 +86,7 @@ class LogSink:
         if stat.S_ISREG(info.st_mode) and info.st_mode & 0o044:
             self._warn(
                 f"log {self.path!r} is readable by group or others (mode "
-                f"{stat.S_IMODE(info.st_mode):04o}); it will hold other users' command lines"
+                f"{stat.S_IMODE(info.st_mode):04o}); it holds other users' command lines"
             )
         if header is not None and info.st_size == 0:
             self.write(header)
