@@ -1,0 +1,109 @@
+"""Rows are written in the order found, each once its hashes are known."""
+
+import datetime
+import time
+from concurrent.futures import Future
+
+from histstat.format import format_plain_row, text_fields
+from histstat.hashing import Hashes
+from histstat.pipeline import OrderedWriter, PendingRow, Poller, make_row
+from histstat.records import Connection, ProcessFacts
+from histstat.tracker import ConnectionTracker
+
+SEEN = datetime.datetime(2026, 11, 26, 12, 0, 0, tzinfo=datetime.timezone.utc)
+
+
+class ListSink:
+    def __init__(self):
+        self.lines = []
+        self.flushes = 0
+
+    def write(self, line):
+        self.lines.append(line)
+
+    def flush(self):
+        self.flushes += 1
+
+
+def pending(port, hashes=None):
+    conn = Connection("tcp", "127.0.0.1", port, None, None, "LISTEN", 1)
+    return PendingRow(make_row(conn, ProcessFacts(name=f"p{port}"), SEEN), hashes)
+
+
+def written_ports(sink):
+    return [int(line.split("\t")[2]) for line in sink.lines]
+
+
+def test_rows_wait_for_their_hashes_and_keep_their_order():
+    slow, fast = Future(), Future()
+    fast.set_result(Hashes("m" * 32, "s" * 64))
+    sink = ListSink()
+    writer = OrderedWriter(format_plain_row, text_fields(True), [sink])
+    writer.add([pending(1, slow), pending(2, fast), pending(3)])
+    writer.write_ready(time.monotonic())
+    assert sink.lines == []
+    assert writer.pending() == 3
+    slow.set_result(Hashes("a" * 32, "b" * 64))
+    writer.write_ready(time.monotonic())
+    assert written_ports(sink) == [1, 2, 3]
+    assert sink.lines[0].split("\t")[-3:-1] == ["a" * 32, "b" * 64]
+    assert sink.lines[1].split("\t")[-3:-1] == ["m" * 32, "s" * 64]
+
+
+def test_a_row_still_waiting_at_its_deadline_is_held_not_dropped():
+    slow = Future()
+    sink = ListSink()
+    writer = OrderedWriter(format_plain_row, text_fields(True), [sink])
+    writer.add([pending(1, slow)])
+    writer.write_ready(time.monotonic() + 0.05)
+    assert sink.lines == [] and writer.pending() == 1
+    slow.set_result(Hashes())
+    writer.write_ready(time.monotonic())
+    assert written_ports(sink) == [1]
+
+
+def test_every_sink_gets_every_row_and_is_flushed():
+    log, stdout = ListSink(), ListSink()
+    writer = OrderedWriter(format_plain_row, text_fields(False), [log, stdout])
+    writer.add([pending(1), pending(2)])
+    writer.write_ready(time.monotonic())
+    assert log.lines == stdout.lines and len(log.lines) == 2
+    assert log.flushes == stdout.flushes == 1
+    assert writer.written == 2
+
+
+class StaticSource:
+    def __init__(self, *snapshots):
+        self._snapshots = list(snapshots)
+
+    def snapshot(self):
+        return self._snapshots.pop(0)
+
+
+class CountingCache:
+    def __init__(self):
+        self.looked_up = []
+        self.retained = []
+
+    def lookup(self, pid):
+        self.looked_up.append(pid)
+        return ProcessFacts(name=f"proc{pid}"), None
+
+    def retain(self, live):
+        self.retained.append(live)
+
+
+def test_poller_enriches_only_new_connections_and_prunes_the_cache():
+    a = Connection("tcp", "127.0.0.1", 1, None, None, "LISTEN", 10)
+    b = Connection("tcp", "127.0.0.1", 2, None, None, "LISTEN", 20)
+    cache = CountingCache()
+    poller = Poller(
+        StaticSource(frozenset({a}), frozenset({a, b})), ConnectionTracker(), cache
+    )
+    first = poller.poll()
+    second = poller.poll()
+    assert [p.row.lport for p in first] == [1]
+    assert [(p.row.lport, p.row.pname) for p in second] == [(2, "proc20")]
+    assert cache.looked_up == [10, 20]
+    assert cache.retained == [{10}, {10, 20}]
+    assert second[0].row.timestamp.tzinfo is not None
