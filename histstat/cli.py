@@ -84,8 +84,7 @@ def get_parser() -> argparse.ArgumentParser:
         type=positive_seconds,
         default=1.0,
         metavar="SECONDS",
-        help="seconds between polls (default: 1); connections shorter than this "
-        "may be missed",
+        help="seconds between polls (default: 1); connections shorter than this may be missed",
     )
     parser.add_argument(
         "-l",
@@ -95,18 +94,12 @@ def get_parser() -> argparse.ArgumentParser:
         "header only when empty, reopened on SIGHUP",
     )
     style = parser.add_mutually_exclusive_group()
-    style.add_argument(
-        "-p", "--prettify", action="store_true", help="space-aligned columns"
-    )
-    style.add_argument(
-        "-j", "--json", action="store_true", help="NDJSON: one JSON object per line"
-    )
+    style.add_argument("-p", "--prettify", action="store_true", help="space-aligned columns")
+    style.add_argument("-j", "--json", action="store_true", help="NDJSON: one JSON object per line")
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="nothing on stdout (needs --log)"
     )
-    parser.add_argument(
-        "-v", "--version", action="version", version=f"histstat {__version__}"
-    )
+    parser.add_argument("-v", "--version", action="version", version=f"histstat {__version__}")
     parser.add_argument(
         "--hash",
         action="store_true",

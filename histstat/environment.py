@@ -52,9 +52,7 @@ def reader_gone(stream: BinaryIO) -> bool:
     poller = _poll()
     poller.register(fd, select.POLLOUT)
     events = poller.poll(0)
-    return any(
-        mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, mask in events
-    )
+    return any(mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, mask in events)
 
 
 def silence_stdout() -> None:

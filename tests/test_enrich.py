@@ -96,9 +96,7 @@ def test_command_joins_arguments_with_single_spaces():
 
 
 def test_empty_command_line_is_unknown():
-    facts, _ = ProcessCache(process=factory(FakeProcess(FAKE_PID, cmdline=[]))).lookup(
-        FAKE_PID
-    )
+    facts, _ = ProcessCache(process=factory(FakeProcess(FAKE_PID, cmdline=[]))).lookup(FAKE_PID)
     assert facts.command is None
 
 
@@ -120,12 +118,8 @@ def test_reused_pid_with_another_create_time_is_a_new_process():
 
 
 def test_unreadable_create_time_is_never_cached():
-    hidden = FakeProcess(
-        FAKE_PID, name="first", fail={"create_time": psutil.AccessDenied()}
-    )
-    later = FakeProcess(
-        FAKE_PID, name="second", fail={"create_time": psutil.AccessDenied()}
-    )
+    hidden = FakeProcess(FAKE_PID, name="first", fail={"create_time": psutil.AccessDenied()})
+    later = FakeProcess(FAKE_PID, name="second", fail={"create_time": psutil.AccessDenied()})
     cache = ProcessCache(process=factory(hidden, later))
     assert cache.lookup(FAKE_PID)[0].name == "first"
     assert cache.lookup(FAKE_PID)[0].name == "second"

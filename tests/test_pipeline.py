@@ -97,9 +97,7 @@ def test_poller_enriches_only_new_connections_and_prunes_the_cache():
     a = Connection("tcp", "127.0.0.1", 1, None, None, "LISTEN", 10)
     b = Connection("tcp", "127.0.0.1", 2, None, None, "LISTEN", 20)
     cache = CountingCache()
-    poller = Poller(
-        StaticSource(frozenset({a}), frozenset({a, b})), ConnectionTracker(), cache
-    )
+    poller = Poller(StaticSource(frozenset({a}), frozenset({a, b})), ConnectionTracker(), cache)
     first = poller.poll()
     second = poller.poll()
     assert [p.row.lport for p in first] == [1]

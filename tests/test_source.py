@@ -42,9 +42,7 @@ def test_fields_and_protocol_names():
 
 def test_socket_shared_by_several_processes_is_one_row_for_the_lowest_pid():
     # A pre-fork server: one listening socket, four owners, listed in any order.
-    entries = [
-        sconn(pid, ("0.0.0.0", 80), status="LISTEN") for pid in (902, 900, None, 901)
-    ]
+    entries = [sconn(pid, ("0.0.0.0", 80), status="LISTEN") for pid in (902, 900, None, 901)]
     assert connections_from_psutil(entries) == {
         Connection("tcp", "0.0.0.0", 80, None, None, "LISTEN", 900)
     }
