@@ -174,7 +174,7 @@ def run(config: Config, env: Environment) -> int:
             sink.open(header)
             opened.append(sink)
         if not is_privileged():
-            env.notice(NOT_PRIVILEGED_NOTICE)
+            print(NOT_PRIVILEGED_NOTICE, file=env.stderr, flush=True)  # netstat's words
         _install_signals(hangup)
         _poll_forever(config, env, poller, writer, sinks, stdout, hangup)
     except (KeyboardInterrupt, Terminated):

@@ -1,0 +1,93 @@
+"""Command-line behaviour around the rows: notices on stderr, module entry point."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import STOP_TIMEOUT, histstat_command, read_line, wait_for
+
+import histstat
+from histstat.cli import parse_config
+from histstat.privileges import NOT_PRIVILEGED_NOTICE
+
+
+def test_defaults_are_plain_output_every_second():
+    config = parse_config([])
+    assert (config.interval, config.output, config.log, config.hashes) == (
+        1.0,
+        "plain",
+        None,
+        False,
+    )
+
+
+def test_flags_become_one_configuration():
+    config = parse_config(["-i", "0.25", "-j", "-l", "x.log", "-q", "--hash"])
+    assert (config.interval, config.output, config.log, config.quiet, config.hashes) == (
+        0.25,
+        "json",
+        "x.log",
+        True,
+        True,
+    )
+
+
+def test_slow_poll_is_reported_once_on_stderr(run_histstat, tmp_path):
+    # An interval far below one poll's cost: every poll overruns, the notice comes once.
+    log = tmp_path / "rows.log"
+    run = run_histstat("-i", "0.0001", "-q", "-l", log)
+    wait_for(lambda: "longer than the" in run.stderr(), describe=run.describe)
+    wait_for(lambda: log.stat().st_size > 0, describe=run.describe)
+    result = run.stop()
+    assert result.returncode == 0
+    notices = [line for line in result.stderr.splitlines() if "longer than the" in line]
+    assert len(notices) == 1, result.stderr
+    assert result.stdout_bytes == b""
+
+
+def test_python_dash_m_runs_the_same_tool():
+    done = subprocess.run(
+        [sys.executable, "-m", "histstat", "-v"], capture_output=True, timeout=STOP_TIMEOUT
+    )
+    assert (done.returncode, done.stdout.decode().strip()) == (
+        0,
+        f"histstat {histstat.__version__}",
+    )
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run histstat as another user",
+)
+def test_unprivileged_run_prints_the_notice_on_stderr_only(tmp_path):
+    with socket.socket() as listener:  # a row is sure to come, without a process
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        proc = subprocess.Popen(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                histstat_command(),
+                "-j",
+                "-i",
+                "0.1",
+            ],  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+        )
+        try:
+            first_row = read_line(proc.stdout)
+        finally:
+            proc.terminate()
+            out, err = proc.communicate(timeout=STOP_TIMEOUT)
+    assert proc.returncode == 0, err
+    assert err.decode().strip() == NOT_PRIVILEGED_NOTICE
+    assert NOT_PRIVILEGED_NOTICE.encode() not in first_row + out
+    assert first_row.startswith(b"{")
