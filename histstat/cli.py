@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from histstat import __version__
 from histstat.enrich import ProcessCache
-from histstat.environment import Environment, reader_gone, silence_stdout
+from histstat.environment import Environment, reader_gone
 from histstat.format import (
     format_json_row,
     format_plain_row,
@@ -154,6 +154,8 @@ def build_sinks(config: Config, env: Environment) -> tuple:
         sinks.append(LogSink(config.log, env.notice))
     stdout = None
     if not config.quiet:
+        if env.stdout is None:
+            raise SinkError("stdout is closed: give it somewhere to go, or use -q with -l FILE")
         stdout = StdoutSink(env.stdout, env.stdout_encoding)
         sinks.append(stdout)
     return sinks, stdout
@@ -163,24 +165,28 @@ def run(config: Config, env: Environment) -> int:
     format_row, header_of, fields_of = FORMATS[config.output]
     fields = fields_of(config.hashes)
     header = header_of(fields) if header_of else None
-    sinks, stdout = build_sinks(config, env)
-    hasher = ExecutableHasher() if config.hashes else None
-    poller = Poller(PsutilSource(), ConnectionTracker(), ProcessCache(hasher))
-    writer = OrderedWriter(format_row, fields, sinks)
     hangup = _Hangup()
+    _install_signals(hangup)  # first: a SIGTERM during start-up also ends quietly
+    hasher = None
     opened: list = []
+    stdout = None
     try:
+        sinks, stdout = build_sinks(config, env)
+        writer = OrderedWriter(format_row, fields, sinks)
         for sink in sinks:
             sink.open(header)
             opened.append(sink)
         if not is_privileged():
-            print(NOT_PRIVILEGED_NOTICE, file=env.stderr, flush=True)  # netstat's words
-        _install_signals(hangup)
+            env.say(NOT_PRIVILEGED_NOTICE)  # netstat's own words, without our prefix
+        hasher = ExecutableHasher() if config.hashes else None
+        poller = Poller(PsutilSource(), ConnectionTracker(), ProcessCache(hasher))
         _poll_forever(config, env, poller, writer, sinks, stdout, hangup)
     except (KeyboardInterrupt, Terminated):
-        _drain(writer)
+        if opened and len(opened) == len(sinks):
+            _drain(writer, stdout)
     except ReaderGone:
-        silence_stdout()
+        stdout.discard()
+        _drain(writer, None)  # the log still gets what was found
     except SinkError as exc:
         env.notice(str(exc))
         return EXIT_RUNTIME_ERROR
@@ -198,13 +204,19 @@ def run(config: Config, env: Environment) -> int:
     return EXIT_OK
 
 
-def _drain(writer: OrderedWriter) -> None:
-    """At the end, write what was found but still waits for its hashes."""
+def _drain(writer: OrderedWriter, stdout: StdoutSink | None) -> None:
+    """At the end, write what was found but still waits for its hashes, without
+    letting a stalled stdout reader hold histstat."""
+    if stdout is not None:
+        stdout.stop_blocking()
     try:
         writer.write_ready(time.monotonic() + DRAIN_TIMEOUT)
         writer.write_ready(time.monotonic())  # what is still waiting goes out unknown
     except (KeyboardInterrupt, Terminated, ReaderGone, SinkError):
         pass
+    finally:
+        if stdout is not None:
+            stdout.finish()
 
 
 def _poll_forever(config, env, poller, writer, sinks, stdout, hangup) -> None:
@@ -227,9 +239,19 @@ def _poll_forever(config, env, poller, writer, sinks, stdout, hangup) -> None:
         writer.write_ready(next_poll)
         if stdout is not None and reader_gone(env.stdout):
             raise ReaderGone()
-        pause = next_poll - time.monotonic()
-        if pause > 0:
-            time.sleep(pause)
+        _sleep_until(next_poll, env, stdout)
+
+
+def _sleep_until(deadline: float, env: Environment, stdout: StdoutSink | None) -> None:
+    """Sleep in slices of at most a second, so a closed pipe ends histstat promptly even
+    with a long interval (and a huge interval cannot overflow time.sleep)."""
+    while True:
+        pause = deadline - time.monotonic()
+        if pause <= 0:
+            return
+        time.sleep(min(pause, 1.0))
+        if stdout is not None and reader_gone(env.stdout):
+            raise ReaderGone()
 
 
 def main(argv: list | None = None, env: Environment | None = None) -> int:

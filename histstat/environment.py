@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from typing import BinaryIO, TextIO
@@ -17,23 +16,35 @@ except ImportError:  # pragma: no cover - every platform we know has select
 
 @dataclass
 class Environment:
-    stdout: BinaryIO
-    stderr: TextIO
+    """stdout (binary; None when the caller closed it), stderr (None when closed)."""
+
+    stdout: BinaryIO | None
+    stderr: TextIO | None
     stdout_encoding: str
     stdout_isatty: bool
 
     @classmethod
     def from_sys(cls) -> Environment:
+        stdout = sys.stdout  # None when started with stdout closed (>&-)
         return cls(
-            stdout=sys.stdout.buffer,
+            stdout=stdout.buffer if stdout is not None else None,
             stderr=sys.stderr,
-            stdout_encoding=sys.stdout.encoding or "utf-8",
-            stdout_isatty=sys.stdout.isatty(),
+            stdout_encoding=(stdout.encoding if stdout is not None else None) or "utf-8",
+            stdout_isatty=stdout is not None and stdout.isatty(),
         )
 
+    def say(self, line: str) -> None:
+        """One line on stderr, or nowhere when stderr is closed: never on stdout,
+        which carries rows only (print(file=None) would pick stdout)."""
+        if self.stderr is None:
+            return
+        try:
+            print(line, file=self.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
     def notice(self, message: str) -> None:
-        """One line on stderr; stdout carries rows only."""
-        print(f"histstat: {message}", file=self.stderr, flush=True)
+        self.say(f"histstat: {message}")
 
 
 def reader_gone(stream: BinaryIO) -> bool:
@@ -53,14 +64,3 @@ def reader_gone(stream: BinaryIO) -> bool:
     poller.register(fd, select.POLLOUT)
     events = poller.poll(0)
     return any(mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, mask in events)
-
-
-def silence_stdout() -> None:
-    """Point stdout at the null device so the interpreter's final flush cannot fail
-    on a closed pipe and print "Exception ignored" noise."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass

@@ -25,6 +25,37 @@ class StdoutSink:
     def __init__(self, stream: BinaryIO, encoding: str) -> None:
         self._stream = stream
         self._encoding = encoding
+        self._abandoned = False
+
+    def _set_blocking(self, blocking: bool) -> None:
+        try:
+            os.set_blocking(self._stream.fileno(), blocking)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def stop_blocking(self) -> None:
+        """At the end of a run, a reader that stopped reading must not hold histstat:
+        until ``finish``, a write that would block gives up on stdout (the log still
+        gets every row)."""
+        self._set_blocking(False)
+
+    def finish(self) -> None:
+        """Undo ``stop_blocking`` (the descriptor may be the shell's terminal too), and
+        discard what stdout could not take."""
+        self._set_blocking(True)
+        if self._abandoned:
+            self.discard()
+
+    def discard(self) -> None:
+        """Give up on stdout: point it at the null device, so that the interpreter's
+        final flush cannot fail on a closed pipe and print "Exception ignored" noise."""
+        self._abandoned = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
 
     def open(self, header: str | None) -> None:
         if header is not None:
@@ -32,16 +63,24 @@ class StdoutSink:
             self.flush()
 
     def write(self, line: str) -> None:
+        if self._abandoned:
+            return
         try:
             self._stream.write((line + "\n").encode(self._encoding, "backslashreplace"))
+        except BlockingIOError:
+            self._abandoned = True
         except BrokenPipeError as exc:
             raise ReaderGone() from exc
         except OSError as exc:
             raise SinkError(f"cannot write to stdout: {_describe(exc)}") from exc
 
     def flush(self) -> None:
+        if self._abandoned:
+            return
         try:
             self._stream.flush()
+        except BlockingIOError:
+            self._abandoned = True
         except BrokenPipeError as exc:
             raise ReaderGone() from exc
         except OSError as exc:
