@@ -94,12 +94,20 @@ def get_parser() -> argparse.ArgumentParser:
         "header only when empty, reopened on SIGHUP",
     )
     style = parser.add_mutually_exclusive_group()
-    style.add_argument("-p", "--prettify", action="store_true", help="space-aligned columns")
+    style.add_argument(
+        "-p", "--prettify", action="store_true", help="space-aligned columns, for a terminal"
+    )
     style.add_argument("-j", "--json", action="store_true", help="NDJSON: one JSON object per line")
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="nothing on stdout (needs --log)"
     )
-    parser.add_argument("-v", "--version", action="version", version=f"histstat {__version__}")
+    parser.add_argument(
+        "-v",
+        "--version",
+        action="version",
+        version=f"histstat {__version__}",
+        help="print the version and exit",
+    )
     parser.add_argument(
         "--hash",
         action="store_true",
