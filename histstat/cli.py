@@ -149,10 +149,17 @@ class _Hangup:
         self.requested = True
 
 
-def _install_signals(hangup: _Hangup) -> None:
-    signal.signal(signal.SIGTERM, _raise_terminated)
+def _install_signals(hangup: _Hangup) -> dict:
+    """Our handlers in; returns the previous ones, for ``_restore_signals``."""
+    wanted = {signal.SIGTERM: _raise_terminated}
     if hasattr(signal, "SIGHUP"):  # POSIX only
-        signal.signal(signal.SIGHUP, hangup)
+        wanted[signal.SIGHUP] = hangup
+    return {signum: signal.signal(signum, handler) for signum, handler in wanted.items()}
+
+
+def _restore_signals(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def build_sinks(config: Config, env: Environment) -> tuple:
@@ -174,7 +181,7 @@ def run(config: Config, env: Environment) -> int:
     fields = fields_of(config.hashes)
     header = header_of(fields) if header_of else None
     hangup = _Hangup()
-    _install_signals(hangup)  # first: a SIGTERM during start-up also ends quietly
+    previous_handlers = _install_signals(hangup)  # first: a SIGTERM at start-up ends quietly too
     hasher = None
     opened: list = []
     stdout = None
@@ -209,6 +216,7 @@ def run(config: Config, env: Environment) -> int:
                 sink.close()
             except (SinkError, ReaderGone):
                 pass
+        _restore_signals(previous_handlers)
     return EXIT_OK
 
 

@@ -1,5 +1,7 @@
 """Command-line behaviour around the rows: notices on stderr, module entry point."""
 
+import io
+import json
 import os
 import shutil
 import socket
@@ -10,7 +12,9 @@ import pytest
 from conftest import STOP_TIMEOUT, histstat_command, read_line, wait_for
 
 import histstat
+from histstat import cli
 from histstat.cli import parse_config
+from histstat.environment import Environment
 from histstat.privileges import NOT_PRIVILEGED_NOTICE
 
 
@@ -58,25 +62,49 @@ def test_python_dash_m_runs_the_same_tool():
     )
 
 
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def nobody_can_run_histstat() -> bool:
+    """Root with setpriv, and a histstat install that another user may read (a checkout
+    inside a private directory is not)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    probe = subprocess.run(
+        [*AS_NOBODY, histstat_command(), "-v"], capture_output=True, timeout=STOP_TIMEOUT
+    )
+    return probe.returncode == 0
+
+
+def test_unprivileged_notice_goes_to_stderr_only(monkeypatch):
+    """In-process, so it runs wherever the tests do: one poll, then Ctrl-C."""
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "is_privileged", lambda: False)
+    monkeypatch.setattr(cli, "_sleep_until", interrupt)
+    stdout, stderr = io.BytesIO(), io.StringIO()
+    env = Environment(stdout=stdout, stderr=stderr, stdout_encoding="utf-8", stdout_isatty=False)
+    with socket.socket() as listener:  # a row is sure to come
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert cli.main(["-j"], env=env) == 0
+    rows = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert any(row["lport"] == port for row in rows)
+    assert stderr.getvalue() == NOT_PRIVILEGED_NOTICE + "\n"
+
+
 @pytest.mark.skipif(
-    not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="needs root and setpriv to run histstat as another user",
+    not nobody_can_run_histstat(), reason="needs root, setpriv and an install others can read"
 )
 def test_unprivileged_run_prints_the_notice_on_stderr_only(tmp_path):
     with socket.socket() as listener:  # a row is sure to come, without a process
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         proc = subprocess.Popen(
-            [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                histstat_command(),
-                "-j",
-                "-i",
-                "0.1",
-            ],  # fmt: skip
+            [*AS_NOBODY, histstat_command(), "-j", "-i", "0.1"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
