@@ -1,0 +1,169 @@
+"""Row filters: parsing the analyst's lists, and deciding which new rows to keep."""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from dataclasses import dataclass
+
+import psutil
+
+from histstat.records import Connection, ProcessFacts
+
+# NONE stands for stateless (UDP) rows, whose status is shown as "-" / null.
+STATUSES = tuple(sorted(getattr(psutil, name) for name in dir(psutil) if name.startswith("CONN_")))
+_V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+class FilterValueError(ValueError):
+    """A malformed filter value; the message names it (and the valid choices)."""
+
+
+def _items(text: str, what: str) -> list:
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise FilterValueError(f"empty item in {what} list {text!r}")
+    return items
+
+
+def _port_range(item: str) -> tuple:
+    low, dash, high = (part.strip() for part in item.partition("-"))
+    high = high if dash else low
+    if not (low.isdigit() and high.isdigit()) or max(int(low), int(high)) > 65535:
+        raise FilterValueError(f"not a port or port range (0-65535): {item!r}")
+    if int(high) < int(low):
+        raise FilterValueError(f"port range runs backwards: {item!r}")
+    return (int(low), int(high))
+
+
+def parse_ports(text: str) -> tuple:
+    """``22,80,8000-8100`` → ((22, 22), (80, 80), (8000, 8100))."""
+    return tuple(_port_range(item) for item in _items(text, "port"))
+
+
+def _unmapped(network):
+    """An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) as its IPv4 network."""
+    if network.version == 6 and network.subnet_of(_V4_MAPPED):
+        address = network.network_address.ipv4_mapped
+        return ipaddress.ip_network(f"{address}/{network.prefixlen - 96}")
+    return network
+
+
+def parse_networks(text: str) -> tuple:
+    """IP addresses and CIDR networks, IPv4 or IPv6 (host bits allowed: ``10.1.2.3/8``)."""
+    networks = []
+    for item in _items(text, "address"):
+        try:
+            networks.append(_unmapped(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise FilterValueError(f"not an IP address or network: {item!r}") from None
+    return tuple(networks)
+
+
+def parse_pids(text: str) -> frozenset:
+    pids = set()
+    for item in _items(text, "pid"):
+        if not item.isdigit():
+            raise FilterValueError(f"not a pid: {item!r}")
+        pids.add(int(item))
+    return frozenset(pids)
+
+
+def parse_names(text: str) -> tuple:
+    return tuple(_items(text, "name"))
+
+
+def parse_statuses(text: str) -> frozenset:
+    """Case-insensitive status names; NONE matches stateless UDP rows."""
+    chosen = set()
+    for item in _items(text, "status"):
+        status = item.upper()
+        if status not in STATUSES:
+            raise FilterValueError(f"unknown status {item!r} (choose from {', '.join(STATUSES)})")
+        chosen.add(status)
+    return frozenset(chosen)
+
+
+def _address(text: str | None):
+    """A row's address as an ipaddress object, IPv4-mapped IPv6 as IPv4; None if unparsable."""
+    if text is None:
+        return None
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _in_networks(text: str | None, networks: tuple) -> bool:
+    address = _address(text)
+    return address is not None and any(
+        address.version == network.version and address in network for network in networks
+    )
+
+
+def _in_ranges(port: int | None, ranges: tuple) -> bool:
+    return port is not None and any(first <= port <= last for first, last in ranges)
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Conditions combine with AND across options, OR within one option's list.
+
+    ``keeps_connection`` needs socket fields only and runs first, so a row it rejects
+    costs no process lookup; ``keeps_process`` decides on name and user.
+    """
+
+    protos: frozenset | None = None
+    ports: tuple | None = None
+    lports: tuple | None = None
+    rports: tuple | None = None
+    laddrs: tuple | None = None
+    raddrs: tuple | None = None
+    pids: frozenset | None = None
+    statuses: frozenset | None = None
+    excluded_statuses: frozenset = frozenset()
+    names: tuple | None = None
+    users: frozenset | None = None
+
+    @property
+    def needs_process(self) -> bool:
+        return self.names is not None or self.users is not None
+
+    def keeps_connection(self, conn: Connection) -> bool:
+        status = conn.status or psutil.CONN_NONE
+        return (
+            (self.protos is None or conn.proto in self.protos)
+            and (
+                self.ports is None
+                or _in_ranges(conn.lport, self.ports)
+                or _in_ranges(conn.rport, self.ports)
+            )
+            and (self.lports is None or _in_ranges(conn.lport, self.lports))
+            and (self.rports is None or _in_ranges(conn.rport, self.rports))
+            and (self.laddrs is None or _in_networks(conn.laddr, self.laddrs))
+            and (self.raddrs is None or _in_networks(conn.raddr, self.raddrs))
+            and (self.pids is None or conn.pid in self.pids)
+            and (self.statuses is None or status in self.statuses)
+            and status not in self.excluded_statuses
+        )
+
+    def keeps_process(self, facts: ProcessFacts) -> bool:
+        return (
+            self.names is None
+            or (
+                facts.name is not None
+                and any(fnmatch.fnmatchcase(facts.name, n) for n in self.names)
+            )
+        ) and (self.users is None or facts.user in self.users)
+
+
+def protocols(tcp: bool, udp: bool, ipv4: bool, ipv6: bool) -> frozenset | None:
+    """The proto names to keep; None (all) when no protocol or family was asked for."""
+    if not (tcp or udp or ipv4 or ipv6):
+        return None
+    kinds = [kind for kind, on in (("tcp", tcp), ("udp", udp)) if on] or ["tcp", "udp"]
+    suffixes = [s for s, on in (("", ipv4), ("6", ipv6)) if on] or ["", "6"]
+    return frozenset(kind + suffix for kind in kinds for suffix in suffixes)

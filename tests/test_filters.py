@@ -1,0 +1,110 @@
+"""Filter values parse strictly, and rows are kept by AND across options, OR within one."""
+
+import pytest
+
+from histstat.filters import (
+    STATUSES,
+    FilterValueError,
+    RowFilter,
+    parse_networks,
+    parse_pids,
+    parse_ports,
+    parse_statuses,
+    protocols,
+)
+from histstat.records import Connection, ProcessFacts
+
+WEB = Connection("tcp", "10.0.0.5", 443, "203.0.113.9", 51000, "ESTABLISHED", 100)
+SSH_LISTEN = Connection("tcp6", "::", 22, None, None, "LISTEN", 200)
+DNS = Connection("udp", "127.0.0.53", 53, None, None, None, 300)
+MAPPED = Connection("tcp6", "::ffff:10.0.0.5", 8080, "::ffff:192.168.1.7", 40000, "SYN_RECV", 400)
+ORPHAN = Connection("tcp", "127.0.0.1", 8000, "127.0.0.1", 41000, "TIME_WAIT", None)
+ALL = [WEB, SSH_LISTEN, DNS, MAPPED, ORPHAN]
+
+
+def kept(row_filter: RowFilter) -> list:
+    return [conn for conn in ALL if row_filter.keeps_connection(conn)]
+
+
+def test_port_lists_and_ranges():
+    assert parse_ports("22,80,8000-8100") == ((22, 22), (80, 80), (8000, 8100))
+    assert parse_ports(" 0 , 65535 ") == ((0, 0), (65535, 65535))
+
+
+@pytest.mark.parametrize("bad", ["70000", "90-80", "http", "", "22,", "-5", "1-2-3", "1.5"])
+def test_malformed_ports_name_the_value(bad):
+    with pytest.raises(FilterValueError) as caught:
+        parse_ports(bad)
+    assert repr(bad.split(",")[0].strip()) in str(caught.value) or "empty" in str(caught.value)
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "300.1.1.1", "example.com", "::1/129", "10.0.0.1,"])
+def test_malformed_addresses_are_refused(bad):
+    with pytest.raises(FilterValueError):
+        parse_networks(bad)
+
+
+def test_unknown_status_lists_the_choices():
+    with pytest.raises(FilterValueError) as caught:
+        parse_statuses("established,OPEN")
+    assert "'OPEN'" in str(caught.value)
+    assert all(status in str(caught.value) for status in STATUSES)
+
+
+def test_statuses_are_case_insensitive():
+    assert parse_statuses("listen,Time_Wait,none") == {"LISTEN", "TIME_WAIT", "NONE"}
+
+
+def test_bad_pid_is_refused():
+    with pytest.raises(FilterValueError, match="'12a'"):
+        parse_pids("1,12a")
+
+
+def test_protocol_and_family_switches():
+    assert protocols(False, False, False, False) is None
+    assert protocols(True, False, False, False) == {"tcp", "tcp6"}
+    assert protocols(False, True, True, False) == {"udp"}
+    assert protocols(False, False, False, True) == {"tcp6", "udp6"}
+    assert protocols(True, True, True, True) == {"tcp", "tcp6", "udp", "udp6"}
+
+
+def test_port_matches_local_or_remote():
+    assert kept(RowFilter(ports=parse_ports("51000,53"))) == [WEB, DNS]
+    assert kept(RowFilter(lports=parse_ports("51000,53"))) == [DNS]
+    assert kept(RowFilter(rports=parse_ports("40000-60000"))) == [WEB, MAPPED, ORPHAN]
+
+
+def test_networks_v4_v6_and_v4_mapped():
+    assert kept(RowFilter(laddrs=parse_networks("10.0.0.0/8"))) == [WEB, MAPPED]
+    assert kept(RowFilter(laddrs=parse_networks("::/0"))) == [SSH_LISTEN]
+    assert kept(RowFilter(raddrs=parse_networks("192.168.1.7"))) == [MAPPED]
+    assert kept(RowFilter(raddrs=parse_networks("::ffff:192.168.0.0/112"))) == [MAPPED]
+    assert kept(RowFilter(raddrs=parse_networks("0.0.0.0/0"))) == [WEB, MAPPED, ORPHAN]
+
+
+def test_status_none_means_stateless_udp_and_exclusion_wins():
+    assert kept(RowFilter(statuses=parse_statuses("NONE"))) == [DNS]
+    assert kept(RowFilter(excluded_statuses=parse_statuses("time_wait,none"))) == [
+        WEB,
+        SSH_LISTEN,
+        MAPPED,
+    ]
+    assert kept(RowFilter(statuses=parse_statuses("LISTEN"), excluded_statuses={"LISTEN"})) == []
+
+
+def test_options_combine_with_and():
+    both = RowFilter(protos=protocols(True, False, False, False), ports=parse_ports("443,53"))
+    assert kept(both) == [WEB]
+    assert kept(RowFilter(pids=parse_pids("100,300,999"))) == [WEB, DNS]
+
+
+def test_process_filters_use_exact_names_globs_and_users():
+    facts = ProcessFacts(name="python3.11", user="alice")
+    assert RowFilter(names=("python3.11",)).keeps_process(facts)
+    assert RowFilter(names=("nginx", "python*")).keeps_process(facts)
+    assert not RowFilter(names=("python",)).keeps_process(facts)
+    assert not RowFilter(names=("*",)).keeps_process(ProcessFacts())
+    assert RowFilter(users=frozenset({"bob", "alice"})).keeps_process(facts)
+    assert not RowFilter(users=frozenset({"bob"})).keeps_process(facts)
+    assert RowFilter().keeps_process(ProcessFacts())
+    assert RowFilter(names=("x",)).needs_process and not RowFilter().needs_process
