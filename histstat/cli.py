@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import signal
 import sys
@@ -12,7 +13,22 @@ from dataclasses import dataclass
 from histstat import __version__
 from histstat.enrich import ProcessCache
 from histstat.environment import Environment, reader_gone
+from histstat.filters import (
+    STATUSES,
+    FilterValueError,
+    RowFilter,
+    parse_names,
+    parse_networks,
+    parse_pids,
+    parse_ports,
+    parse_statuses,
+    protocols,
+)
 from histstat.format import (
+    ALL_FIELDS,
+    HASH_FIELDS,
+    csv_header,
+    format_csv_row,
     format_json_row,
     format_plain_row,
     format_pretty_row,
@@ -32,10 +48,12 @@ EXIT_OK, EXIT_RUNTIME_ERROR, EXIT_USAGE = 0, 1, 2
 SLOW_POLL_NOTICE_EVERY = 60.0  # seconds between two "poll slower than interval" notices
 DRAIN_TIMEOUT = 5.0  # seconds to wait at exit for hashes of rows not yet written
 
+# output: (row formatter, header or None, default fields, line ending, takes colour)
 FORMATS = {
-    "plain": (format_plain_row, plain_header, text_fields),
-    "pretty": (format_pretty_row, pretty_header, text_fields),
-    "json": (format_json_row, None, json_fields),
+    "plain": (format_plain_row, plain_header, text_fields, "\n", True),
+    "pretty": (format_pretty_row, pretty_header, text_fields, "\n", True),
+    "json": (format_json_row, None, json_fields, "\n", False),
+    "csv": (format_csv_row, csv_header, text_fields, "\r\n", False),  # RFC 4180
 }
 
 
@@ -43,9 +61,15 @@ FORMATS = {
 class Config:
     interval: float
     log: str | None
-    output: str  # plain, pretty or json
+    output: str  # plain, pretty, json or csv
     quiet: bool
     hashes: bool
+    fields: tuple = ()
+    row_filter: RowFilter = RowFilter()
+    once: bool = False
+    count: int | None = None
+    duration: float | None = None
+    color: str = "auto"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +88,36 @@ def positive_seconds(text: str) -> float:
             f"must be a positive, finite number of seconds, not {text!r}"
         )
     return value
+
+
+def positive_count(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of rows above 0, not {text!r}")
+    return int(text)
+
+
+def _list_of(parse):
+    """An argparse type from a filter parser: its message becomes the usage error."""
+
+    @functools.wraps(parse)
+    def parse_or_refuse(text: str):
+        try:
+            return parse(text)
+        except FilterValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse_or_refuse
+
+
+def parse_fields(text: str) -> tuple:
+    fields = tuple(item.strip() for item in text.split(","))
+    for field in fields:
+        if field not in ALL_FIELDS:
+            raise FilterValueError(f"unknown field {field!r} (choose from {', '.join(ALL_FIELDS)})")
+    repeated = sorted({field for field in fields if fields.count(field) > 1})
+    if repeated:
+        raise FilterValueError(f"field listed twice: {', '.join(repeated)}")
+    return fields
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -113,6 +167,73 @@ def get_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add md5 and sha256 of each process's executable (JSON also gets exe)",
     )
+
+    shown = parser.add_argument_group("fields and formats")
+    style.add_argument(
+        "--csv", action="store_true", help="RFC 4180 CSV with a header, safe for spreadsheets"
+    )
+    shown.add_argument(
+        "-f",
+        "--fields",
+        type=_list_of(parse_fields),
+        metavar="LIST",
+        help="columns (text, CSV) or keys (JSON) to show, in order, from: "
+        + ",".join(ALL_FIELDS)
+        + "; md5 or sha256 turn hashing on",
+    )
+    shown.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour the status column of text output (auto: on a terminal, unless "
+        "NO_COLOR is set); logs never get colour",
+    )
+
+    capture = parser.add_argument_group("capture limits")
+    capture.add_argument(
+        "--once", action="store_true", help="print the current table once and exit"
+    )
+    capture.add_argument(
+        "-c", "--count", type=positive_count, metavar="N", help="stop after N rows"
+    )
+    capture.add_argument(
+        "--duration", type=positive_seconds, metavar="SECONDS", help="stop after SECONDS"
+    )
+
+    narrow = parser.add_argument_group(
+        "filters",
+        "LIST is comma-separated; a row must match every option given and, within one "
+        "option, any item of its list",
+    )
+    narrow.add_argument("--tcp", action="store_true", help="TCP only (with --udp: both)")
+    narrow.add_argument("--udp", action="store_true", help="UDP only (with --tcp: both)")
+    narrow.add_argument("-4", dest="ipv4", action="store_true", help="IPv4 only (with -6: both)")
+    narrow.add_argument("-6", dest="ipv6", action="store_true", help="IPv6 only (with -4: both)")
+    ports = _list_of(parse_ports)
+    narrow.add_argument(
+        "--port", type=ports, metavar="LIST", help="local or remote port: 22,8000-8100"
+    )
+    narrow.add_argument("--lport", type=ports, metavar="LIST", help="local port")
+    narrow.add_argument("--rport", type=ports, metavar="LIST", help="remote port")
+    networks = _list_of(parse_networks)
+    narrow.add_argument(
+        "--laddr", type=networks, metavar="LIST", help="local address or CIDR network, v4 or v6"
+    )
+    narrow.add_argument(
+        "--raddr", type=networks, metavar="LIST", help="remote address or CIDR network"
+    )
+    narrow.add_argument("--pid", type=_list_of(parse_pids), metavar="LIST", help="process id")
+    narrow.add_argument(
+        "--name", type=_list_of(parse_names), metavar="LIST",
+        help="process name, exact or shell-style glob ('python*')",
+    )  # fmt: skip
+    narrow.add_argument("--user", type=_list_of(parse_names), metavar="LIST", help="user name")
+    statuses = _list_of(parse_statuses)
+    status_help = f"TCP state, any case: {','.join(STATUSES)} (NONE: UDP)"
+    narrow.add_argument("--status", type=statuses, metavar="LIST", help=status_help)
+    narrow.add_argument(
+        "--exclude-status", type=statuses, metavar="LIST", help="leave out these states"
+    )
     return parser
 
 
@@ -121,13 +242,37 @@ def parse_config(argv: list | None = None) -> Config:
     args = parser.parse_args(argv)
     if args.quiet and not args.log:
         parser.error("-q/--quiet needs a file to write to: add -l/--log FILE")
-    output = "json" if args.json else "pretty" if args.prettify else "plain"
+    output = next(
+        (name for name, on in (("json", args.json), ("pretty", args.prettify), ("csv", args.csv))
+         if on),
+        "plain",
+    )  # fmt: skip
+    hashes = args.hash or bool(args.fields and set(args.fields) & set(HASH_FIELDS))
+    default_fields = FORMATS[output][2]
     return Config(
         interval=args.interval,
         log=args.log,
         output=output,
         quiet=args.quiet,
-        hashes=args.hash,
+        hashes=hashes,
+        fields=args.fields or default_fields(args.hash),
+        row_filter=RowFilter(
+            protos=protocols(args.tcp, args.udp, args.ipv4, args.ipv6),
+            ports=args.port,
+            lports=args.lport,
+            rports=args.rport,
+            laddrs=args.laddr,
+            raddrs=args.raddr,
+            pids=args.pid,
+            statuses=args.status,
+            excluded_statuses=args.exclude_status or frozenset(),
+            names=args.name,
+            users=frozenset(args.user) if args.user else None,
+        ),
+        once=args.once,
+        count=args.count,
+        duration=args.duration,
+        color=args.color,
     )
 
 
@@ -162,42 +307,65 @@ def _restore_signals(previous: dict) -> None:
         signal.signal(signum, handler)
 
 
-def build_sinks(config: Config, env: Environment) -> tuple:
-    """(sinks in writing order, the stdout sink or None); files come first."""
-    sinks: list = []
+def use_color(config: Config, env: Environment) -> bool:
+    if not FORMATS[config.output][4] or config.color == "never":
+        return False
+    return config.color == "always" or (env.stdout_isatty and not env.no_color)
+
+
+def build_outputs(config: Config, env: Environment) -> tuple:
+    """([(view, sink, header)] with files first, the stdout sink or None).
+
+    Files always get the whole line without colour; only a terminal's view is fitted
+    to its width and coloured.
+    """
+    format_row, header_of, _, newline, _ = FORMATS[config.output]
+    fields = config.fields
+    plain_view = functools.partial(format_row, fields=fields)
+    header = header_of(fields) if header_of else None
+    outputs: list = []
     if config.log:
-        sinks.append(LogSink(config.log, env.notice))
+        outputs.append((plain_view, LogSink(config.log, env.notice, newline), header))
     stdout = None
     if not config.quiet:
         if env.stdout is None:
             raise SinkError("stdout is closed: give it somewhere to go, or use -q with -l FILE")
-        stdout = StdoutSink(env.stdout, env.stdout_encoding)
-        sinks.append(stdout)
-    return sinks, stdout
+        stdout = StdoutSink(env.stdout, env.stdout_encoding, newline)
+        view, stdout_header = plain_view, header
+        color = use_color(config, env)
+        if config.output == "pretty" and env.stdout_isatty:
+            width = env.terminal_width
+            view = lambda row: format_pretty_row(row, fields, width=width(), color=color)  # noqa: E731
+            stdout_header = pretty_header(fields, width())
+        elif color:
+            view = functools.partial(format_row, fields=fields, color=True)
+        outputs.append((view, stdout, stdout_header))
+    return outputs, stdout
 
 
 def run(config: Config, env: Environment) -> int:
-    format_row, header_of, fields_of = FORMATS[config.output]
-    fields = fields_of(config.hashes)
-    header = header_of(fields) if header_of else None
     hangup = _Hangup()
     previous_handlers = _install_signals(hangup)  # first: a SIGTERM at start-up ends quietly too
     hasher = None
     opened: list = []
     stdout = None
+    outputs: list = []
     try:
-        sinks, stdout = build_sinks(config, env)
-        writer = OrderedWriter(format_row, fields, sinks)
-        for sink in sinks:
+        outputs, stdout = build_outputs(config, env)
+        writer = OrderedWriter([(view, sink) for view, sink, _ in outputs], config.count)
+        for _, sink, header in outputs:
             sink.open(header)
             opened.append(sink)
         if not is_privileged():
             env.say(NOT_PRIVILEGED_NOTICE)  # netstat's own words, without our prefix
         hasher = ExecutableHasher() if config.hashes else None
-        poller = Poller(PsutilSource(), ConnectionTracker(), ProcessCache(hasher))
-        _poll_forever(config, env, poller, writer, sinks, stdout, hangup)
+        poller = Poller(
+            PsutilSource(), ConnectionTracker(), ProcessCache(hasher), config.row_filter
+        )
+        _poll_until_done(config, env, poller, writer, opened, stdout, hangup)
+        _drain(writer, stdout)
     except (KeyboardInterrupt, Terminated):
-        if opened and len(opened) == len(sinks):
+        if opened and len(opened) == len(outputs):
             _drain(writer, stdout)
     except ReaderGone:
         stdout.discard()
@@ -235,7 +403,9 @@ def _drain(writer: OrderedWriter, stdout: StdoutSink | None) -> None:
             stdout.finish()
 
 
-def _poll_forever(config, env, poller, writer, sinks, stdout, hangup) -> None:
+def _poll_until_done(config, env, poller, writer, sinks, stdout, hangup) -> None:
+    """Poll until --once, --count or --duration says enough (or forever)."""
+    ends = time.monotonic() + config.duration if config.duration else math.inf
     last_slow_notice = -math.inf
     while True:
         if hangup.requested:
@@ -245,17 +415,23 @@ def _poll_forever(config, env, poller, writer, sinks, stdout, hangup) -> None:
         started = time.monotonic()
         writer.add(poller.poll())
         took = time.monotonic() - started
+        if config.once:
+            return
         if took > config.interval and started - last_slow_notice >= SLOW_POLL_NOTICE_EVERY:
             last_slow_notice = started
             env.notice(
                 f"a poll took {took:.2f} s, longer than the {config.interval:g} s "
                 "interval: connections that lived between polls may be missed"
             )
-        next_poll = started + config.interval
+        next_poll = min(started + config.interval, ends)
         writer.write_ready(next_poll)
+        if writer.done:
+            return
         if stdout is not None and reader_gone(env.stdout):
             raise ReaderGone()
         _sleep_until(next_poll, env, stdout)
+        if time.monotonic() >= ends:
+            return
 
 
 def _sleep_until(deadline: float, env: Environment, stdout: StdoutSink | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import BinaryIO, TextIO
@@ -22,6 +23,7 @@ class Environment:
     stderr: TextIO | None
     stdout_encoding: str
     stdout_isatty: bool
+    no_color: bool = False  # the NO_COLOR convention: set and not empty
 
     @classmethod
     def from_sys(cls) -> Environment:
@@ -31,7 +33,17 @@ class Environment:
             stderr=sys.stderr,
             stdout_encoding=(stdout.encoding if stdout is not None else None) or "utf-8",
             stdout_isatty=stdout is not None and stdout.isatty(),
+            no_color=bool(os.environ.get("NO_COLOR")),
         )
+
+    def terminal_width(self) -> int | None:
+        """Columns of the terminal on stdout, asked each time (it may be resized)."""
+        if not self.stdout_isatty or self.stdout is None:
+            return None
+        try:
+            return os.get_terminal_size(self.stdout.fileno()).columns
+        except (OSError, ValueError):
+            return None
 
     def say(self, line: str) -> None:
         """One line on stderr, or nowhere when stderr is closed: never on stdout,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import unicodedata
 from collections.abc import Sequence
@@ -15,6 +17,8 @@ TEXT_FIELDS = (
 )  # fmt: skip
 HASH_FIELDS = ("md5", "sha256")
 JSON_HASH_FIELDS = ("exe", "md5", "sha256")
+# Every field a row can show, for -f/--fields.
+ALL_FIELDS = TEXT_FIELDS[:-1] + JSON_HASH_FIELDS + ("command", "timestamp")
 
 UNKNOWN = "-"
 NO_REMOTE = "*"
@@ -27,6 +31,18 @@ PRETTY_WIDTHS = {
     "md5": 32, "sha256": 64,
 }  # fmt: skip
 PRETTY_GAP = "  "
+ELLIPSIS = "\u2026"
+
+# ANSI colours of the status column (--color): the states an analyst looks for first.
+_STATUS_COLORS = {
+    "ESTABLISHED": "32", "LISTEN": "34", "SYN_SENT": "33", "SYN_RECV": "33",
+    "FIN_WAIT1": "35", "FIN_WAIT2": "35", "TIME_WAIT": "35", "CLOSE_WAIT": "35",
+    "LAST_ACK": "35", "CLOSING": "35", "CLOSE": "31",
+}  # fmt: skip
+_RESET = "\x1b[0m"
+
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 # Unicode categories never written raw: controls, format characters (bidi overrides,
 # zero-width), surrogates (undecodable bytes) and the line/paragraph separators.
@@ -117,30 +133,76 @@ def text_value(row: Row, field: str) -> str:
     return escape_text(value) if isinstance(value, str) else str(value)
 
 
+def _colored(cell: str, field: str, status: str | None) -> str:
+    """The status cell (padding included) in its colour; other cells unchanged."""
+    code = _STATUS_COLORS.get(status or "") if field == "status" else None
+    if code is None:
+        return cell
+    text = cell.rstrip(" ")
+    return f"\x1b[{code}m{text}{_RESET}{cell[len(text) :]}"
+
+
 def plain_header(fields: Sequence[str]) -> str:
     return "\t".join(fields)
 
 
-def format_plain_row(row: Row, fields: Sequence[str]) -> str:
+def format_plain_row(row: Row, fields: Sequence[str], color: bool = False) -> str:
     """Tab-separated; tabs inside values are escaped, so columns never shift."""
-    return "\t".join(text_value(row, field) for field in fields)
+    cells = (text_value(row, field) for field in fields)
+    if color:
+        cells = (_colored(cell, field, row.status) for cell, field in zip(cells, fields))
+    return "\t".join(cells)
 
 
-def _pad(cells: Sequence[str], fields: Sequence[str]) -> str:
-    last = len(fields) - 1
-    return PRETTY_GAP.join(
-        cell if i == last else cell.ljust(PRETTY_WIDTHS.get(field, 0))
-        for i, (cell, field) in enumerate(zip(cells, fields))
-    )
+def _pretty_cells(cells: Sequence[str], fields: Sequence[str], width: int | None) -> list:
+    """Cells padded to their columns; the last one shortened with an ellipsis when the
+    line would not fit ``width`` (a terminal's), the last column never padded."""
+    padded = [cell.ljust(PRETTY_WIDTHS.get(field, 0)) for cell, field in zip(cells, fields)]
+    padded[-1] = cells[-1]
+    if width is not None:
+        room = width - (len(PRETTY_GAP.join(padded)) - len(padded[-1]))
+        if len(padded[-1]) > room:
+            padded[-1] = padded[-1][: max(room - 1, 0)] + ELLIPSIS
+    return padded
 
 
-def pretty_header(fields: Sequence[str]) -> str:
-    return _pad(fields, fields)
+def pretty_header(fields: Sequence[str], width: int | None = None) -> str:
+    return PRETTY_GAP.join(_pretty_cells(list(fields), fields, width))
 
 
-def format_pretty_row(row: Row, fields: Sequence[str]) -> str:
-    """Space-aligned columns; the last column (the command) is never cut."""
-    return _pad([text_value(row, field) for field in fields], fields)
+def format_pretty_row(
+    row: Row, fields: Sequence[str], width: int | None = None, color: bool = False
+) -> str:
+    """Space-aligned columns. The command (last) is whole unless ``width`` is given,
+    which only a terminal's view does; logs and pipes always get every character."""
+    cells = _pretty_cells([text_value(row, field) for field in fields], fields, width)
+    if color:
+        cells = [_colored(cell, field, row.status) for cell, field in zip(cells, fields)]
+    return PRETTY_GAP.join(cells)
+
+
+def _csv_cell(row: Row, field: str) -> str:
+    """Escaped text, empty when unknown, and never a spreadsheet formula."""
+    value = field_value(row, field)
+    if value is None:
+        return ""
+    text = escape_text(value) if isinstance(value, str) else str(value)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def _csv_line(cells: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="").writerow(cells)
+    return buffer.getvalue()
+
+
+def csv_header(fields: Sequence[str]) -> str:
+    return _csv_line(fields)
+
+
+def format_csv_row(row: Row, fields: Sequence[str]) -> str:
+    """One RFC 4180 record (the line ending is the sink's)."""
+    return _csv_line([_csv_cell(row, field) for field in fields])
 
 
 def format_json_row(row: Row, fields: Sequence[str]) -> str:

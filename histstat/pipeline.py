@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime
 import time
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import Future, wait
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from histstat.enrich import ProcessCache
+from histstat.filters import RowFilter
 from histstat.hashing import UNKNOWN_HASHES
 from histstat.records import Connection, ProcessFacts, Row
 from histstat.tracker import ConnectionTracker
@@ -47,32 +47,52 @@ def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime) -> 
 class Poller:
     """source → tracker → enrich: the rows new in one poll."""
 
-    def __init__(self, source, tracker: ConnectionTracker, processes: ProcessCache) -> None:
+    def __init__(
+        self,
+        source,
+        tracker: ConnectionTracker,
+        processes: ProcessCache,
+        row_filter: RowFilter | None = None,
+    ) -> None:
         self._source = source
         self._tracker = tracker
         self._processes = processes
+        self._filter = row_filter or RowFilter()
 
     def poll(self) -> list:
         # Local time with its UTC offset, taken once: every row of a poll shares it.
         seen = datetime.datetime.now().astimezone()
         new = self._tracker.new_since(self._source.snapshot())
         rows = []
+        keeps_connection, keeps_process = self._filter.keeps_connection, self._filter.keeps_process
         for conn in new:
+            if not keeps_connection(conn):
+                continue  # decided on socket fields: no process lookup spent on it
             facts, hashes = self._processes.lookup(conn.pid)
-            rows.append(PendingRow(make_row(conn, facts, seen), hashes))
+            if keeps_process(facts):
+                rows.append(PendingRow(make_row(conn, facts, seen), hashes))
         self._processes.retain(self._tracker.live_pids())
         return rows
 
 
 class OrderedWriter:
-    """Writes rows in the order they were found, each once its hashes are known."""
+    """Writes rows in the order they were found, each once its hashes are known.
 
-    def __init__(self, format_row: Callable, fields: Sequence[str], sinks: list) -> None:
-        self._format_row = format_row
-        self._fields = fields
-        self._sinks = sinks
+    ``outputs`` pairs a view (row → line) with a sink, files first, so a row shown on
+    stdout is already saved. A terminal's view may differ from the log's (width,
+    colour); sinks sharing a view share one formatted line. With ``limit``, writing
+    stops for good after that many rows.
+    """
+
+    def __init__(self, outputs: list, limit: int | None = None) -> None:
+        self._outputs = outputs
+        self._limit = limit
         self._queue: deque = deque()
         self.written = 0
+
+    @property
+    def done(self) -> bool:
+        return self._limit is not None and self.written >= self._limit
 
     def add(self, rows: list) -> None:
         self._queue.extend(rows)
@@ -80,7 +100,7 @@ class OrderedWriter:
     def write_ready(self, deadline: float) -> None:
         """Write queued rows, waiting for hashes until ``deadline`` (a monotonic time)."""
         try:
-            while self._queue:
+            while self._queue and not self.done:
                 head = self._queue[0]
                 if not head.ready():
                     remaining = deadline - time.monotonic()
@@ -90,15 +110,17 @@ class OrderedWriter:
                     continue
                 self._write(self._queue.popleft().resolved())
         finally:
-            for sink in self._sinks:
+            for _, sink in self._outputs:
                 sink.flush()
 
     def pending(self) -> int:
         return len(self._queue)
 
     def _write(self, row: Row) -> None:
-        line = self._format_row(row, self._fields)
-        # Sinks are ordered files first, so a row shown on stdout is already saved.
-        for sink in self._sinks:
+        lines: dict = {}
+        for view, sink in self._outputs:
+            line = lines.get(view)
+            if line is None:
+                line = lines[view] = view(row)
             sink.write(line)
         self.written += 1

@@ -22,9 +22,10 @@ def _describe(exc: OSError) -> str:
 class StdoutSink:
     """Rows to stdout, in the terminal's encoding; undecodable text is escaped."""
 
-    def __init__(self, stream: BinaryIO, encoding: str) -> None:
+    def __init__(self, stream: BinaryIO, encoding: str, newline: str = "\n") -> None:
         self._stream = stream
         self._encoding = encoding
+        self._newline = newline
         self._abandoned = False
 
     def _set_blocking(self, blocking: bool) -> None:
@@ -66,7 +67,7 @@ class StdoutSink:
         if self._abandoned:
             return
         try:
-            self._stream.write((line + "\n").encode(self._encoding, "backslashreplace"))
+            self._stream.write((line + self._newline).encode(self._encoding, "backslashreplace"))
         except BlockingIOError:
             self._abandoned = True
         except BrokenPipeError as exc:
@@ -107,9 +108,10 @@ class LogSink:
     straight to the descriptor: no buffer can hold a row back, or fail again at close.
     """
 
-    def __init__(self, path: str, warn: Callable[[str], None]) -> None:
+    def __init__(self, path: str, warn: Callable[[str], None], newline: str = "\n") -> None:
         self.path = path
         self._warn = warn
+        self._newline = newline
         self._fd: int | None = None
         self._header: str | None = None
 
@@ -133,7 +135,7 @@ class LogSink:
     def write(self, line: str) -> None:
         assert self._fd is not None
         try:
-            _write_all(self._fd, (line + "\n").encode("utf-8", "backslashreplace"))
+            _write_all(self._fd, (line + self._newline).encode("utf-8", "backslashreplace"))
         except OSError as exc:
             raise SinkError(f"cannot write log {self.path!r}: {_describe(exc)}") from exc
 

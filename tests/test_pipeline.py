@@ -1,9 +1,11 @@
 """Rows are written in the order found, each once its hashes are known."""
 
 import datetime
+import functools
 import time
 from concurrent.futures import Future
 
+from histstat.filters import RowFilter
 from histstat.format import format_plain_row, text_fields
 from histstat.hashing import Hashes
 from histstat.pipeline import OrderedWriter, PendingRow, Poller, make_row
@@ -25,6 +27,10 @@ class ListSink:
         self.flushes += 1
 
 
+def plain_view(with_hashes):
+    return functools.partial(format_plain_row, fields=text_fields(with_hashes))
+
+
 def pending(port, hashes=None):
     conn = Connection("tcp", "127.0.0.1", port, None, None, "LISTEN", 1)
     return PendingRow(make_row(conn, ProcessFacts(name=f"p{port}"), SEEN), hashes)
@@ -38,7 +44,7 @@ def test_rows_wait_for_their_hashes_and_keep_their_order():
     slow, fast = Future(), Future()
     fast.set_result(Hashes("m" * 32, "s" * 64))
     sink = ListSink()
-    writer = OrderedWriter(format_plain_row, text_fields(True), [sink])
+    writer = OrderedWriter([(plain_view(True), sink)])
     writer.add([pending(1, slow), pending(2, fast), pending(3)])
     writer.write_ready(time.monotonic())
     assert sink.lines == []
@@ -53,7 +59,7 @@ def test_rows_wait_for_their_hashes_and_keep_their_order():
 def test_a_row_still_waiting_at_its_deadline_is_held_not_dropped():
     slow = Future()
     sink = ListSink()
-    writer = OrderedWriter(format_plain_row, text_fields(True), [sink])
+    writer = OrderedWriter([(plain_view(True), sink)])
     writer.add([pending(1, slow)])
     writer.write_ready(time.monotonic() + 0.05)
     assert sink.lines == [] and writer.pending() == 1
@@ -64,12 +70,32 @@ def test_a_row_still_waiting_at_its_deadline_is_held_not_dropped():
 
 def test_every_sink_gets_every_row_and_is_flushed():
     log, stdout = ListSink(), ListSink()
-    writer = OrderedWriter(format_plain_row, text_fields(False), [log, stdout])
+    writer = OrderedWriter([(plain_view(False), log), (plain_view(False), stdout)])
     writer.add([pending(1), pending(2)])
     writer.write_ready(time.monotonic())
     assert log.lines == stdout.lines and len(log.lines) == 2
     assert log.flushes == stdout.flushes == 1
     assert writer.written == 2
+
+
+def test_each_sink_gets_its_own_view_of_the_row():
+    log, terminal = ListSink(), ListSink()
+    writer = OrderedWriter([(plain_view(False), log), (lambda row: f"port {row.lport}", terminal)])
+    writer.add([pending(7)])
+    writer.write_ready(time.monotonic())
+    assert terminal.lines == ["port 7"]
+    assert written_ports(log) == [7]
+
+
+def test_limit_stops_writing_for_good():
+    sink = ListSink()
+    writer = OrderedWriter([(plain_view(False), sink)], limit=2)
+    writer.add([pending(1), pending(2), pending(3)])
+    writer.write_ready(time.monotonic())
+    assert written_ports(sink) == [1, 2] and writer.done
+    writer.add([pending(4)])
+    writer.write_ready(time.monotonic())
+    assert written_ports(sink) == [1, 2]
 
 
 class StaticSource:
@@ -91,6 +117,30 @@ class CountingCache:
 
     def retain(self, live):
         self.retained.append(live)
+
+
+def test_filtered_out_sockets_cost_no_process_lookup():
+    a = Connection("tcp", "127.0.0.1", 1, None, None, "LISTEN", 10)
+    b = Connection("udp", "127.0.0.1", 2, None, None, None, 20)
+    cache = CountingCache()
+    poller = Poller(
+        StaticSource(frozenset({a, b})),
+        ConnectionTracker(),
+        cache,
+        RowFilter(protos=frozenset({"udp"}), names=("proc2*",)),
+    )
+    assert [p.row.lport for p in poller.poll()] == [2]
+    assert cache.looked_up == [20]
+
+
+def test_process_filter_drops_rows_after_the_lookup():
+    a = Connection("tcp", "127.0.0.1", 1, None, None, "LISTEN", 10)
+    cache = CountingCache()
+    poller = Poller(
+        StaticSource(frozenset({a})), ConnectionTracker(), cache, RowFilter(users=frozenset({"x"}))
+    )
+    assert poller.poll() == []
+    assert cache.looked_up == [10]
 
 
 def test_poller_enriches_only_new_connections_and_prunes_the_cache():
