@@ -10,7 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from histstat.format import (
+    ALL_FIELDS,
+    csv_header,
     escape_text,
+    format_csv_row,
     format_json_row,
     format_plain_row,
     format_pretty_row,
@@ -241,3 +244,60 @@ def test_plain_output_survives_a_csv_style_reader():
     line = format_plain_row(row, text_fields(False))
     (cells,) = csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE)
     assert cells[-1] == 'say "hi", then\\tleave'
+
+
+def test_csv_round_trips_commas_quotes_and_escapes():
+    row = make_row(command='say "hi", then\tleave\x1b', user=None, raddr=None, rport=None)
+    fields = text_fields(False)
+    (header,) = csv.reader([csv_header(fields)])
+    (cells,) = csv.reader([format_csv_row(row, fields)])
+    record = dict(zip(header, cells))
+    assert record["command"] == 'say "hi", then\\tleave\\x1b'
+    assert (record["user"], record["raddr"], record["rport"]) == ("", "", "")
+    assert record["lport"] == "8000"
+
+
+@pytest.mark.parametrize("start", ["=", "+", "-", "@"])
+def test_csv_cells_never_start_a_formula(start):
+    row = make_row(pname=f"{start}HYPERLINK(1)", command=f"{start}cmd|' /C calc'!A0")
+    (cells,) = csv.reader([format_csv_row(row, ("pname", "command"))])
+    assert cells == [f"'{start}HYPERLINK(1)", f"'{start}cmd|' /C calc'!A0"]
+
+
+@given(row=rows())
+def test_csv_is_one_safe_record(row):
+    fields = json_fields(True)
+    line = format_csv_row(row, fields)
+    assert hidden_chars(line) == []
+    (cells,) = csv.reader([line])
+    assert len(cells) == len(fields)
+    assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in cells)
+
+
+def test_pretty_fits_a_terminal_by_shortening_the_command():
+    row = make_row(command="x" * 300)
+    fields = text_fields(False)
+    line = format_pretty_row(row, fields, width=160)
+    assert len(line) == 160 and line.endswith("x…")
+    assert format_pretty_row(row, fields, width=None).endswith("x" * 300)
+    short = make_row(command="ls")
+    assert format_pretty_row(short, fields, width=160) == format_pretty_row(short, fields)
+
+
+def test_color_marks_only_the_status_cell_and_keeps_alignment():
+    fields = text_fields(False)
+    colored = format_pretty_row(make_row(), fields, color=True)
+    assert "\x1b[32mESTABLISHED\x1b[0m" in colored
+    assert colored.replace("\x1b[32m", "").replace("\x1b[0m", "") == format_pretty_row(
+        make_row(), fields
+    )
+    plain = format_plain_row(make_row(status="LISTEN"), fields, color=True)
+    assert plain.split("\t")[5] == "\x1b[34mLISTEN\x1b[0m"
+    assert "\x1b" not in format_pretty_row(make_row(status=None), fields, color=True)
+
+
+def test_every_known_field_has_a_value():
+    row = make_row(md5="a" * 32, sha256="b" * 64)
+    obj = json.loads(format_json_row(row, ALL_FIELDS))
+    assert list(obj) == list(ALL_FIELDS)
+    assert None not in obj.values()
