@@ -22,7 +22,7 @@ from histstat.format import (
     text_fields,
 )
 from histstat.hashing import ExecutableHasher
-from histstat.pipeline import OrderedWriter, Poller
+from histstat.pipeline import MAX_HASH_WAIT, OrderedWriter, Poller
 from histstat.privileges import NOT_PRIVILEGED_NOTICE, is_privileged
 from histstat.sinks import LogSink, ReaderGone, SinkError, StdoutSink
 from histstat.source import PsutilSource, SourceAccessDenied
@@ -30,7 +30,6 @@ from histstat.tracker import ConnectionTracker
 
 EXIT_OK, EXIT_RUNTIME_ERROR, EXIT_USAGE = 0, 1, 2
 SLOW_POLL_NOTICE_EVERY = 60.0  # seconds between two "poll slower than interval" notices
-DRAIN_TIMEOUT = 5.0  # seconds to wait at exit for hashes of rows not yet written
 
 FORMATS = {
     "plain": (format_plain_row, plain_header, text_fields),
@@ -226,8 +225,8 @@ def _drain(writer: OrderedWriter, stdout: StdoutSink | None) -> None:
     if stdout is not None:
         stdout.stop_blocking()
     try:
-        writer.write_ready(time.monotonic() + DRAIN_TIMEOUT)
-        writer.write_ready(time.monotonic())  # what is still waiting goes out unknown
+        writer.write_ready(time.monotonic() + MAX_HASH_WAIT)
+        writer.write_ready(time.monotonic(), final=True)  # still waiting: hashes unknown
     except (KeyboardInterrupt, Terminated, ReaderGone, SinkError):
         pass
     finally:

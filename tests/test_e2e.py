@@ -35,6 +35,7 @@ from conftest import (
 )
 
 import histstat
+from histstat.pipeline import MAX_HASH_WAIT
 
 INTERVAL = ("-i", "0.1")
 # Linux fcntl commands (named in the fcntl module from Python 3.10).
@@ -750,3 +751,24 @@ def test_hash_of_deleted_executable(spawn_child, run_histstat, tmp_path):
         assert row["exe"] == copy + " (deleted)"
         assert (row["md5"], row["sha256"]) == (md5, sha256)
         assert row["command"] == child.command
+
+
+def test_huge_executable_cannot_hold_back_rows_or_exit(spawn_child, run_histstat, tmp_path):
+    """A hostile process runs from a file too big to hash in time: its rows still come,
+    with hashes unknown, and SIGTERM ends histstat promptly."""
+    huge = os.path.realpath(tmp_path / "python-huge")
+    shutil.copyfile(os.path.realpath(sys.executable), huge)
+    with open(huge, "r+b") as handle:
+        handle.truncate(32 << 30)  # sparse: 32 GiB to read, no disk used
+    os.chmod(huge, 0o755)
+    slow = spawn_child(executable=huge, env=copied_interpreter_env())
+    normal = spawn_child()
+    hs = run_histstat("-j", "--hash", *INTERVAL)
+    slow_rows = hs.wait_for_child(slow, timeout=MAX_HASH_WAIT + 10)
+    hs.wait_for_child(normal)
+    assert all(row["md5"] is None and row["sha256"] is None for row in slow_rows)
+    started = time.monotonic()
+    result = hs.stop()
+    assert time.monotonic() - started < 5
+    assert_clean_end(result)
+    assert all(row["md5"] for row in result.rows_of(normal.pid))
