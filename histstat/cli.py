@@ -118,6 +118,8 @@ def get_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list | None = None) -> Config:
     parser = get_parser()
     args = parser.parse_args(argv)
+    if args.log == "":
+        parser.error("argument -l/--log: needs a file name")
     if args.quiet and not args.log:
         parser.error("-q/--quiet needs a file to write to: add -l/--log FILE")
     output = "json" if args.json else "pretty" if args.prettify else "plain"
@@ -170,7 +172,9 @@ def build_sinks(config: Config, env: Environment) -> tuple:
     if not config.quiet:
         if env.stdout is None:
             raise SinkError("stdout is closed: give it somewhere to go, or use -q with -l FILE")
-        stdout = StdoutSink(env.stdout, env.stdout_encoding)
+        # NDJSON is UTF-8 whatever the terminal: jq and collectors read nothing else.
+        encoding = "utf-8" if config.output == "json" else env.stdout_encoding
+        stdout = StdoutSink(env.stdout, encoding)
         sinks.append(stdout)
     return sinks, stdout
 

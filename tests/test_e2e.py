@@ -271,6 +271,33 @@ def test_undecodable_argv_byte_under_locales(spawn_child, run_histstat, lc_all, 
     assert all(row["command"] == expected for row in rows)
 
 
+@pytest.mark.parametrize(
+    "lc_all, extra", LOCALES, ids=["C", "C.UTF-8", "en_US.UTF-8", "C-ascii-stdout"]
+)
+def test_valid_utf8_stays_text_in_json_under_every_locale(spawn_child, run_histstat, lc_all, extra):
+    """Only bytes that are not UTF-8 become \\xNN; JSON is UTF-8 whatever the locale."""
+    child = spawn_child("caf\u00e9-\U0001f600".encode(), b"bad-\xff")
+    hs = run_histstat("-j", *INTERVAL, env={**locale_env(lc_all), **extra})
+    hs.wait_for_child(child)
+    result = hs.stop()
+    assert_clean_end(result)
+    result.stdout_bytes.decode("utf-8")  # strict: NDJSON is always UTF-8
+    rows = result.rows_of(child.pid)
+    assert_exactly_child_connections(rows, child)
+    expected = " ".join(child.argv[:-2]) + " caf\u00e9-\U0001f600 bad-\\xff"
+    assert all(row["command"] == expected for row in rows)
+
+
+def test_json_stays_utf8_when_stdout_encoding_is_not(spawn_child, run_histstat):
+    child = spawn_child("caf\u00e9".encode())
+    hs = run_histstat("-j", *INTERVAL, env={**locale_env("C.UTF-8"), "PYTHONIOENCODING": "latin-1"})
+    hs.wait_for_child(child)
+    result = hs.stop()
+    assert_clean_end(result)
+    rows = [json.loads(line) for line in result.stdout_bytes.decode("utf-8").splitlines()]
+    assert all(row["command"].endswith(" caf\u00e9") for row in rows if row["pid"] == child.pid)
+
+
 def test_undecodable_argv_byte_in_json(spawn_child, run_histstat):
     child = spawn_child(b"bad-\xff-byte")
     hs = run_histstat("-j", *INTERVAL)
