@@ -38,7 +38,7 @@ from histstat.format import (
     text_fields,
 )
 from histstat.hashing import ExecutableHasher
-from histstat.pipeline import OrderedWriter, Poller
+from histstat.pipeline import MAX_HASH_WAIT, OrderedWriter, Poller
 from histstat.privileges import NOT_PRIVILEGED_NOTICE, is_privileged
 from histstat.sinks import LogSink, ReaderGone, SinkError, StdoutSink
 from histstat.source import PsutilSource, SourceAccessDenied
@@ -46,7 +46,6 @@ from histstat.tracker import ConnectionTracker
 
 EXIT_OK, EXIT_RUNTIME_ERROR, EXIT_USAGE = 0, 1, 2
 SLOW_POLL_NOTICE_EVERY = 60.0  # seconds between two "poll slower than interval" notices
-DRAIN_TIMEOUT = 5.0  # seconds to wait at exit for hashes of rows not yet written
 
 # output: (row formatter, header or None, default fields, line ending, takes colour)
 FORMATS = {
@@ -240,6 +239,8 @@ def get_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list | None = None) -> Config:
     parser = get_parser()
     args = parser.parse_args(argv)
+    if args.log == "":
+        parser.error("argument -l/--log: needs a file name")
     if args.quiet and not args.log:
         parser.error("-q/--quiet needs a file to write to: add -l/--log FILE")
     output = next(
@@ -330,7 +331,10 @@ def build_outputs(config: Config, env: Environment) -> tuple:
     if not config.quiet:
         if env.stdout is None:
             raise SinkError("stdout is closed: give it somewhere to go, or use -q with -l FILE")
-        stdout = StdoutSink(env.stdout, env.stdout_encoding, newline)
+        # Data formats are UTF-8 whatever the terminal: jq, collectors and spreadsheet
+        # imports read nothing else; text for people follows the terminal.
+        encoding = "utf-8" if config.output in ("json", "csv") else env.stdout_encoding
+        stdout = StdoutSink(env.stdout, encoding, newline)
         view, stdout_header = plain_view, header
         color = use_color(config, env)
         if config.output == "pretty" and env.stdout_isatty:
@@ -394,8 +398,8 @@ def _drain(writer: OrderedWriter, stdout: StdoutSink | None) -> None:
     if stdout is not None:
         stdout.stop_blocking()
     try:
-        writer.write_ready(time.monotonic() + DRAIN_TIMEOUT)
-        writer.write_ready(time.monotonic())  # what is still waiting goes out unknown
+        writer.write_ready(time.monotonic() + MAX_HASH_WAIT)
+        writer.write_ready(time.monotonic(), final=True)  # still waiting: hashes unknown
     except (KeyboardInterrupt, Terminated, ReaderGone, SinkError):
         pass
     finally:

@@ -23,9 +23,28 @@ def _field(read: Callable):
         return None
 
 
+_SURROGATE_ESCAPES = range(0xDC80, 0xDD00)
+
+
+def as_utf8(text: str | None) -> str | None:
+    """Text the kernel handed over as bytes, decoded as UTF-8 whatever the locale.
+
+    psutil decodes with the filesystem encoding (ASCII under LC_ALL=C without UTF-8
+    mode), which would turn valid UTF-8 into escaped bytes; only bytes that are not
+    UTF-8 stay surrogate escapes, for the formatters to show as \\xNN.
+    """
+    if text is None or text.isascii() or not any(ord(c) in _SURROGATE_ESCAPES for c in text):
+        return text
+    try:
+        raw = os.fsencode(text)
+    except UnicodeError:
+        return text
+    return raw.decode("utf-8", "surrogateescape")
+
+
 def _command(proc: psutil.Process) -> str | None:
     args = proc.cmdline()
-    return " ".join(args) if args else None
+    return as_utf8(" ".join(args)) if args else None
 
 
 def executable_path(proc: psutil.Process) -> str | None:
@@ -36,7 +55,7 @@ def executable_path(proc: psutil.Process) -> str | None:
     """
     if sys.platform.startswith("linux"):
         try:
-            return os.readlink(f"/proc/{proc.pid}/exe")
+            return as_utf8(os.readlink(f"/proc/{proc.pid}/exe"))
         except OSError:
             return None
     return _field(proc.exe) or None
@@ -54,8 +73,8 @@ def executable_to_hash(proc: psutil.Process, exe: str | None) -> str | None:
 def read_process_facts(proc: psutil.Process) -> ProcessFacts:
     """Every fact independently: AccessDenied on one leaves the others intact."""
     return ProcessFacts(
-        name=_field(proc.name) or None,
-        user=_field(proc.username) or None,
+        name=as_utf8(_field(proc.name) or None),
+        user=as_utf8(_field(proc.username) or None),
         command=_field(lambda: _command(proc)),
         exe=executable_path(proc),
     )

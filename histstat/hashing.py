@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -26,13 +27,19 @@ def file_identity(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def hash_open_file(fd: int) -> Hashes:
-    """md5 and sha256 of an open file descriptor's content, which it then closes."""
+def hash_open_file(fd: int, stopping: threading.Event | None = None) -> Hashes:
+    """md5 and sha256 of an open file descriptor's content, which it then closes.
+
+    ``stopping`` is checked between chunks, so histstat's exit never waits for a huge
+    file to be read to its end.
+    """
     md5 = hashlib.md5(usedforsecurity=False)  # an identifier here, not a safeguard
     sha256 = hashlib.sha256()
     try:
         with os.fdopen(fd, "rb") as handle:
             for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                if stopping is not None and stopping.is_set():
+                    return UNKNOWN_HASHES
                 md5.update(chunk)
                 sha256.update(chunk)
     except OSError:
@@ -49,6 +56,7 @@ class ExecutableHasher:
 
     def __init__(self, workers: int = 2) -> None:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="histstat-hash")
+        self._stopping = threading.Event()
         self._by_identity: dict = {}
         self.hashed = 0  # how many files were actually read, for tests and figures
 
@@ -70,9 +78,11 @@ class ExecutableHasher:
         if len(self._by_identity) >= _MAX_IDENTITIES:
             del self._by_identity[next(iter(self._by_identity))]
         self.hashed += 1
-        future = self._pool.submit(hash_open_file, fd)
+        future = self._pool.submit(hash_open_file, fd, self._stopping)
         self._by_identity[identity] = future
         return future
 
     def close(self) -> None:
+        """Stop hashing: files being read are dropped within one chunk."""
+        self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)

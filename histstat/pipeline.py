@@ -14,12 +14,18 @@ from histstat.hashing import UNKNOWN_HASHES
 from histstat.records import Connection, ProcessFacts, Row
 from histstat.tracker import ConnectionTracker
 
+# The longest a row waits for its executable's hashes before it is written with them
+# unknown: a huge or slow file (a hostile process may choose one) cannot hold back the
+# stream, and rows behind it keep their order.
+MAX_HASH_WAIT = 3.0
+
 
 class PendingRow(NamedTuple):
     """A row and, with --hash, the future of its executable's hashes."""
 
     row: Row
     hashes: Future | None
+    queued: float = 0.0  # monotonic time it was found
 
     def ready(self) -> bool:
         return self.hashes is None or self.hashes.done()
@@ -70,7 +76,7 @@ class Poller:
                 continue  # decided on socket fields: no process lookup spent on it
             facts, hashes = self._processes.lookup(conn.pid)
             if keeps_process(facts):
-                rows.append(PendingRow(make_row(conn, facts, seen), hashes))
+                rows.append(PendingRow(make_row(conn, facts, seen), hashes, time.monotonic()))
         self._processes.retain(self._tracker.live_pids())
         return rows
 
@@ -97,17 +103,21 @@ class OrderedWriter:
     def add(self, rows: list) -> None:
         self._queue.extend(rows)
 
-    def write_ready(self, deadline: float) -> None:
-        """Write queued rows, waiting for hashes until ``deadline`` (a monotonic time)."""
+    def write_ready(self, deadline: float, final: bool = False) -> None:
+        """Write queued rows in order, waiting for hashes until ``deadline`` (a monotonic
+        time). A row whose hashes took MAX_HASH_WAIT, or any row when ``final``, goes out
+        with what is known: nothing found is ever dropped."""
         try:
             while self._queue and not self.done:
                 head = self._queue[0]
-                if not head.ready():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    wait([head.hashes], timeout=remaining)
-                    continue
+                if not (final or head.ready()):
+                    now = time.monotonic()
+                    give_up = head.queued + MAX_HASH_WAIT
+                    if now < min(deadline, give_up):
+                        wait([head.hashes], timeout=min(deadline, give_up) - now)
+                        continue
+                    if now < give_up:
+                        break  # the poll's time is up; the hashes may still come
                 self._write(self._queue.popleft().resolved())
         finally:
             for _, sink in self._outputs:

@@ -94,12 +94,6 @@ class StdoutSink:
         self.flush()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class LogSink:
     """Rows appended to a file, written one by one so ``tail -f`` and a crash lose nothing.
 
@@ -114,6 +108,7 @@ class LogSink:
         self._newline = newline
         self._fd: int | None = None
         self._header: str | None = None
+        self._os_write = os.write  # tests replace it to simulate a disk filling up
 
     def open(self, header: str | None) -> None:
         self._header = header
@@ -124,20 +119,42 @@ class LogSink:
         except OSError as exc:
             self.close()
             raise SinkError(f"cannot open log {self.path!r}: {_describe(exc)}") from exc
-        if stat.S_ISREG(info.st_mode) and info.st_mode & 0o044:
+        if stat.S_ISREG(info.st_mode):
+            self._warn_if_others_can_read(info)
+        if header is not None and info.st_size == 0:
+            self.write(header)
+
+    def _warn_if_others_can_read(self, info: os.stat_result) -> None:
+        if info.st_mode & 0o044:
             self._warn(
                 f"log {self.path!r} is readable by group or others (mode "
                 f"{stat.S_IMODE(info.st_mode):04o}); it holds other users' command lines"
             )
-        if header is not None and info.st_size == 0:
-            self.write(header)
+        if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+            self._warn(
+                f"log {self.path!r} belongs to another user (uid {info.st_uid}), who can "
+                "read every row"
+            )
 
     def write(self, line: str) -> None:
         assert self._fd is not None
+        data = (line + self._newline).encode("utf-8", "backslashreplace")
+        written = 0
         try:
-            _write_all(self._fd, (line + self._newline).encode("utf-8", "backslashreplace"))
+            while written < len(data):
+                written += self._os_write(self._fd, data[written:])
         except OSError as exc:
+            self._take_back(written)
             raise SinkError(f"cannot write log {self.path!r}: {_describe(exc)}") from exc
+
+    def _take_back(self, count: int) -> None:
+        """Remove the start of a row that could not be written whole (disk full), so the
+        log ends with a complete row: JSON readers choke on half a line."""
+        if count:
+            try:
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size - count)
+            except OSError:
+                pass
 
     def flush(self) -> None:
         pass  # every write reached the file already

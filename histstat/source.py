@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from collections.abc import Iterable
 
 import psutil
@@ -17,18 +19,47 @@ _PROTO_NAMES = {
 }
 
 
+_LINUX = sys.platform.startswith("linux")
+
+
 class SourceAccessDenied(Exception):
     """The platform refuses to list connections without more privilege (macOS)."""
+
+
+def socket_identity(pid: int | None, fd: int | None) -> str | None:
+    """Linux: the socket's inode ("socket:[1234]"), which tells one socket shared by
+    several processes from distinct sockets bound to the same address and port
+    (SO_REUSEPORT, a known way to hijack a port). None where it cannot be read."""
+    if not _LINUX or pid is None or fd is None or fd < 0:
+        return None
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+
+
+def _one_per_socket(key: tuple, holders: list) -> list:
+    """The records for one (proto, addresses, ports, status) held by several pids."""
+    pids_by_socket: dict = {}
+    for pid, fd in holders:
+        pids_by_socket.setdefault(socket_identity(pid, fd), []).append(pid)
+    records = []
+    for pids in pids_by_socket.values():
+        known = [pid for pid in pids if pid is not None]
+        records.append(Connection(*key, min(known) if known else None))
+    return records
 
 
 def connections_from_psutil(entries: Iterable) -> frozenset:
     """Turn psutil ``sconn`` entries into one Connection per socket.
 
-    A socket held by several processes (a pre-fork server's listener) appears once per
-    owner in psutil's list; it becomes one record, owned by its lowest pid, so the choice
-    is the same every poll and the row does not flap between owners.
+    A socket held by several processes (a pre-fork server's listener) is one record.
+    On Linux psutil already lists it once, for one of its owners; where a platform lists
+    it once per owner, the lowest pid is kept, so the choice is the same every poll.
+    Distinct sockets on the same address and port (SO_REUSEPORT) stay distinct where
+    the platform tells them apart (Linux, by socket inode).
     """
-    owners: dict = {}
+    holders_of: dict = {}
     for entry in entries:
         proto = _PROTO_NAMES.get((entry.family, entry.type))
         if proto is None or not entry.laddr:
@@ -43,14 +74,14 @@ def connections_from_psutil(entries: Iterable) -> frozenset:
             raddr.port if raddr else None,
             None if status in (psutil.CONN_NONE, "", None) else status,
         )
-        pid = entry.pid
-        known = owners.get(key, _ABSENT)
-        if known is _ABSENT or (pid is not None and (known is None or pid < known)):
-            owners[key] = pid
-    return frozenset(Connection(*key, pid) for key, pid in owners.items())
-
-
-_ABSENT = object()
+        holders_of.setdefault(key, []).append((entry.pid, entry.fd))
+    records = []
+    for key, holders in holders_of.items():
+        if len(holders) == 1:
+            records.append(Connection(*key, holders[0][0]))
+        else:
+            records.extend(_one_per_socket(key, holders))
+    return frozenset(records)
 
 
 class PsutilSource:

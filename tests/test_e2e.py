@@ -35,6 +35,7 @@ from conftest import (
 )
 
 import histstat
+from histstat.pipeline import MAX_HASH_WAIT
 
 INTERVAL = ("-i", "0.1")
 # Linux fcntl commands (named in the fcntl module from Python 3.10).
@@ -268,6 +269,33 @@ def test_undecodable_argv_byte_under_locales(spawn_child, run_histstat, lc_all, 
     assert_exactly_child_connections(rows, child)
     expected = " ".join(child.argv[:-1]) + " bad-\\xff-byte"
     assert all(row["command"] == expected for row in rows)
+
+
+@pytest.mark.parametrize(
+    "lc_all, extra", LOCALES, ids=["C", "C.UTF-8", "en_US.UTF-8", "C-ascii-stdout"]
+)
+def test_valid_utf8_stays_text_in_json_under_every_locale(spawn_child, run_histstat, lc_all, extra):
+    """Only bytes that are not UTF-8 become \\xNN; JSON is UTF-8 whatever the locale."""
+    child = spawn_child("caf\u00e9-\U0001f600".encode(), b"bad-\xff")
+    hs = run_histstat("-j", *INTERVAL, env={**locale_env(lc_all), **extra})
+    hs.wait_for_child(child)
+    result = hs.stop()
+    assert_clean_end(result)
+    result.stdout_bytes.decode("utf-8")  # strict: NDJSON is always UTF-8
+    rows = result.rows_of(child.pid)
+    assert_exactly_child_connections(rows, child)
+    expected = " ".join(child.argv[:-2]) + " caf\u00e9-\U0001f600 bad-\\xff"
+    assert all(row["command"] == expected for row in rows)
+
+
+def test_json_stays_utf8_when_stdout_encoding_is_not(spawn_child, run_histstat):
+    child = spawn_child("caf\u00e9".encode())
+    hs = run_histstat("-j", *INTERVAL, env={**locale_env("C.UTF-8"), "PYTHONIOENCODING": "latin-1"})
+    hs.wait_for_child(child)
+    result = hs.stop()
+    assert_clean_end(result)
+    rows = [json.loads(line) for line in result.stdout_bytes.decode("utf-8").splitlines()]
+    assert all(row["command"].endswith(" caf\u00e9") for row in rows if row["pid"] == child.pid)
 
 
 def test_undecodable_argv_byte_in_json(spawn_child, run_histstat):
@@ -750,3 +778,24 @@ def test_hash_of_deleted_executable(spawn_child, run_histstat, tmp_path):
         assert row["exe"] == copy + " (deleted)"
         assert (row["md5"], row["sha256"]) == (md5, sha256)
         assert row["command"] == child.command
+
+
+def test_huge_executable_cannot_hold_back_rows_or_exit(spawn_child, run_histstat, tmp_path):
+    """A hostile process runs from a file too big to hash in time: its rows still come,
+    with hashes unknown, and SIGTERM ends histstat promptly."""
+    huge = os.path.realpath(tmp_path / "python-huge")
+    shutil.copyfile(os.path.realpath(sys.executable), huge)
+    with open(huge, "r+b") as handle:
+        handle.truncate(32 << 30)  # sparse: 32 GiB to read, no disk used
+    os.chmod(huge, 0o755)
+    slow = spawn_child(executable=huge, env=copied_interpreter_env())
+    normal = spawn_child()
+    hs = run_histstat("-j", "--hash", *INTERVAL)
+    slow_rows = hs.wait_for_child(slow, timeout=MAX_HASH_WAIT + 10)
+    hs.wait_for_child(normal)
+    assert all(row["md5"] is None and row["sha256"] is None for row in slow_rows)
+    started = time.monotonic()
+    result = hs.stop()
+    assert time.monotonic() - started < 5
+    assert_clean_end(result)
+    assert all(row["md5"] for row in result.rows_of(normal.pid))

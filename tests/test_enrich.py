@@ -6,7 +6,7 @@ import pwd
 import psutil
 import pytest
 
-from histstat.enrich import ProcessCache
+from histstat.enrich import ProcessCache, as_utf8
 from histstat.records import UNKNOWN_PROCESS, ProcessFacts
 
 # Above the kernel's pid_max, so /proc/<pid> can never exist for these fakes.
@@ -146,3 +146,10 @@ def test_real_process_facts_match_the_kernel():
     assert facts.name == psutil.Process().name()
     assert hashes is None  # hashing is off unless asked for
     assert isinstance(facts, ProcessFacts)
+
+
+def test_text_decoded_as_ascii_is_read_again_as_utf8():
+    # What psutil hands over under LC_ALL=C without UTF-8 mode: every high byte escaped.
+    as_ascii = b"caf\xc3\xa9 \xf0\x9f\x98\x80 \xff".decode("ascii", "surrogateescape")
+    assert as_utf8(as_ascii) == "café \U0001f600 \udcff"  # only the bad byte stays escaped
+    assert as_utf8("plain") == "plain" and as_utf8(None) is None

@@ -2,8 +2,11 @@
 
 import hashlib
 import os
+import threading
 
-from histstat.hashing import ExecutableHasher, Hashes
+import pytest
+
+from histstat.hashing import ExecutableHasher, Hashes, hash_open_file
 
 
 def expected(path) -> Hashes:
@@ -72,3 +75,15 @@ def test_deleted_file_is_hashed_through_an_open_path(tmp_path):
         finally:
             hasher.close()
     assert got == want
+
+
+def test_stopping_abandons_a_file_being_read(tmp_path):
+    path = tmp_path / "huge"
+    with open(path, "wb") as handle:
+        handle.truncate(64 << 20)  # sparse: many chunks, no disk
+    stopping = threading.Event()
+    stopping.set()
+    fd = os.open(path, os.O_RDONLY)
+    assert hash_open_file(fd, stopping) == Hashes()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed all the same

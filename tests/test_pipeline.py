@@ -8,7 +8,7 @@ from concurrent.futures import Future
 from histstat.filters import RowFilter
 from histstat.format import format_plain_row, text_fields
 from histstat.hashing import Hashes
-from histstat.pipeline import OrderedWriter, PendingRow, Poller, make_row
+from histstat.pipeline import MAX_HASH_WAIT, OrderedWriter, PendingRow, Poller, make_row
 from histstat.records import Connection, ProcessFacts
 from histstat.tracker import ConnectionTracker
 
@@ -31,9 +31,10 @@ def plain_view(with_hashes):
     return functools.partial(format_plain_row, fields=text_fields(with_hashes))
 
 
-def pending(port, hashes=None):
+def pending(port, hashes=None, queued=None):
     conn = Connection("tcp", "127.0.0.1", port, None, None, "LISTEN", 1)
-    return PendingRow(make_row(conn, ProcessFacts(name=f"p{port}"), SEEN), hashes)
+    queued = time.monotonic() if queued is None else queued
+    return PendingRow(make_row(conn, ProcessFacts(name=f"p{port}"), SEEN), hashes, queued)
 
 
 def written_ports(sink):
@@ -66,6 +67,28 @@ def test_a_row_still_waiting_at_its_deadline_is_held_not_dropped():
     slow.set_result(Hashes())
     writer.write_ready(time.monotonic())
     assert written_ports(sink) == [1]
+
+
+def test_a_row_whose_hashes_take_too_long_goes_out_unknown_in_order():
+    stuck, fast = Future(), Future()
+    fast.set_result(Hashes("m" * 32, "s" * 64))
+    sink = ListSink()
+    writer = OrderedWriter([(plain_view(True), sink)])
+    long_ago = time.monotonic() - MAX_HASH_WAIT
+    writer.add([pending(1, stuck, queued=long_ago), pending(2, fast), pending(3, Future())])
+    writer.write_ready(time.monotonic())
+    assert written_ports(sink) == [1, 2]
+    assert sink.lines[0].split("\t")[-3:-1] == ["-", "-"]
+    assert writer.pending() == 1  # row 3 still has its full wait ahead
+
+
+def test_final_write_leaves_no_row_behind():
+    sink = ListSink()
+    writer = OrderedWriter([(plain_view(True), sink)])
+    writer.add([pending(1, Future()), pending(2)])
+    writer.write_ready(time.monotonic(), final=True)
+    assert written_ports(sink) == [1, 2]
+    assert writer.pending() == 0
 
 
 def test_every_sink_gets_every_row_and_is_flushed():

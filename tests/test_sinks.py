@@ -85,3 +85,31 @@ def test_stdout_escapes_what_its_encoding_cannot_carry():
     stream = io.BytesIO()
     StdoutSink(stream, "ascii").write("café")
     assert stream.getvalue() == b"caf\\xe9\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
+def test_log_owned_by_another_user_gets_a_warning(tmp_path):
+    path = tmp_path / "planted.log"
+    path.write_text("")
+    path.chmod(0o600)
+    os.chown(path, 65534, 65534)
+    sink, warnings = open_log(path)
+    sink.close()
+    assert len(warnings) == 1 and "another user" in warnings[0]
+
+
+def test_disk_full_mid_row_leaves_only_whole_rows(tmp_path):
+    path = tmp_path / "rows.log"
+    sink, _ = open_log(path)
+    sink.write("row 1")
+
+    def fill_up(fd, data):
+        if len(data) > 3:
+            return os.write(fd, data[:3])  # part of the row fits...
+        raise OSError(28, "No space left on device")  # ...then the disk is full
+
+    sink._os_write = fill_up
+    with pytest.raises(SinkError, match="No space left"):
+        sink.write("row 2 is long")
+    sink.close()
+    assert path.read_text() == "h1\th2\nrow 1\n"

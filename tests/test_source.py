@@ -2,9 +2,13 @@
 
 import os
 import socket
+import subprocess
+import sys
 from collections import namedtuple
 
 import psutil
+import pytest
+from conftest import STOP_TIMEOUT, read_line
 
 from histstat.records import Connection
 from histstat.source import PsutilSource, connections_from_psutil
@@ -63,3 +67,68 @@ def test_real_snapshot_holds_our_own_listener():
     mine = [c for c in snapshot if c.lport == port and c.status == "LISTEN"]
     # Without root another user's socket has no pid; our own always has one.
     assert mine == [Connection("tcp", "127.0.0.1", port, None, None, "LISTEN", os.getpid())]
+
+
+HOLD_SOURCE = (
+    "import socket, sys\n"
+    "s = socket.socket(fileno=int(sys.argv[1])) if sys.argv[1] != '-' else socket.socket()\n"
+    "if sys.argv[1] == '-':\n"
+    "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+    "    s.bind(('127.0.0.1', int(sys.argv[2])))\n"
+    "    s.listen()\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def hold(*args, pass_fds=()):
+    """A child process that holds a listener: its own, or one it inherited."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SOURCE, *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        pass_fds=pass_fds,
+    )
+    assert read_line(child.stdout) == b"ready\n"
+    return child
+
+
+def release(child):
+    child.stdin.close()
+    child.wait(STOP_TIMEOUT)
+    child.stdout.close()
+
+
+def listeners_on(port):
+    return sorted(
+        (c.pid for c in PsutilSource().snapshot() if c.lport == port and c.status == "LISTEN"),
+        key=lambda pid: -1 if pid is None else pid,
+    )
+
+
+def test_listener_shared_with_a_child_is_one_row():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        child = hold(listener.fileno(), pass_fds=(listener.fileno(),))
+        try:
+            (owner,) = listeners_on(port)
+            assert owner in (os.getpid(), child.pid)
+        finally:
+            release(child)
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT here")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="socket identity is Linux's")
+def test_second_listener_on_a_reused_port_is_its_own_row():
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        intruder = hold("-", port)
+        try:
+            assert listeners_on(port) == sorted([os.getpid(), intruder.pid])
+        finally:
+            release(intruder)
