@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import re
 import signal
 import sys
 import time
@@ -236,8 +237,33 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
+
+
+def _refuse_negative_values(parser: argparse.ArgumentParser, argv: list) -> None:
+    """With -4 and -6 defined, argparse reads '-1' as an option and says only "expected
+    one argument"; check such values with the option's own type, to name them."""
+    takes_value = {
+        option: action
+        for action in parser._actions
+        if action.nargs is None and action.type is not None
+        for option in action.option_strings
+    }
+    for option, value in zip(argv, argv[1:]):
+        if option == "--":
+            return
+        action = takes_value.get(option)
+        if action is not None and _NEGATIVE_NUMBER.match(value):
+            try:
+                action.type(value)
+            except argparse.ArgumentTypeError as exc:
+                parser.error(f"argument {'/'.join(action.option_strings)}: {exc}")
+
+
 def parse_config(argv: list | None = None) -> Config:
     parser = get_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _refuse_negative_values(parser, argv)
     args = parser.parse_args(argv)
     if args.log == "":
         parser.error("argument -l/--log: needs a file name")

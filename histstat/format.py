@@ -154,16 +154,32 @@ def format_plain_row(row: Row, fields: Sequence[str], color: bool = False) -> st
     return "\t".join(cells)
 
 
+def _cut_to_width(cells: list, width: int) -> list:
+    """The cells that fit ``width`` columns once joined, the last one cut with an
+    ellipsis: the command first, and on a narrow terminal the columns before it too."""
+    fitted: list = []
+    used = 0
+    for cell in cells:
+        gap = len(PRETTY_GAP) if fitted else 0
+        if used + gap + len(cell) <= width:
+            fitted.append(cell)
+            used += gap + len(cell)
+            continue
+        room = width - used - gap
+        if room >= 1:
+            fitted.append(cell[: room - 1] + ELLIPSIS)
+        elif fitted:
+            fitted[-1] = fitted[-1][:-1] + ELLIPSIS
+        break
+    return fitted
+
+
 def _pretty_cells(cells: Sequence[str], fields: Sequence[str], width: int | None) -> list:
-    """Cells padded to their columns; the last one shortened with an ellipsis when the
-    line would not fit ``width`` (a terminal's), the last column never padded."""
+    """Cells padded to their columns (the last never padded), cut to ``width`` (a
+    terminal's) when one is given."""
     padded = [cell.ljust(PRETTY_WIDTHS.get(field, 0)) for cell, field in zip(cells, fields)]
     padded[-1] = cells[-1]
-    if width is not None:
-        room = width - (len(PRETTY_GAP.join(padded)) - len(padded[-1]))
-        if len(padded[-1]) > room:
-            padded[-1] = padded[-1][: max(room - 1, 0)] + ELLIPSIS
-    return padded
+    return padded if width is None else _cut_to_width(padded, width)
 
 
 def pretty_header(fields: Sequence[str], width: int | None = None) -> str:

@@ -301,3 +301,16 @@ def test_every_known_field_has_a_value():
     obj = json.loads(format_json_row(row, ALL_FIELDS))
     assert list(obj) == list(ALL_FIELDS)
     assert None not in obj.values()
+
+
+@pytest.mark.parametrize("width", [1, 2, 40, 100, 126, 127, 128])
+def test_pretty_on_a_narrow_terminal_cuts_the_line_not_the_screen(width):
+    fields = text_fields(False)
+    row = make_row(command="x" * 50)
+    full = format_pretty_row(row, fields)
+    for color in (False, True):
+        line = format_pretty_row(row, fields, width=width, color=color)
+        visible = line.replace("\x1b[32m", "").replace("\x1b[0m", "")
+        assert len(visible) <= width
+        assert visible.endswith("…")
+        assert full.startswith(visible[:-1])
