@@ -937,8 +937,11 @@ def test_pretty_view_fits_the_terminal_width(spawn_child, cols, fields):
     mine = child_rows_on_screen(text, names, child.pid)
     assert len(mine) == len(child.connections())
     for cells in mine:
-        assert cells["command"].endswith(ELLIPSIS), cells["command"]
-        assert child.command.startswith(cells["command"][:-1])
+        # The command is cut first; when the columns before it fill the terminal, the
+        # line is cut there instead. Either way the cut shows as an ellipsis.
+        assert list(cells.values())[-1].endswith(ELLIPSIS), cells
+        if "command" in cells:
+            assert child.command.startswith(cells["command"][:-1])
     # The same run through a pipe carries every character of the command.
     piped = clean_run(["-p", "--once", "--pid", child.pid, *chosen])
     piped_rows = child_rows_on_screen(text_of(piped.stdout), names, child.pid)
