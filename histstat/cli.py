@@ -152,6 +152,9 @@ def get_parser() -> argparse.ArgumentParser:
         "-p", "--prettify", action="store_true", help="space-aligned columns, for a terminal"
     )
     style.add_argument("-j", "--json", action="store_true", help="NDJSON: one JSON object per line")
+    style.add_argument(
+        "--csv", action="store_true", help="RFC 4180 CSV with a header, safe for spreadsheets"
+    )
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="nothing on stdout (needs --log)"
     )
@@ -169,16 +172,13 @@ def get_parser() -> argparse.ArgumentParser:
     )
 
     shown = parser.add_argument_group("fields and formats")
-    style.add_argument(
-        "--csv", action="store_true", help="RFC 4180 CSV with a header, safe for spreadsheets"
-    )
     shown.add_argument(
         "-f",
         "--fields",
         type=_list_of(parse_fields),
         metavar="LIST",
         help="columns (text, CSV) or keys (JSON) to show, in order, from: "
-        + ",".join(ALL_FIELDS)
+        + ", ".join(ALL_FIELDS)
         + "; md5 or sha256 turn hashing on",
     )
     shown.add_argument(
@@ -229,7 +229,7 @@ def get_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     narrow.add_argument("--user", type=_list_of(parse_names), metavar="LIST", help="user name")
     statuses = _list_of(parse_statuses)
-    status_help = f"TCP state, any case: {','.join(STATUSES)} (NONE: UDP)"
+    status_help = f"TCP state, any case: {', '.join(STATUSES)} (NONE: stateless UDP)"
     narrow.add_argument("--status", type=statuses, metavar="LIST", help=status_help)
     narrow.add_argument(
         "--exclude-status", type=statuses, metavar="LIST", help="leave out these states"

@@ -24,7 +24,7 @@ UNKNOWN = "-"
 NO_REMOTE = "*"
 
 # Minimum widths of the pretty view; a longer value widens its own line only, because
-# a stream cannot know the widest value ahead and must never cut an address or a name.
+# a stream cannot know the widest value ahead. Only a terminal's view is ever cut.
 PRETTY_WIDTHS = {
     "proto": 5, "laddr": 15, "lport": 5, "raddr": 15, "rport": 5, "status": 11,
     "pid": 7, "pname": 15, "time": 8, "date": 8, "user": 10, "exe": 20,
