@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from histstat import __version__
+from histstat.database import SqliteSink, row_values
 from histstat.enrich import ProcessCache
 from histstat.environment import Environment, reader_gone
 from histstat.filters import (
@@ -66,6 +67,8 @@ class Config:
     hashes: bool
     fields: tuple = ()
     row_filter: RowFilter = RowFilter()
+    sqlite: str | None = None
+    arguments: tuple = ()  # the command line, for the database's runs table
     once: bool = False
     count: int | None = None
     duration: float | None = None
@@ -156,7 +159,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--csv", action="store_true", help="RFC 4180 CSV with a header, safe for spreadsheets"
     )
     parser.add_argument(
-        "-q", "--quiet", action="store_true", help="nothing on stdout (needs --log)"
+        "-q", "--quiet", action="store_true", help="nothing on stdout (needs --log or --sqlite)"
     )
     parser.add_argument(
         "-v",
@@ -169,6 +172,13 @@ def get_parser() -> argparse.ArgumentParser:
         "--hash",
         action="store_true",
         help="add md5 and sha256 of each process's executable (JSON also gets exe)",
+    )
+
+    parser.add_argument(
+        "--sqlite",
+        metavar="FILE",
+        help="also write every row into the SQLite database FILE (created 0600, WAL mode, "
+        "one transaction per poll; schema in the README)",
     )
 
     shown = parser.add_argument_group("fields and formats")
@@ -267,8 +277,10 @@ def parse_config(argv: list | None = None) -> Config:
     args = parser.parse_args(argv)
     if args.log == "":
         parser.error("argument -l/--log: needs a file name")
-    if args.quiet and not args.log:
-        parser.error("-q/--quiet needs a file to write to: add -l/--log FILE")
+    if args.sqlite == "":
+        parser.error("argument --sqlite: needs a file name")
+    if args.quiet and not (args.log or args.sqlite):
+        parser.error("-q/--quiet needs a file to write to: add -l/--log FILE or --sqlite FILE")
     output = next(
         (name for name, on in (("json", args.json), ("pretty", args.prettify), ("csv", args.csv))
          if on),
@@ -296,6 +308,8 @@ def parse_config(argv: list | None = None) -> Config:
             names=args.name,
             users=frozenset(args.user) if args.user else None,
         ),
+        sqlite=args.sqlite,
+        arguments=tuple(argv),
         once=args.once,
         count=args.count,
         duration=args.duration,
@@ -353,6 +367,9 @@ def build_outputs(config: Config, env: Environment) -> tuple:
     outputs: list = []
     if config.log:
         outputs.append((plain_view, LogSink(config.log, env.notice, newline), header))
+    if config.sqlite:
+        database = SqliteSink(config.sqlite, list(config.arguments), env.notice)
+        outputs.append((row_values, database, None))
     stdout = None
     if not config.quiet:
         if env.stdout is None:

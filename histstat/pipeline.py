@@ -84,10 +84,12 @@ class Poller:
 class OrderedWriter:
     """Writes rows in the order they were found, each once its hashes are known.
 
-    ``outputs`` pairs a view (row → line) with a sink, files first, so a row shown on
-    stdout is already saved. A terminal's view may differ from the log's (width,
-    colour); sinks sharing a view share one formatted line. With ``limit``, writing
-    stops for good after that many rows.
+    ``outputs`` pairs a view (row → what its sink takes: a line, or values for a
+    database) with a sink, files first and stdout last. Ready rows go out as a batch,
+    one sink after the other, each sink flushed (a database committed) before the next
+    gets the batch: a row shown on stdout is already saved. A terminal's view may differ
+    from the log's (width, colour); sinks sharing a view share one formatted line. With
+    ``limit``, writing stops for good after that many rows.
     """
 
     def __init__(self, outputs: list, limit: int | None = None) -> None:
@@ -107,30 +109,49 @@ class OrderedWriter:
         """Write queued rows in order, waiting for hashes until ``deadline`` (a monotonic
         time). A row whose hashes took MAX_HASH_WAIT, or any row when ``final``, goes out
         with what is known: nothing found is ever dropped."""
-        try:
-            while self._queue and not self.done:
-                head = self._queue[0]
-                if not (final or head.ready()):
-                    now = time.monotonic()
-                    give_up = head.queued + MAX_HASH_WAIT
-                    if now < min(deadline, give_up):
-                        wait([head.hashes], timeout=min(deadline, give_up) - now)
-                        continue
-                    if now < give_up:
-                        break  # the poll's time is up; the hashes may still come
-                self._write(self._queue.popleft().resolved())
-        finally:
-            for _, sink in self._outputs:
-                sink.flush()
+        while True:
+            ready = self._ready_count(final)
+            if ready:
+                self._emit(ready)
+            if not self._queue or self.done or final:
+                return
+            head = self._queue[0]
+            now = time.monotonic()
+            give_up = head.queued + MAX_HASH_WAIT
+            if now >= give_up:
+                continue  # its wait is over: it goes out with hashes unknown
+            if now >= deadline:
+                return  # the poll's time is up; the hashes may still come
+            wait([head.hashes], timeout=min(deadline, give_up) - now)
+
+    def _ready_count(self, final: bool) -> int:
+        """How many rows at the head of the queue may go out now."""
+        room = len(self._queue) if self._limit is None else self._limit - self.written
+        count = 0
+        now = time.monotonic()
+        for pending in self._queue:
+            if count >= room:
+                break
+            if not (final or pending.ready() or now >= pending.queued + MAX_HASH_WAIT):
+                break
+            count += 1
+        return count
+
+    def _emit(self, count: int) -> None:
+        rows = [self._queue[i].resolved() for i in range(count)]
+        made: dict = {}
+        for view, sink in self._outputs:
+            items = made.get(view)
+            if items is None:
+                items = made[view] = [view(row) for row in rows]
+            for item in items:
+                sink.write(item)
+            sink.flush()
+        # Taken off the queue only once every sink has them: an interrupt mid-batch
+        # may repeat a row at the final write, never lose one.
+        for _ in range(count):
+            self._queue.popleft()
+        self.written += count
 
     def pending(self) -> int:
         return len(self._queue)
-
-    def _write(self, row: Row) -> None:
-        lines: dict = {}
-        for view, sink in self._outputs:
-            line = lines.get(view)
-            if line is None:
-                line = lines[view] = view(row)
-            sink.write(line)
-        self.written += 1

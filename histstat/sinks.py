@@ -94,6 +94,19 @@ class StdoutSink:
         self.flush()
 
 
+def warn_if_exposed(info: os.stat_result, what: str, warn: Callable[[str], None]) -> None:
+    """Warn when a file of rows (other users' command lines) is readable by others."""
+    if not stat.S_ISREG(info.st_mode):
+        return
+    if info.st_mode & 0o044:
+        warn(
+            f"{what} is readable by group or others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}); it holds other users' command lines"
+        )
+    if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+        warn(f"{what} belongs to another user (uid {info.st_uid}), who can read every row")
+
+
 class LogSink:
     """Rows appended to a file, written one by one so ``tail -f`` and a crash lose nothing.
 
@@ -119,22 +132,9 @@ class LogSink:
         except OSError as exc:
             self.close()
             raise SinkError(f"cannot open log {self.path!r}: {_describe(exc)}") from exc
-        if stat.S_ISREG(info.st_mode):
-            self._warn_if_others_can_read(info)
+        warn_if_exposed(info, f"log {self.path!r}", self._warn)
         if header is not None and info.st_size == 0:
             self.write(header)
-
-    def _warn_if_others_can_read(self, info: os.stat_result) -> None:
-        if info.st_mode & 0o044:
-            self._warn(
-                f"log {self.path!r} is readable by group or others (mode "
-                f"{stat.S_IMODE(info.st_mode):04o}); it holds other users' command lines"
-            )
-        if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
-            self._warn(
-                f"log {self.path!r} belongs to another user (uid {info.st_uid}), who can "
-                "read every row"
-            )
 
     def write(self, line: str) -> None:
         assert self._fd is not None
