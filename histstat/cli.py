@@ -410,7 +410,7 @@ def run(config: Config, env: Environment) -> int:
             PsutilSource(), ConnectionTracker(), ProcessCache(hasher), config.row_filter
         )
         _poll_until_done(config, env, poller, writer, opened, stdout, hangup)
-        _drain(writer, stdout)
+        _write_the_rest(writer)  # a normal end: the reader is expected to read on
     except (KeyboardInterrupt, Terminated):
         if opened and len(opened) == len(outputs):
             _drain(writer, stdout)
@@ -435,14 +435,19 @@ def run(config: Config, env: Environment) -> int:
     return EXIT_OK
 
 
+def _write_the_rest(writer: OrderedWriter) -> None:
+    """Write what was found but still waits for its hashes: nothing found is dropped."""
+    writer.write_ready(time.monotonic() + MAX_HASH_WAIT)
+    writer.write_ready(time.monotonic(), final=True)  # still waiting: hashes unknown
+
+
 def _drain(writer: OrderedWriter, stdout: StdoutSink | None) -> None:
-    """At the end, write what was found but still waits for its hashes, without
-    letting a stalled stdout reader hold histstat."""
+    """After an interrupt, write the rest without letting a stalled stdout reader hold
+    histstat, and without raising: the run is ending anyway."""
     if stdout is not None:
         stdout.stop_blocking()
     try:
-        writer.write_ready(time.monotonic() + MAX_HASH_WAIT)
-        writer.write_ready(time.monotonic(), final=True)  # still waiting: hashes unknown
+        _write_the_rest(writer)
     except (KeyboardInterrupt, Terminated, ReaderGone, SinkError):
         pass
     finally:
