@@ -1,0 +1,143 @@
+"""The SQLite sink: schema, types, transactions, refusals that leave files untouched."""
+
+import datetime
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from histstat import __version__
+from histstat.database import ROW_COLUMNS, SCHEMA_VERSION, SqliteSink, row_values
+from histstat.records import Row
+from histstat.sinks import SinkError
+
+SEEN = datetime.datetime(2026, 11, 26, 3, 4, 5, 678, tzinfo=datetime.timezone.utc)
+
+
+def make_row(**changes) -> Row:
+    row = Row("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, "ESTABLISHED", 4242, "python3",
+              "alice", "python3 -m http.server", "/usr/bin/python3", None, None, SEEN)  # fmt: skip
+    return row._replace(**changes)
+
+
+def open_sink(path, arguments=("--sqlite", "x.db")):
+    warnings = []
+    sink = SqliteSink(str(path), list(arguments), warnings.append)
+    sink.open()
+    return sink, warnings
+
+
+def query(path, sql, *params):
+    with sqlite3.connect(path) as db:
+        return db.execute(sql, params).fetchall()
+
+
+def test_new_database_is_private_with_schema_and_run(tmp_path):
+    path = tmp_path / "h.db"
+    sink, warnings = open_sink(path, ["-q", "--sqlite", "h.db"])
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert warnings == []
+    sink.close()
+    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert query(path, "PRAGMA journal_mode") == [("wal",)]
+    ((started, ended, host, version, arguments),) = query(
+        path, "SELECT started, ended, host, version, arguments FROM runs"
+    )
+    assert (version, arguments) == (__version__, '["-q", "--sqlite", "h.db"]')
+    assert datetime.datetime.fromisoformat(ended) >= datetime.datetime.fromisoformat(started)
+    assert host
+    indexed = {row[0] for row in query(path, "SELECT sql FROM sqlite_master WHERE type='index'")}
+    for column in ("epoch", "raddr", "rport", "pid", "pname"):
+        assert any(f"({column})" in sql for sql in indexed), column
+
+
+def test_rows_keep_their_sql_types_and_a_batch_is_one_transaction(tmp_path):
+    path = tmp_path / "h.db"
+    sink, _ = open_sink(path)
+    sink.write(row_values(make_row()))
+    sink.write(row_values(make_row(raddr=None, rport=None, status=None, pid=None)))
+    assert query(path, "SELECT count(*) FROM connections") == [(0,)]  # not committed yet
+    sink.flush()
+    assert query(path, "SELECT count(*) FROM connections") == [(2,)]
+    types = query(
+        path,
+        "SELECT typeof(lport), typeof(rport), typeof(pid), typeof(epoch), typeof(timestamp) "
+        "FROM connections ORDER BY id",
+    )
+    assert types == [("integer", "integer", "integer", "real", "text"),
+                     ("integer", "null", "null", "real", "text")]  # fmt: skip
+    ((epoch, timestamp, date, time_),) = query(
+        path, "SELECT epoch, timestamp, date, time FROM connections WHERE id = 1"
+    )
+    assert epoch == SEEN.timestamp()
+    assert (timestamp, date, time_) == ("2026-11-26T03:04:05.000678+00:00", "26-11-26", "03:04:05")
+    sink.close()
+
+
+def test_undecodable_bytes_are_stored_as_hex_text(tmp_path):
+    path = tmp_path / "h.db"
+    sink, _ = open_sink(path)
+    sink.write(row_values(make_row(command="evil\udcff\nrow")))
+    sink.close()
+    assert query(path, "SELECT command FROM connections") == [("evil\\xff\nrow",)]
+
+
+def test_every_row_field_has_a_column(tmp_path):
+    path = tmp_path / "h.db"
+    open_sink(path)[0].close()
+    columns = [row[1] for row in query(path, "PRAGMA table_info(connections)")]
+    assert columns == ["id", "run_id", *ROW_COLUMNS]
+
+
+def test_older_schema_is_migrated(tmp_path):
+    path = tmp_path / "h.db"
+    sqlite3.connect(path).close()  # an empty database: schema version 0
+    sink, _ = open_sink(path)
+    sink.close()
+    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def unchanged_after_refusal(path, match):
+    before = path.read_bytes()
+    with pytest.raises(SinkError, match=match) as caught:
+        open_sink(path)
+    assert path.read_bytes() == before
+    assert "\n" not in str(caught.value)
+    assert sorted(os.listdir(path.parent)) == [path.name]  # no side files left
+
+
+def test_newer_schema_is_refused_untouched(tmp_path):
+    path = tmp_path / "h.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    unchanged_after_refusal(path, "newer")
+
+
+def test_file_that_is_not_a_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database, but precious\n" * 100)
+    unchanged_after_refusal(path, "not a database")
+
+
+def test_another_programs_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE accounts (name TEXT)")
+    unchanged_after_refusal(path, "not a histstat database")
+
+
+@pytest.mark.parametrize("where", ["missing-dir/h.db", "."])
+def test_bad_paths_are_refused(tmp_path, where):
+    with pytest.raises(SinkError, match="cannot open database"):
+        open_sink(tmp_path / where)
+
+
+def test_existing_database_others_can_read_gets_a_warning(tmp_path):
+    path = tmp_path / "h.db"
+    open_sink(path)[0].close()
+    path.chmod(0o644)
+    sink, warnings = open_sink(path)
+    sink.close()
+    assert len(warnings) == 1 and "readable by group or others" in warnings[0]
+    assert query(path, "SELECT count(*) FROM runs") == [(2,)]
