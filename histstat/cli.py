@@ -29,6 +29,7 @@ from histstat.filters import (
 from histstat.format import (
     ALL_FIELDS,
     HASH_FIELDS,
+    Screen,
     csv_header,
     format_csv_row,
     format_json_row,
@@ -42,6 +43,7 @@ from histstat.format import (
 from histstat.hashing import ExecutableHasher
 from histstat.pipeline import MAX_HASH_WAIT, OrderedWriter, Poller
 from histstat.privileges import NOT_PRIVILEGED_NOTICE, is_privileged
+from histstat.records import Row
 from histstat.sinks import LogSink, ReaderGone, SinkError, StdoutSink
 from histstat.source import PsutilSource, SourceAccessDenied
 from histstat.tracker import ConnectionTracker
@@ -94,7 +96,7 @@ def positive_seconds(text: str) -> float:
 
 
 def positive_count(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
+    if not (text.isascii() and text.isdigit()) or int(text) == 0:
         raise argparse.ArgumentTypeError(f"must be a whole number of rows above 0, not {text!r}")
     return int(text)
 
@@ -381,9 +383,15 @@ def build_outputs(config: Config, env: Environment) -> tuple:
         view, stdout_header = plain_view, header
         color = use_color(config, env)
         if config.output == "pretty" and env.stdout_isatty:
-            width = env.terminal_width
-            view = lambda row: format_pretty_row(row, fields, width=width(), color=color)  # noqa: E731
-            stdout_header = pretty_header(fields, width())
+
+            def screen() -> Screen | None:
+                width = env.terminal_width()  # asked each time: terminals are resized
+                return Screen(width, encoding) if width else None
+
+            def view(row: Row) -> str:
+                return format_pretty_row(row, fields, screen(), color)
+
+            stdout_header = pretty_header(fields, screen())
         elif color:
             view = functools.partial(format_row, fields=fields, color=True)
         outputs.append((view, stdout, stdout_header))

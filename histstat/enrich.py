@@ -61,12 +61,12 @@ def executable_path(proc: psutil.Process) -> str | None:
     return _field(proc.exe) or None
 
 
-def executable_to_hash(proc: psutil.Process, exe: str | None) -> str | None:
+def executable_to_hash(pid: int, exe: str | None) -> str | None:
     """The path to open for hashing: on Linux /proc/<pid>/exe reaches deleted files too."""
     if exe is None:
         return None
     if sys.platform.startswith("linux"):
-        return f"/proc/{proc.pid}/exe"
+        return f"/proc/{pid}/exe"
     return exe
 
 
@@ -96,27 +96,37 @@ class ProcessCache:
         self._process = process
         self._entries: dict = {}
 
-    def lookup(self, pid: int | None) -> tuple:
-        """(ProcessFacts, future of Hashes or None) for ``pid``; unknown if it is gone."""
+    def lookup(self, pid: int | None) -> ProcessFacts:
+        """The facts of ``pid``'s process; unknown ones if it is gone."""
         if pid is None:
-            return UNKNOWN_PROCESS, None
+            return UNKNOWN_PROCESS
         try:
             proc = self._process(pid)
         except _PROCESS_GONE_OR_HIDDEN:
-            return UNKNOWN_PROCESS, None
+            return UNKNOWN_PROCESS
         created = _field(proc.create_time)
         cached = self._entries.get(pid)
         if cached is not None and created is not None and cached[0] == created:
-            return cached[1], cached[2]
+            return cached[1]
         facts = read_process_facts(proc)
-        hashes: Future | None = None
-        if self._hasher is not None:
-            path = executable_to_hash(proc, facts.exe)
-            if path is not None:
-                hashes = self._hasher.hashes_of(path)
         if created is not None:
-            self._entries[pid] = (created, facts, hashes)
-        return facts, hashes
+            self._entries[pid] = [created, facts, None]
+        return facts
+
+    def hashes(self, pid: int | None, facts: ProcessFacts) -> Future | None:
+        """A future of the Hashes of the executable behind ``facts`` (None: no hashing,
+        or unknown). Asked only for rows that are kept, so filtered-out processes cost
+        no hashing; asked again for the same process, it is the same future."""
+        if self._hasher is None or pid is None:
+            return None
+        cached = self._entries.get(pid)
+        if cached is not None and cached[1] is facts and cached[2] is not None:
+            return cached[2]
+        path = executable_to_hash(pid, facts.exe)
+        future = self._hasher.hashes_of(path) if path is not None else None
+        if cached is not None and cached[1] is facts:
+            cached[2] = future
+        return future
 
     def retain(self, live_pids: set) -> None:
         """Forget processes that own no socket any more."""

@@ -41,9 +41,10 @@ class Environment:
         if not self.stdout_isatty or self.stdout is None:
             return None
         try:
-            return os.get_terminal_size(self.stdout.fileno()).columns
+            columns = os.get_terminal_size(self.stdout.fileno()).columns
         except (OSError, ValueError):
             return None
+        return columns or None  # 0: a terminal whose size was never set
 
     def say(self, line: str) -> None:
         """One line on stderr, or nowhere when stderr is closed: never on stdout,

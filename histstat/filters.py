@@ -26,10 +26,15 @@ def _items(text: str, what: str) -> list:
     return items
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _port_range(item: str) -> tuple:
     low, dash, high = (part.strip() for part in item.partition("-"))
     high = high if dash else low
-    if not (low.isdigit() and high.isdigit()) or max(int(low), int(high)) > 65535:
+    if not (_is_number(low) and _is_number(high)) or max(int(low), int(high)) > 65535:
         raise FilterValueError(f"not a port or port range (0-65535): {item!r}")
     if int(high) < int(low):
         raise FilterValueError(f"port range runs backwards: {item!r}")
@@ -63,7 +68,7 @@ def parse_networks(text: str) -> tuple:
 def parse_pids(text: str) -> frozenset:
     pids = set()
     for item in _items(text, "pid"):
-        if not item.isdigit():
+        if not _is_number(item):
             raise FilterValueError(f"not a pid: {item!r}")
         pids.add(int(item))
     return frozenset(pids)
@@ -84,23 +89,25 @@ def parse_statuses(text: str) -> frozenset:
     return frozenset(chosen)
 
 
-def _address(text: str | None):
-    """A row's address as an ipaddress object, IPv4-mapped IPv6 as IPv4; None if unparsable."""
+def _addresses(text: str | None) -> tuple:
+    """A row's address as ipaddress objects: an IPv4-mapped IPv6 address both as itself
+    and as its IPv4 address, so it matches IPv4 networks and IPv6 ones (``::/0``)."""
     if text is None:
-        return None
+        return ()
     try:
         address = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone
     except ValueError:
-        return None
+        return ()
     if address.version == 6 and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+        return (address, address.ipv4_mapped)
+    return (address,)
 
 
 def _in_networks(text: str | None, networks: tuple) -> bool:
-    address = _address(text)
-    return address is not None and any(
-        address.version == network.version and address in network for network in networks
+    return any(
+        address.version == network.version and address in network
+        for address in _addresses(text)
+        for network in networks
     )
 
 
@@ -153,11 +160,13 @@ class RowFilter:
     def keeps_process(self, facts: ProcessFacts) -> bool:
         return (
             self.names is None
-            or (
-                facts.name is not None
-                and any(fnmatch.fnmatchcase(facts.name, n) for n in self.names)
-            )
+            or (facts.name is not None and any(_name_matches(facts.name, n) for n in self.names))
         ) and (self.users is None or facts.user in self.users)
+
+
+def _name_matches(name: str, wanted: str) -> bool:
+    """Exact, or a shell-style glob: a name like 'app[1]' is found by itself too."""
+    return name == wanted or fnmatch.fnmatchcase(name, wanted)
 
 
 def protocols(tcp: bool, udp: bool, ipv4: bool, ipv6: bool) -> frozenset | None:

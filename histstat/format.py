@@ -7,7 +7,7 @@ import io
 import json
 import unicodedata
 from collections.abc import Sequence
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from histstat.records import Row
 
@@ -154,44 +154,112 @@ def format_plain_row(row: Row, fields: Sequence[str], color: bool = False) -> st
     return "\t".join(cells)
 
 
-def _cut_to_width(cells: list, width: int) -> list:
-    """The cells that fit ``width`` columns once joined, the last one cut with an
-    ellipsis: the command first, and on a narrow terminal the columns before it too."""
+class Screen(NamedTuple):
+    """What a terminal shows: its width in columns and the encoding it reads."""
+
+    width: int
+    encoding: str = "utf-8"
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: wide (East Asian) characters take two,
+    combining marks none."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(char) for char in text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _prefix_within(text: str, columns: int) -> str:
+    """The longest start of ``text`` that fits ``columns``."""
+    if text.isascii():
+        return text[: max(columns, 0)]
+    used = 0
+    for end, char in enumerate(text):
+        used += _char_width(char)
+        if used > columns:
+            return text[:end]
+    return text
+
+
+def _as_shown(cell: str, encoding: str) -> str:
+    """The cell as the stdout writer will send it: what the terminal's encoding cannot
+    carry becomes an escape, which takes more columns."""
+    if cell.isascii():
+        return cell
+    return cell.encode(encoding, "backslashreplace").decode(encoding)
+
+
+def _ellipsis(encoding: str) -> str:
+    try:
+        ELLIPSIS.encode(encoding)
+    except (UnicodeError, LookupError):
+        return "..."
+    return ELLIPSIS
+
+
+def _cut_line(cells: list, width: int, ellipsis: str) -> list:
+    """The cells that fit ``width`` once joined, the last one ending in ``ellipsis``."""
     fitted: list = []
     used = 0
+    mark = display_width(ellipsis)
     for cell in cells:
         gap = len(PRETTY_GAP) if fitted else 0
-        if used + gap + len(cell) <= width:
+        cell_width = display_width(cell)
+        if used + gap + cell_width <= width:
             fitted.append(cell)
-            used += gap + len(cell)
+            used += gap + cell_width
             continue
         room = width - used - gap
-        if room >= 1:
-            fitted.append(cell[: room - 1] + ELLIPSIS)
-        elif fitted:
-            fitted[-1] = fitted[-1][:-1] + ELLIPSIS
+        if room >= mark:
+            fitted.append(_prefix_within(cell, room - mark) + ellipsis)
+        elif fitted:  # the mark goes at the end of the previous cell instead
+            last = fitted[-1]
+            fitted[-1] = _prefix_within(last, display_width(last) + gap + room - mark) + ellipsis
         break
     return fitted
 
 
-def _pretty_cells(cells: Sequence[str], fields: Sequence[str], width: int | None) -> list:
-    """Cells padded to their columns (the last never padded), cut to ``width`` (a
-    terminal's) when one is given."""
+def _fit_screen(cells: list, fields: Sequence[str], screen: Screen) -> list:
+    """Fit a terminal: shorten the command column first; when the other columns alone
+    are too wide, cut the line at the terminal's edge."""
+    cells = [_as_shown(cell, screen.encoding) for cell in cells]
+    ellipsis = _ellipsis(screen.encoding)
+    excess = display_width(PRETTY_GAP.join(cells)) - screen.width
+    if excess > 0 and "command" in fields:
+        at = list(fields).index("command")
+        command = cells[at]
+        keep = display_width(command) - excess - display_width(ellipsis)
+        cells[at] = _prefix_within(command, max(keep, 0)) + ellipsis
+    fitted = _cut_line(cells, screen.width, ellipsis)
+    if display_width(PRETTY_GAP.join(fitted)) > screen.width:  # narrower than any mark
+        return [_prefix_within(PRETTY_GAP.join(fitted), screen.width)]
+    return fitted
+
+
+def _pretty_cells(cells: Sequence[str], fields: Sequence[str], screen: Screen | None) -> list:
+    """Cells padded to their columns (the last never padded), fitted to ``screen`` (a
+    terminal) when one is given."""
     padded = [cell.ljust(PRETTY_WIDTHS.get(field, 0)) for cell, field in zip(cells, fields)]
     padded[-1] = cells[-1]
-    return padded if width is None else _cut_to_width(padded, width)
+    return padded if screen is None else _fit_screen(padded, fields, screen)
 
 
-def pretty_header(fields: Sequence[str], width: int | None = None) -> str:
-    return PRETTY_GAP.join(_pretty_cells(list(fields), fields, width))
+def pretty_header(fields: Sequence[str], screen: Screen | None = None) -> str:
+    return PRETTY_GAP.join(_pretty_cells(list(fields), fields, screen))
 
 
 def format_pretty_row(
-    row: Row, fields: Sequence[str], width: int | None = None, color: bool = False
+    row: Row, fields: Sequence[str], screen: Screen | None = None, color: bool = False
 ) -> str:
-    """Space-aligned columns. The command (last) is whole unless ``width`` is given,
-    which only a terminal's view does; logs and pipes always get every character."""
-    cells = _pretty_cells([text_value(row, field) for field in fields], fields, width)
+    """Space-aligned columns. Every character is kept unless ``screen`` is given, which
+    only a terminal's view does; logs and pipes always get the whole row."""
+    cells = _pretty_cells([text_value(row, field) for field in fields], fields, screen)
     if color:
         cells = [_colored(cell, field, row.status) for cell, field in zip(cells, fields)]
     return PRETTY_GAP.join(cells)

@@ -74,8 +74,9 @@ class Poller:
         for conn in new:
             if not keeps_connection(conn):
                 continue  # decided on socket fields: no process lookup spent on it
-            facts, hashes = self._processes.lookup(conn.pid)
+            facts = self._processes.lookup(conn.pid)
             if keeps_process(facts):
+                hashes = self._processes.hashes(conn.pid, facts)
                 rows.append(PendingRow(make_row(conn, facts, seen), hashes, time.monotonic()))
         self._processes.retain(self._tracker.live_pids())
         return rows

@@ -1034,3 +1034,14 @@ def test_log_never_gets_colour(spawn_child, tmp_path, style, on_pty):
     assert all(line.endswith(child.command) for line in log_lines[1:])
     if not on_pty:
         assert [ANSI.sub("", line) for line in text.splitlines()] == log_lines
+
+
+def test_terminal_of_unknown_size_gets_whole_rows(spawn_child):
+    """A pty whose size was never set reports 0 columns (serial consoles, some ssh -t):
+    that is an unknown width, not a zero one."""
+    child = spawn_child(LONG_ARG)
+    rc, text, err = hold_on_pty(["-p", "--once", "--pid", child.pid], cols=0, rows=0)
+    assert rc == 0, err
+    mine = child_rows_on_screen(text, list(COLUMNS), child.pid)
+    assert len(mine) == len(child.connections())
+    assert all(cells["command"] == child.command for cells in mine)

@@ -61,15 +61,12 @@ def factory(*processes):
 
 
 def test_no_pid_gives_unknown_facts():
-    assert ProcessCache(process=factory(FakeProcess(FAKE_PID))).lookup(None) == (
-        UNKNOWN_PROCESS,
-        None,
-    )
+    assert ProcessCache(process=factory(FakeProcess(FAKE_PID))).lookup(None) == UNKNOWN_PROCESS
 
 
 def test_process_gone_before_lookup_gives_unknown_facts():
     cache = ProcessCache(process=factory(psutil.NoSuchProcess(FAKE_PID)))
-    assert cache.lookup(FAKE_PID) == (UNKNOWN_PROCESS, None)
+    assert cache.lookup(FAKE_PID) == UNKNOWN_PROCESS
 
 
 @pytest.mark.parametrize(
@@ -83,7 +80,7 @@ def test_process_gone_before_lookup_gives_unknown_facts():
 )
 def test_one_refused_field_leaves_the_others_intact(error):
     proc = FakeProcess(FAKE_PID, fail={"cmdline": error})
-    facts, _ = ProcessCache(process=factory(proc)).lookup(FAKE_PID)
+    facts = ProcessCache(process=factory(proc)).lookup(FAKE_PID)
     assert facts.name == "worker"
     assert facts.user == "bob"
     assert facts.command is None
@@ -91,12 +88,12 @@ def test_one_refused_field_leaves_the_others_intact(error):
 
 def test_command_joins_arguments_with_single_spaces():
     proc = FakeProcess(FAKE_PID, cmdline=["sh", "-c", "echo  two  spaces"])
-    facts, _ = ProcessCache(process=factory(proc)).lookup(FAKE_PID)
+    facts = ProcessCache(process=factory(proc)).lookup(FAKE_PID)
     assert facts.command == "sh -c echo  two  spaces"
 
 
 def test_empty_command_line_is_unknown():
-    facts, _ = ProcessCache(process=factory(FakeProcess(FAKE_PID, cmdline=[]))).lookup(FAKE_PID)
+    facts = ProcessCache(process=factory(FakeProcess(FAKE_PID, cmdline=[]))).lookup(FAKE_PID)
     assert facts.command is None
 
 
@@ -113,16 +110,16 @@ def test_reused_pid_with_another_create_time_is_a_new_process():
     old = FakeProcess(FAKE_PID, created=1000.0, name="old")
     new = FakeProcess(FAKE_PID, created=2000.0, name="new")
     cache = ProcessCache(process=factory(old, new))
-    assert cache.lookup(FAKE_PID)[0].name == "old"
-    assert cache.lookup(FAKE_PID)[0].name == "new"
+    assert cache.lookup(FAKE_PID).name == "old"
+    assert cache.lookup(FAKE_PID).name == "new"
 
 
 def test_unreadable_create_time_is_never_cached():
     hidden = FakeProcess(FAKE_PID, name="first", fail={"create_time": psutil.AccessDenied()})
     later = FakeProcess(FAKE_PID, name="second", fail={"create_time": psutil.AccessDenied()})
     cache = ProcessCache(process=factory(hidden, later))
-    assert cache.lookup(FAKE_PID)[0].name == "first"
-    assert cache.lookup(FAKE_PID)[0].name == "second"
+    assert cache.lookup(FAKE_PID).name == "first"
+    assert cache.lookup(FAKE_PID).name == "second"
     assert len(cache) == 0
 
 
@@ -137,7 +134,9 @@ def test_processes_without_sockets_are_forgotten():
 
 
 def test_real_process_facts_match_the_kernel():
-    facts, hashes = ProcessCache().lookup(os.getpid())
+    cache = ProcessCache()
+    facts = cache.lookup(os.getpid())
+    hashes = cache.hashes(os.getpid(), facts)
     with open("/proc/self/cmdline", "rb") as handle:
         argv = handle.read().rstrip(b"\0").split(b"\0")
     assert facts.command == " ".join(os.fsdecode(arg) for arg in argv)

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from histstat.format import (
     ALL_FIELDS,
+    Screen,
     csv_header,
+    display_width,
     escape_text,
     format_csv_row,
     format_json_row,
@@ -277,11 +279,11 @@ def test_csv_is_one_safe_record(row):
 def test_pretty_fits_a_terminal_by_shortening_the_command():
     row = make_row(command="x" * 300)
     fields = text_fields(False)
-    line = format_pretty_row(row, fields, width=160)
+    line = format_pretty_row(row, fields, Screen(160))
     assert len(line) == 160 and line.endswith("x…")
-    assert format_pretty_row(row, fields, width=None).endswith("x" * 300)
+    assert format_pretty_row(row, fields, None).endswith("x" * 300)
     short = make_row(command="ls")
-    assert format_pretty_row(short, fields, width=160) == format_pretty_row(short, fields)
+    assert format_pretty_row(short, fields, Screen(160)) == format_pretty_row(short, fields)
 
 
 def test_color_marks_only_the_status_cell_and_keeps_alignment():
@@ -309,8 +311,31 @@ def test_pretty_on_a_narrow_terminal_cuts_the_line_not_the_screen(width):
     row = make_row(command="x" * 50)
     full = format_pretty_row(row, fields)
     for color in (False, True):
-        line = format_pretty_row(row, fields, width=width, color=color)
+        line = format_pretty_row(row, fields, Screen(width), color=color)
         visible = line.replace("\x1b[32m", "").replace("\x1b[0m", "")
         assert len(visible) <= width
         assert visible.endswith("…")
         assert full.startswith(visible[:-1])
+
+
+def test_wide_characters_count_two_columns_when_fitting():
+    fields = ("pid", "command")
+    row = make_row(command="\u6f22\u5b57" * 40)  # 80 wide characters, 160 columns
+    line = format_pretty_row(row, fields, Screen(60))
+    assert display_width(line) <= 60
+    assert line.endswith("\u2026") and "\u6f22" in line
+
+
+def test_a_terminal_that_cannot_show_the_ellipsis_gets_dots_and_escapes():
+    row = make_row(command="caf\u00e9 \u6f22\u5b57 " + "x" * 200)
+    line = format_pretty_row(row, ("pid", "command"), Screen(40, "latin-1"))
+    shown = line.encode("latin-1", "backslashreplace").decode("latin-1")
+    assert len(shown) <= 40 and line.endswith("...")
+    assert "\\u6f22" in line  # measured as the escape the writer will send
+
+
+def test_the_command_is_shortened_first_wherever_it_stands():
+    row = make_row(command="x" * 100)
+    line = format_pretty_row(row, ("command", "pid"), Screen(60))
+    assert len(line) <= 60
+    assert line.endswith("  4242") and "\u2026" in line

@@ -132,11 +132,16 @@ class StaticSource:
 class CountingCache:
     def __init__(self):
         self.looked_up = []
+        self.hashed = []
         self.retained = []
 
     def lookup(self, pid):
         self.looked_up.append(pid)
-        return ProcessFacts(name=f"proc{pid}"), None
+        return ProcessFacts(name=f"proc{pid}")
+
+    def hashes(self, pid, facts):
+        self.hashed.append(pid)
+        return None
 
     def retain(self, live):
         self.retained.append(live)
@@ -164,6 +169,7 @@ def test_process_filter_drops_rows_after_the_lookup():
     )
     assert poller.poll() == []
     assert cache.looked_up == [10]
+    assert cache.hashed == []  # a filtered-out process costs no hashing
 
 
 def test_poller_enriches_only_new_connections_and_prunes_the_cache():
