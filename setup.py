@@ -19,7 +19,11 @@ setup(
     packages=find_packages(include=["histstat", "histstat.*"]),
     python_requires=">=3.9",
     install_requires=["psutil>=5.9"],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={
+        "geoip": ["maxminddb>=2"],
+        # the tests build their own small GeoIP databases with mmdb-writer
+        "test": ["pytest>=7", "hypothesis>=6", "maxminddb>=2", "mmdb-writer>=0.2"],
+    },
     entry_points={"console_scripts": ["histstat = histstat.cli:main"]},
     classifiers=[
         "Environment :: Console",
