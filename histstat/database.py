@@ -15,12 +15,14 @@ from histstat.format import field_value, json_text
 from histstat.records import Row
 from histstat.sinks import SinkError, warn_if_exposed
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Every row field, in the order of the connections table's columns after run_id.
 ROW_COLUMNS = (
     "timestamp", "epoch", "date", "time", "proto", "laddr", "lport", "raddr", "rport",
     "status", "pid", "pname", "user", "command", "exe", "md5", "sha256",
+    "event", "duration", "duration_from_start", "direction", "attribution", "rhost",
+    "country", "asn", "as_org",
 )  # fmt: skip
 
 # MIGRATIONS[n] takes a database from schema version n to n + 1.
@@ -60,6 +62,19 @@ MIGRATIONS = (
     CREATE INDEX connections_by_rport ON connections(rport);
     CREATE INDEX connections_by_pid ON connections(pid);
     CREATE INDEX connections_by_pname ON connections(pname);
+    """,
+    # 2: the connection's story (--closed, direction, attribution) and the remote
+    # end's name and place (-r, --geoip). Rows from version 1 are all "open".
+    """
+    ALTER TABLE connections ADD COLUMN event TEXT NOT NULL DEFAULT 'open';  -- or close
+    ALTER TABLE connections ADD COLUMN duration REAL;  -- close rows: seconds
+    ALTER TABLE connections ADD COLUMN duration_from_start INTEGER;  -- 1: lower bound
+    ALTER TABLE connections ADD COLUMN direction TEXT;  -- listen, in, out
+    ALTER TABLE connections ADD COLUMN attribution TEXT;  -- socket, earlier
+    ALTER TABLE connections ADD COLUMN rhost TEXT;
+    ALTER TABLE connections ADD COLUMN country TEXT;
+    ALTER TABLE connections ADD COLUMN asn INTEGER;
+    ALTER TABLE connections ADD COLUMN as_org TEXT;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION

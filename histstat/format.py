@@ -17,8 +17,14 @@ TEXT_FIELDS = (
 )  # fmt: skip
 HASH_FIELDS = ("md5", "sha256")
 JSON_HASH_FIELDS = ("exe", "md5", "sha256")
+GEO_FIELDS = ("country", "asn", "as_org")
 # Every field a row can show, for -f/--fields.
-ALL_FIELDS = TEXT_FIELDS[:-1] + JSON_HASH_FIELDS + ("command", "timestamp")
+ALL_FIELDS = (
+    "event", "proto", "laddr", "lport", "raddr", "rport", "rhost", *GEO_FIELDS, "status",
+    "duration", "duration_from_start", "direction", "attribution", "pid", "pname", "time",
+    "date", "user", "exe", "md5", "sha256", "command", "timestamp",
+)  # fmt: skip
+
 
 UNKNOWN = "-"
 NO_REMOTE = "*"
@@ -28,7 +34,8 @@ NO_REMOTE = "*"
 PRETTY_WIDTHS = {
     "proto": 5, "laddr": 15, "lport": 5, "raddr": 15, "rport": 5, "status": 11,
     "pid": 7, "pname": 15, "time": 8, "date": 8, "user": 10, "exe": 20,
-    "md5": 32, "sha256": 64,
+    "md5": 32, "sha256": 64, "event": 5, "duration": 9, "direction": 6, "attribution": 7,
+    "rhost": 20, "country": 2, "asn": 6, "as_org": 15,
 }  # fmt: skip
 PRETTY_GAP = "  "
 ELLIPSIS = "\u2026"
@@ -51,17 +58,44 @@ _NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 _SURROGATE_ESCAPES = range(0xDC80, 0xDD00)  # how Python carries bytes that are not UTF-8
 
 
-def text_fields(with_hashes: bool) -> tuple:
-    """The text columns in order; hashes go just before the command."""
-    if not with_hashes:
-        return TEXT_FIELDS
-    return TEXT_FIELDS[:-1] + HASH_FIELDS + TEXT_FIELDS[-1:]
+def _remote(fields: list, resolve: bool, geoip: bool) -> list:
+    """rhost (-r) and the GeoIP fields go right after rport."""
+    at = fields.index("rport") + 1
+    return (
+        fields[:at]
+        + (["rhost"] if resolve else [])
+        + (list(GEO_FIELDS) if geoip else [])
+        + fields[at:]
+    )
 
 
-def json_fields(with_hashes: bool) -> tuple:
-    """The JSON keys in order: the text columns (exe and hashes with --hash), timestamp."""
-    keys = TEXT_FIELDS[:-1] + (JSON_HASH_FIELDS if with_hashes else ()) + ("command",)
-    return keys + ("timestamp",)
+def text_fields(
+    with_hashes: bool, closed: bool = False, resolve: bool = False, geoip: bool = False
+) -> tuple:
+    """The text columns in order. The original's by default; hashes go just before the
+    command; with --closed, event comes first and duration follows status."""
+    fields = _remote(list(TEXT_FIELDS), resolve, geoip)
+    if with_hashes:
+        fields[-1:-1] = HASH_FIELDS
+    if closed:
+        fields.insert(fields.index("status") + 1, "duration")
+        fields.insert(0, "event")
+    return tuple(fields)
+
+
+def json_fields(
+    with_hashes: bool, closed: bool = False, resolve: bool = False, geoip: bool = False
+) -> tuple:
+    """The JSON keys in order: event, the text columns with direction and attribution
+    after status (duration and duration_from_start too, with --closed), exe and hashes
+    with --hash, and the timestamp."""
+    fields = _remote(list(TEXT_FIELDS), resolve, geoip)
+    after_status = fields.index("status") + 1
+    lifecycle = ["duration", "duration_from_start"] if closed else []
+    fields[after_status:after_status] = [*lifecycle, "direction", "attribution"]
+    if with_hashes:
+        fields[-1:-1] = JSON_HASH_FIELDS
+    return ("event", *fields, "timestamp")
 
 
 def _hidden(char: str) -> bool:
@@ -125,12 +159,21 @@ def field_value(row: Row, field: str):
     return read(row) if read is not None else getattr(row, field)
 
 
+def _text_of(value, field: str, row: Row) -> str:
+    if field == "duration":
+        # Seconds; ">" marks a lower bound: the connection predates histstat's start.
+        return (">" if row.duration_from_start else "") + f"{value:.3f}"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return escape_text(value) if isinstance(value, str) else str(value)
+
+
 def text_value(row: Row, field: str) -> str:
     """One field as safe text: ``*`` for no remote end, ``-`` for unknown."""
     value = field_value(row, field)
     if value is None:
         return NO_REMOTE if field in ("raddr", "rport") else UNKNOWN
-    return escape_text(value) if isinstance(value, str) else str(value)
+    return _text_of(value, field, row)
 
 
 def _colored(cell: str, field: str, status: str | None) -> str:
@@ -270,7 +313,7 @@ def _csv_cell(row: Row, field: str) -> str:
     value = field_value(row, field)
     if value is None:
         return ""
-    text = escape_text(value) if isinstance(value, str) else str(value)
+    text = _text_of(value, field, row)
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 

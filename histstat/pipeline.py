@@ -1,4 +1,4 @@
-"""One poll from source to rows, and the in-order writing of rows that wait for hashes."""
+"""One poll from source to rows, and the in-order writing of rows that wait for facts."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ import datetime
 import time
 from collections import deque
 from concurrent.futures import Future, wait
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from histstat.enrich import ProcessCache
 from histstat.filters import RowFilter
-from histstat.hashing import UNKNOWN_HASHES
+from histstat.hashing import Hashes
 from histstat.records import Connection, ProcessFacts, Row
-from histstat.tracker import ConnectionTracker
+from histstat.tracker import ConnectionTracker, EndpointMemory, ListenerMemory
+
+if TYPE_CHECKING:  # optional stages, imported by the CLI only when asked for
+    from histstat.geoip import GeoIP
+    from histstat.resolve import ReverseResolver
 
 # The longest a row waits for its executable's hashes before it is written with them
 # unknown: a huge or slow file (a hostile process may choose one) cannot hold back the
@@ -20,24 +24,56 @@ from histstat.tracker import ConnectionTracker
 MAX_HASH_WAIT = 3.0
 
 
+# The longest a row waits for its remote address's name (-r) before it is written with
+# it unknown: DNS answers in milliseconds or not at all.
+MAX_NAME_WAIT = 0.5
+
+
+class Fill(NamedTuple):
+    """A fact that arrives later (hashes, a name): its future, how it goes into the
+    row, and how long the row may wait for it."""
+
+    future: Future
+    apply: Callable
+    max_wait: float
+
+
+def _with_hashes(row: Row, hashes: Hashes) -> Row:
+    return row._replace(md5=hashes.md5, sha256=hashes.sha256)
+
+
+def _with_name(row: Row, name: str | None) -> Row:
+    return row._replace(rhost=name)
+
+
 class PendingRow(NamedTuple):
-    """A row and, with --hash, the future of its executable's hashes."""
+    """A row and the facts it waits for."""
 
     row: Row
-    hashes: Future | None
+    fills: tuple = ()
     queued: float = 0.0  # monotonic time it was found
 
-    def ready(self) -> bool:
-        return self.hashes is None or self.hashes.done()
+    def ready(self, now: float | None = None) -> bool:
+        """Every fill is known, or waited for as long as it may be."""
+        now = time.monotonic() if now is None else now
+        return all(f.future.done() or now >= self.queued + f.max_wait for f in self.fills)
+
+    def waiting(self) -> tuple:
+        """(futures still awaited, the monotonic time the row stops waiting for them)."""
+        open_fills = [f for f in self.fills if not f.future.done()]
+        give_up = max((self.queued + f.max_wait for f in open_fills), default=self.queued)
+        return [f.future for f in open_fills], give_up
 
     def resolved(self) -> Row:
-        if self.hashes is None:
-            return self.row
-        hashes = self.hashes.result() if self.hashes.done() else UNKNOWN_HASHES
-        return self.row._replace(md5=hashes.md5, sha256=hashes.sha256)
+        """The row with every fact known by now; what is not known stays unknown."""
+        row = self.row
+        for fill in self.fills:
+            if fill.future.done() and not fill.future.cancelled():  # cancelled at exit
+                row = fill.apply(row, fill.future.result())
+        return row
 
 
-def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime) -> Row:
+def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime, **more) -> Row:
     return Row(
         *conn,
         pname=facts.name,
@@ -47,11 +83,26 @@ def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime) -> 
         md5=None,
         sha256=None,
         timestamp=seen,
+        **more,
     )
 
 
+class Owner(NamedTuple):
+    """Who held an endpoint: enough to attribute its orphan later."""
+
+    pid: int
+    facts: ProcessFacts | None  # None: its row was filtered out, facts never read
+    hashes: Future | None
+
+
 class Poller:
-    """source → tracker → enrich: the rows new in one poll."""
+    """source → tracker → filters → enrich: the rows of one poll.
+
+    Besides new connections it reports, with ``closed``, those gone since the previous
+    poll, repeating their open row's facts. It fills ``direction`` from the listeners
+    it remembers and attributes sockets the kernel keeps without a process to the
+    process that held the same endpoint earlier.
+    """
 
     def __init__(
         self,
@@ -59,27 +110,103 @@ class Poller:
         tracker: ConnectionTracker,
         processes: ProcessCache,
         row_filter: RowFilter | None = None,
+        closed: bool = False,
+        resolver: ReverseResolver | None = None,
+        geoip: GeoIP | None = None,
     ) -> None:
         self._source = source
         self._tracker = tracker
         self._processes = processes
         self._filter = row_filter or RowFilter()
+        self._closed = closed
+        self._resolver = resolver
+        self._geoip = geoip
+        self._listeners = ListenerMemory()
+        self._endpoints = EndpointMemory()
+        self._shown: dict = {}  # with --closed: open rows shown, by connection
 
     def poll(self) -> list:
         # Local time with its UTC offset, taken once: every row of a poll shares it.
         seen = datetime.datetime.now().astimezone()
-        new = self._tracker.new_since(self._source.snapshot())
-        rows = []
-        keeps_connection, keeps_process = self._filter.keeps_connection, self._filter.keeps_process
+        now = time.monotonic()
+        new, gone = self._tracker.changes(self._source.snapshot(), now)
+        rows = [self._close_row(conn, seen, now) for conn in gone]
+        rows = [row for row in rows if row is not None]
+        for conn in gone:
+            if conn.status == "LISTEN":
+                self._listeners.closed(conn, now)
+            if conn.pid is not None:
+                self._endpoints.touch(conn, now)
+        # Listeners first, so that a connection accepted in the same poll reads "in".
         for conn in new:
-            if not keeps_connection(conn):
-                continue  # decided on socket fields: no process lookup spent on it
-            facts = self._processes.lookup(conn.pid)
-            if keeps_process(facts):
-                hashes = self._processes.hashes(conn.pid, facts)
-                rows.append(PendingRow(make_row(conn, facts, seen), hashes, time.monotonic()))
+            if conn.status == "LISTEN":
+                self._listeners.opened(conn)
+        for conn in new:
+            row = self._open_row(conn, seen, now)
+            if row is not None:
+                rows.append(row)
+        self._endpoints.forget_expired(now)
+        self._listeners.forget_expired(now)
         self._processes.retain(self._tracker.live_pids())
         return rows
+
+    def _close_row(self, conn: Connection, seen: datetime.datetime, now: float):
+        opened = self._shown.pop(conn, None)
+        if opened is None:
+            return None
+        duration, from_start = self._tracker.lifetime(conn)
+        row = opened.row._replace(
+            event="close",
+            duration=round(duration, 6),
+            duration_from_start=from_start,
+            timestamp=seen,
+        )
+        return PendingRow(row, opened.fills, now)
+
+    def _owner(self, conn: Connection) -> Owner | None:
+        """The earlier holder of an orphan's endpoint, with its facts."""
+        if conn.pid is not None or conn.raddr is None:
+            return None
+        owner = self._endpoints.owner_of(conn)
+        if owner is not None and owner.facts is None:  # its own row was filtered out
+            facts = self._processes.lookup(owner.pid)
+            owner = owner._replace(facts=facts, hashes=self._processes.hashes(owner.pid, facts))
+        return owner
+
+    def _open_row(self, conn: Connection, seen: datetime.datetime, now: float):
+        owner = self._owner(conn)
+        pid = owner.pid if owner is not None else conn.pid
+        if not self._filter.keeps_connection(conn if owner is None else conn._replace(pid=pid)):
+            if conn.pid is not None:  # its orphan may need it, at no process cost now
+                self._endpoints.remember(conn, Owner(conn.pid, None, None), now)
+            return None  # decided on socket fields: no process lookup spent on it
+        facts = owner.facts if owner is not None else self._processes.lookup(conn.pid)
+        if not self._filter.keeps_process(facts):
+            return None
+        hashes = owner.hashes if owner is not None else self._processes.hashes(pid, facts)
+        if owner is None and conn.pid is not None:
+            self._endpoints.remember(conn, Owner(conn.pid, facts, hashes), now)
+        attribution = "earlier" if owner is not None else "socket" if pid is not None else None
+        place = self._geoip.place_of(conn.raddr) if self._geoip is not None else None
+        row = make_row(
+            conn._replace(pid=pid),
+            facts,
+            seen,
+            direction=self._listeners.direction(conn, now),
+            attribution=attribution,
+            **(place._asdict() if place is not None else {}),
+        )
+        fills = []
+        if hashes is not None:
+            fills.append(Fill(hashes, _with_hashes, MAX_HASH_WAIT))
+        if self._resolver is not None and conn.raddr is not None:
+            name = self._resolver.name_of(conn.raddr)
+            if name is not None:
+                fills.append(Fill(name, _with_name, MAX_NAME_WAIT))
+        pending = PendingRow(row, tuple(fills), now)
+        if self._closed:
+            self._shown[conn] = pending
+        return pending
 
 
 class OrderedWriter:
@@ -116,14 +243,13 @@ class OrderedWriter:
                 self._emit(ready)
             if not self._queue or self.done or final:
                 return
-            head = self._queue[0]
+            awaited, give_up = self._queue[0].waiting()
             now = time.monotonic()
-            give_up = head.queued + MAX_HASH_WAIT
             if now >= give_up:
-                continue  # its wait is over: it goes out with hashes unknown
+                continue  # its wait is over: it goes out with those facts unknown
             if now >= deadline:
-                return  # the poll's time is up; the hashes may still come
-            wait([head.hashes], timeout=min(deadline, give_up) - now)
+                return  # the poll's time is up; the facts may still come
+            wait(awaited, timeout=min(deadline, give_up) - now)
 
     def _ready_count(self, final: bool) -> int:
         """How many rows at the head of the queue may go out now."""
@@ -133,7 +259,7 @@ class OrderedWriter:
         for pending in self._queue:
             if count >= room:
                 break
-            if not (final or pending.ready() or now >= pending.queued + MAX_HASH_WAIT):
+            if not (final or pending.ready(now)):
                 break
             count += 1
         return count

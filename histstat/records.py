@@ -47,6 +47,15 @@ class Row(NamedTuple):
     md5: str | None
     sha256: str | None
     timestamp: datetime.datetime
+    event: str = "open"  # open, or close (--closed)
+    duration: float | None = None  # close rows: seconds from first to last poll that saw it
+    duration_from_start: bool | None = None  # close rows: it was there when histstat started
+    direction: str | None = None  # listen, in, out; None for UDP
+    attribution: str | None = None  # socket, earlier; None when the process is unknown
+    rhost: str | None = None  # -r: the remote address's PTR name
+    country: str | None = None  # --geoip
+    asn: int | None = None
+    as_org: str | None = None
 
 
 def sort_key(conn: Connection) -> tuple:

@@ -1,25 +1,67 @@
-"""The connection tracker: what is new in a snapshot since the previous one."""
+"""The connection tracker: what is new and what went away, and the memory behind it."""
 
 from __future__ import annotations
 
-from histstat.records import sort_key
+import math
+from collections import OrderedDict
+
+from histstat.records import Connection, sort_key
+
+# How long a closed listener still makes its port's connections "in": a connection
+# accepted just before the listener closed is noticed a poll or more later.
+LISTENER_MEMORY = 300.0
+# The longest the kernel keeps a socket whose process let go (TIME_WAIT and FIN_WAIT2
+# are 60 s on Linux; LAST_ACK and CLOSING end after retransmissions), plus a margin.
+ORPHAN_MEMORY = 180.0
+MAX_ENDPOINTS = 65536
+MAX_LISTENERS = 65536
+_WILDCARDS = ("0.0.0.0", "::")
 
 
 class ConnectionTracker:
-    """Remembers the previous snapshot and reports what appeared since, by set difference.
+    """Compares each snapshot with the previous one by set difference (linear time).
 
     A connection's identity is its whole record (proto, laddr, lport, raddr, rport,
-    status, pid), so a status change is a new connection, as in the original tool.
+    status, pid), so a status change is a new connection, as in the original tool. It
+    remembers the poll that first saw each live connection, for durations; the last poll
+    that saw a connection now gone is simply the previous poll.
     """
 
     def __init__(self) -> None:
         self._previous: frozenset = frozenset()
+        self._first_seen: dict = {}
+        self._first_poll: float | None = None
+        self._previous_poll: float | None = None
+        self._lifetimes: dict = {}
 
-    def new_since(self, snapshot: frozenset) -> list:
-        """Connections in ``snapshot`` absent from the previous one, in a stable order."""
-        new = snapshot - self._previous
+    def changes(self, snapshot: frozenset, now: float) -> tuple:
+        """(new, gone) since the previous snapshot, each in a stable order; ``now`` is
+        the poll's monotonic time."""
+        new = sorted(snapshot - self._previous, key=sort_key)
+        gone = sorted(self._previous - snapshot, key=sort_key)
+        if self._first_poll is None:
+            self._first_poll = now
+        self._lifetimes = {conn: self._lifetime(conn) for conn in gone}
+        for conn in gone:
+            del self._first_seen[conn]
+        for conn in new:
+            self._first_seen[conn] = now
         self._previous = snapshot
-        return sorted(new, key=sort_key)
+        self._previous_poll = now
+        return new, gone
+
+    def new_since(self, snapshot: frozenset, now: float = 0.0) -> list:
+        """Connections in ``snapshot`` absent from the previous one, in a stable order."""
+        return self.changes(snapshot, now)[0]
+
+    def _lifetime(self, conn: Connection) -> tuple:
+        first = self._first_seen[conn]
+        return self._previous_poll - first, first == self._first_poll
+
+    def lifetime(self, gone: Connection) -> tuple:
+        """(seconds from the first to the last poll that saw it, whether it was already
+        there at the first poll: then the seconds are only a lower bound)."""
+        return self._lifetimes[gone]
 
     @property
     def current(self) -> frozenset:
@@ -29,3 +71,100 @@ class ConnectionTracker:
     def live_pids(self) -> set:
         """Pids that own a socket in the latest snapshot."""
         return {conn.pid for conn in self._previous if conn.pid is not None}
+
+
+def _plain_address(address: str) -> str:
+    """An IPv4-mapped IPv6 address as IPv4: a dual-stack listener reports either."""
+    return address[7:] if address.startswith("::ffff:") and "." in address else address
+
+
+class ListenerMemory:
+    """Listening (protocol, address, port)s, open now or closed within LISTENER_MEMORY,
+    to tell connections accepted here ("in") from those this host opened ("out")."""
+
+    def __init__(self, memory: float = LISTENER_MEMORY, limit: int = MAX_LISTENERS) -> None:
+        self._until: OrderedDict = OrderedDict()  # key -> monotonic expiry (inf: open)
+        self._memory = memory
+        self._limit = limit
+
+    @staticmethod
+    def _key(conn: Connection) -> tuple:
+        return (conn.proto.rstrip("6"), _plain_address(conn.laddr), conn.lport)
+
+    def opened(self, listener: Connection) -> None:
+        key = self._key(listener)
+        self._until[key] = math.inf
+        self._until.move_to_end(key)
+        while len(self._until) > self._limit:
+            self._until.popitem(last=False)
+
+    def closed(self, listener: Connection, now: float) -> None:
+        key = self._key(listener)
+        if key in self._until:
+            self._until[key] = now + self._memory
+            self._until.move_to_end(key)
+
+    def forget_expired(self, now: float) -> None:
+        for key in [key for key, until in self._until.items() if until < now]:
+            del self._until[key]
+
+    def direction(self, conn: Connection, now: float) -> str | None:
+        """listen, in or out (a heuristic: see the README); None for UDP."""
+        if conn.status == "LISTEN":
+            return "listen"
+        if not conn.proto.startswith("tcp"):
+            return None
+        if conn.raddr is None:
+            return None
+        kind, address, port = self._key(conn)
+        for listening in (address, *_WILDCARDS):
+            if self._until.get((kind, listening, port), -math.inf) >= now:
+                return "in"
+        return "out"
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
+class EndpointMemory:
+    """Who owned each (proto, laddr, lport, raddr, rport), kept ORPHAN_MEMORY seconds
+    after it was last seen owned, to attribute the sockets the kernel keeps without a
+    process (TIME_WAIT, FIN_WAIT2, LAST_ACK). Bounded in time and in count."""
+
+    def __init__(self, memory: float = ORPHAN_MEMORY, limit: int = MAX_ENDPOINTS) -> None:
+        self._entries: OrderedDict = OrderedDict()  # endpoint -> (seen, owner)
+        self._memory = memory
+        self._limit = limit
+
+    @staticmethod
+    def endpoint(conn: Connection) -> tuple:
+        return conn[:5]
+
+    def remember(self, conn: Connection, owner, now: float) -> None:
+        key = self.endpoint(conn)
+        self._entries[key] = (now, owner)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._limit:
+            self._entries.popitem(last=False)
+
+    def touch(self, conn: Connection, now: float) -> None:
+        """Seen owned until ``now``: its orphan may appear from here on."""
+        key = self.endpoint(conn)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (now, entry[1])
+            self._entries.move_to_end(key)
+
+    def forget_expired(self, now: float) -> None:
+        while self._entries:
+            seen, _ = next(iter(self._entries.values()))
+            if now - seen <= self._memory:
+                return
+            self._entries.popitem(last=False)
+
+    def owner_of(self, conn: Connection):
+        entry = self._entries.get(self.endpoint(conn))
+        return None if entry is None else entry[1]
+
+    def __len__(self) -> int:
+        return len(self._entries)

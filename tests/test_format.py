@@ -111,9 +111,10 @@ def test_json_has_real_types_and_null_for_unknown():
     row = make_row(raddr=None, rport=None, status=None, user=None)
     obj = json.loads(format_json_row(row, json_fields(False)))
     assert list(obj) == [
-        "proto", "laddr", "lport", "raddr", "rport", "status", "pid", "pname",
-        "time", "date", "user", "command", "timestamp",
+        "event", "proto", "laddr", "lport", "raddr", "rport", "status", "direction",
+        "attribution", "pid", "pname", "time", "date", "user", "command", "timestamp",
     ]  # fmt: skip
+    assert obj["event"] == "open"
     assert obj["lport"] == 8000 and obj["pid"] == 4242
     assert obj["raddr"] is None and obj["rport"] is None
     assert obj["status"] is None and obj["user"] is None
@@ -299,7 +300,9 @@ def test_color_marks_only_the_status_cell_and_keeps_alignment():
 
 
 def test_every_known_field_has_a_value():
-    row = make_row(md5="a" * 32, sha256="b" * 64)
+    row = make_row(md5="a" * 32, sha256="b" * 64, event="close", duration=1.5,
+                   duration_from_start=False, direction="in", attribution="socket",
+                   rhost="localhost", country="DE", asn=64496, as_org="Example")  # fmt: skip
     obj = json.loads(format_json_row(row, ALL_FIELDS))
     assert list(obj) == list(ALL_FIELDS)
     assert None not in obj.values()
@@ -339,3 +342,36 @@ def test_the_command_is_shortened_first_wherever_it_stands():
     line = format_pretty_row(row, ("command", "pid"), Screen(60))
     assert len(line) <= 60
     assert line.endswith("  4242") and "\u2026" in line
+
+
+def test_layouts_of_the_connection_story():
+    assert text_fields(False) == TEXT_FIELDS_OF_THE_ORIGINAL
+    closed = text_fields(False, closed=True)
+    assert closed[0] == "event" and closed[closed.index("status") + 1] == "duration"
+    remote = text_fields(False, resolve=True, geoip=True)
+    assert remote[remote.index("rport") + 1 : remote.index("status")] == (
+        "rhost", "country", "asn", "as_org",
+    )  # fmt: skip
+    keys = json_fields(True, closed=True)
+    assert keys[0] == "event" and keys[-1] == "timestamp"
+    assert keys[keys.index("status") + 1 :][:4] == (
+        "duration", "duration_from_start", "direction", "attribution",
+    )  # fmt: skip
+
+
+TEXT_FIELDS_OF_THE_ORIGINAL = (
+    "proto", "laddr", "lport", "raddr", "rport", "status",
+    "pid", "pname", "time", "date", "user", "command",
+)  # fmt: skip
+
+
+def test_duration_shows_a_lower_bound_with_a_mark():
+    fields = ("event", "duration")
+    since_start = make_row(event="close", duration=12.3456, duration_from_start=True)
+    seen_open = make_row(event="close", duration=0.25, duration_from_start=False)
+    assert format_plain_row(since_start, fields) == "close\t>12.346"
+    assert format_plain_row(seen_open, fields) == "close\t0.250"
+    (cells,) = csv.reader([format_csv_row(since_start, fields)])
+    assert cells == ["close", ">12.346"]
+    obj = json.loads(format_json_row(since_start, ("duration", "duration_from_start")))
+    assert obj == {"duration": 12.3456, "duration_from_start": True}

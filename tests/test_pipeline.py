@@ -8,7 +8,15 @@ from concurrent.futures import Future
 from histstat.filters import RowFilter
 from histstat.format import format_plain_row, text_fields
 from histstat.hashing import Hashes
-from histstat.pipeline import MAX_HASH_WAIT, OrderedWriter, PendingRow, Poller, make_row
+from histstat.pipeline import (
+    MAX_HASH_WAIT,
+    Fill,
+    OrderedWriter,
+    PendingRow,
+    Poller,
+    _with_hashes,
+    make_row,
+)
 from histstat.records import Connection, ProcessFacts
 from histstat.tracker import ConnectionTracker
 
@@ -34,7 +42,8 @@ def plain_view(with_hashes):
 def pending(port, hashes=None, queued=None):
     conn = Connection("tcp", "127.0.0.1", port, None, None, "LISTEN", 1)
     queued = time.monotonic() if queued is None else queued
-    return PendingRow(make_row(conn, ProcessFacts(name=f"p{port}"), SEEN), hashes, queued)
+    fills = () if hashes is None else (Fill(hashes, _with_hashes, MAX_HASH_WAIT),)
+    return PendingRow(make_row(conn, ProcessFacts(name=f"p{port}"), SEEN), fills, queued)
 
 
 def written_ports(sink):
