@@ -193,3 +193,73 @@ def test_poller_enriches_only_new_connections_and_prunes_the_cache():
     assert cache.looked_up == [10, 20]
     assert cache.retained == [{10}, {10, 20}]
     assert second[0].row.timestamp.tzinfo is not None
+
+
+SERVER = Connection("tcp", "127.0.0.1", 8000, None, None, "LISTEN", 10)
+ACCEPTED = Connection("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, "ESTABLISHED", 10)
+CLIENT = Connection("tcp", "127.0.0.1", 50000, "127.0.0.1", 8000, "ESTABLISHED", 20)
+ORPHAN = CLIENT._replace(status="TIME_WAIT", pid=None)
+
+
+def rows_of(poller):
+    return [pending.resolved() for pending in poller.poll()]
+
+
+def test_a_gone_connection_gets_a_close_row_repeating_its_open_row():
+    poller = Poller(
+        StaticSource(frozenset({SERVER, CLIENT}), frozenset({SERVER}), frozenset({SERVER})),
+        ConnectionTracker(),
+        CountingCache(),
+        closed=True,
+    )
+    opened = {row.lport: row for row in rows_of(poller)}
+    (closed,) = rows_of(poller)
+    assert closed.event == "close" and opened[50000].event == "open"
+    assert (closed.pname, closed.pid, closed.command) == (opened[50000].pname, 20, None)
+    assert closed.duration_from_start is True and closed.duration >= 0
+    assert closed.timestamp >= opened[50000].timestamp
+    assert rows_of(poller) == []
+
+
+def test_without_closed_nothing_is_written_when_a_connection_goes():
+    poller = Poller(
+        StaticSource(frozenset({CLIENT}), frozenset()), ConnectionTracker(), CountingCache()
+    )
+    rows_of(poller)
+    assert rows_of(poller) == []
+
+
+def test_orphan_is_attributed_to_the_earlier_owner_of_its_endpoint():
+    cache = CountingCache()
+    poller = Poller(
+        StaticSource(frozenset({SERVER, ACCEPTED, CLIENT}), frozenset({SERVER, ORPHAN})),
+        ConnectionTracker(),
+        cache,
+    )
+    first = {row.lport: row for row in rows_of(poller)}
+    assert first[50000].attribution == "socket"
+    (orphan,) = rows_of(poller)
+    assert (orphan.status, orphan.pid, orphan.pname) == ("TIME_WAIT", 20, "proc20")
+    assert orphan.attribution == "earlier"
+
+
+def test_attribution_decides_a_pid_filter_and_reads_facts_only_then():
+    cache = CountingCache()
+    poller = Poller(
+        StaticSource(frozenset({CLIENT}), frozenset({ORPHAN})),
+        ConnectionTracker(),
+        cache,
+        RowFilter(statuses=frozenset({"TIME_WAIT"}), pids=frozenset({20})),
+    )
+    assert rows_of(poller) == []  # the ESTABLISHED row is filtered out...
+    assert cache.looked_up == []  # ...at no process cost
+    (orphan,) = rows_of(poller)  # its orphan is attributed, so --pid 20 keeps it
+    assert (orphan.pid, orphan.pname, orphan.attribution) == (20, "proc20", "earlier")
+
+
+def test_direction_of_both_ends_of_a_local_connection():
+    poller = Poller(
+        StaticSource(frozenset({SERVER, ACCEPTED, CLIENT})), ConnectionTracker(), CountingCache()
+    )
+    direction = {row.lport: row.direction for row in rows_of(poller) if row.raddr}
+    assert direction == {8000: "in", 50000: "out"}

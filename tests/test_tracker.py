@@ -1,7 +1,7 @@
 """The tracker reports what is new since the previous poll, by set difference."""
 
 from histstat.records import Connection
-from histstat.tracker import ConnectionTracker
+from histstat.tracker import ConnectionTracker, EndpointMemory, ListenerMemory
 
 LISTENER = Connection("tcp", "127.0.0.1", 8000, None, None, "LISTEN", 10)
 ESTABLISHED = Connection("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, "ESTABLISHED", 10)
@@ -64,3 +64,75 @@ def test_live_pids_are_the_socket_owners_of_the_latest_poll():
     assert tracker.live_pids() == {10}
     tracker.new_since(frozenset({UDP._replace(pid=7)}))
     assert tracker.live_pids() == {7}
+
+
+def test_changes_report_what_went_away_with_its_lifetime():
+    tracker = ConnectionTracker()
+    tracker.changes(frozenset({LISTENER}), now=100.0)
+    tracker.changes(frozenset({LISTENER, ESTABLISHED}), now=101.0)
+    tracker.changes(frozenset({LISTENER, ESTABLISHED}), now=102.0)
+    new, gone = tracker.changes(frozenset({LISTENER}), now=103.0)
+    assert (new, gone) == ([], [ESTABLISHED])
+    # First seen at 101, last seen at 102 (the poll before the one that missed it).
+    assert tracker.lifetime(ESTABLISHED) == (1.0, False)
+
+
+def test_connection_there_at_start_has_a_lower_bound_lifetime():
+    tracker = ConnectionTracker()
+    tracker.changes(frozenset({LISTENER, ESTABLISHED}), now=10.0)
+    tracker.changes(frozenset({LISTENER, ESTABLISHED}), now=15.0)
+    _, gone = tracker.changes(frozenset({LISTENER}), now=20.0)
+    assert gone == [ESTABLISHED]
+    assert tracker.lifetime(ESTABLISHED) == (5.0, True)
+
+
+ACCEPTED = Connection("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, "ESTABLISHED", 10)
+OUTGOING = Connection("tcp", "127.0.0.1", 50000, "127.0.0.1", 8000, "ESTABLISHED", 11)
+
+
+def test_direction_in_out_listen_and_none_for_udp():
+    listeners = ListenerMemory()
+    listeners.opened(LISTENER)
+    assert listeners.direction(LISTENER, 0.0) == "listen"
+    assert listeners.direction(ACCEPTED, 0.0) == "in"
+    assert listeners.direction(OUTGOING, 0.0) == "out"
+    assert listeners.direction(UDP, 0.0) is None
+
+
+def test_wildcard_and_dual_stack_listeners_make_connections_in():
+    listeners = ListenerMemory()
+    listeners.opened(Connection("tcp6", "::", 8000, None, None, "LISTEN", 10))
+    mapped = Connection("tcp6", "::ffff:127.0.0.1", 8000, "::ffff:127.0.0.1", 5, "ESTABLISHED", 10)
+    assert listeners.direction(mapped, 0.0) == "in"
+    assert listeners.direction(ACCEPTED, 0.0) == "in"
+    assert listeners.direction(ACCEPTED._replace(lport=8001), 0.0) == "out"
+
+
+def test_a_listener_closed_recently_still_counts_then_is_forgotten():
+    listeners = ListenerMemory(memory=30.0)
+    listeners.opened(LISTENER)
+    listeners.closed(LISTENER, now=100.0)
+    assert listeners.direction(ACCEPTED, 129.0) == "in"
+    assert listeners.direction(ACCEPTED, 131.0) == "out"
+    listeners.forget_expired(131.0)
+    assert len(listeners) == 0
+
+
+def test_endpoint_memory_attributes_then_forgets_an_orphan():
+    memory = EndpointMemory(memory=60.0)
+    memory.remember(OUTGOING, "owner", now=0.0)
+    orphan = OUTGOING._replace(status="TIME_WAIT", pid=None)
+    memory.touch(OUTGOING, now=50.0)  # last seen owned at 50
+    memory.forget_expired(100.0)
+    assert memory.owner_of(orphan) == "owner"
+    memory.forget_expired(111.0)
+    assert memory.owner_of(orphan) is None
+
+
+def test_endpoint_memory_stays_bounded_under_a_stream_of_connections():
+    memory = EndpointMemory(memory=1e9, limit=1000)
+    for port in range(50_000):
+        memory.remember(OUTGOING._replace(lport=port % 65536, rport=port), port, now=port)
+    assert len(memory) == 1000
+    assert memory.owner_of(OUTGOING._replace(lport=49_999, rport=49_999)) == 49_999
+    assert memory.owner_of(OUTGOING._replace(lport=0, rport=0)) is None
