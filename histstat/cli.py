@@ -28,6 +28,7 @@ from histstat.filters import (
 )
 from histstat.format import (
     ALL_FIELDS,
+    GEO_FIELDS,
     HASH_FIELDS,
     Screen,
     csv_header,
@@ -40,10 +41,12 @@ from histstat.format import (
     pretty_header,
     text_fields,
 )
+from histstat.geoip import GeoIP, GeoIPError
 from histstat.hashing import ExecutableHasher
 from histstat.pipeline import MAX_HASH_WAIT, OrderedWriter, Poller
 from histstat.privileges import NOT_PRIVILEGED_NOTICE, is_privileged
 from histstat.records import Row
+from histstat.resolve import ReverseResolver
 from histstat.sinks import LogSink, ReaderGone, SinkError, StdoutSink
 from histstat.source import PsutilSource, SourceAccessDenied
 from histstat.tracker import ConnectionTracker
@@ -75,6 +78,9 @@ class Config:
     count: int | None = None
     duration: float | None = None
     color: str = "auto"
+    closed: bool = False
+    resolve: bool = False
+    geoip: tuple = ()  # paths of MaxMind databases
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,6 +189,29 @@ def get_parser() -> argparse.ArgumentParser:
         "one transaction per poll; schema in the README)",
     )
 
+    story = parser.add_argument_group("connection story")
+    story.add_argument(
+        "--closed",
+        action="store_true",
+        help="also write a row when a connection goes away: event close, with its "
+        "duration (a '>' marks one that predates histstat)",
+    )
+    story.add_argument(
+        "-r",
+        "--resolve",
+        action="store_true",
+        help="reverse DNS of the remote address into rhost (sends PTR queries the remote "
+        "network's owner can see; the address always stays in raddr)",
+    )
+    story.add_argument(
+        "--geoip",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="MaxMind database for country, asn and as_org of the remote address; "
+        "repeat for country and ASN files (needs: pip install 'histstat[geoip]')",
+    )
+
     shown = parser.add_argument_group("fields and formats")
     shown.add_argument(
         "-f",
@@ -279,6 +308,10 @@ def parse_config(argv: list | None = None) -> Config:
     args = parser.parse_args(argv)
     if args.log == "":
         parser.error("argument -l/--log: needs a file name")
+    if "" in args.geoip:
+        parser.error("argument --geoip: needs a file name")
+    if args.fields and set(args.fields) & set(GEO_FIELDS) and not args.geoip:
+        parser.error("-f asks for country, asn or as_org: add --geoip FILE")
     if args.sqlite == "":
         parser.error("argument --sqlite: needs a file name")
     if args.quiet and not (args.log or args.sqlite):
@@ -296,7 +329,8 @@ def parse_config(argv: list | None = None) -> Config:
         output=output,
         quiet=args.quiet,
         hashes=hashes,
-        fields=args.fields or default_fields(args.hash),
+        fields=args.fields
+        or default_fields(args.hash, args.closed, args.resolve, bool(args.geoip)),
         row_filter=RowFilter(
             protos=protocols(args.tcp, args.udp, args.ipv4, args.ipv6),
             ports=args.port,
@@ -316,6 +350,9 @@ def parse_config(argv: list | None = None) -> Config:
         count=args.count,
         duration=args.duration,
         color=args.color,
+        closed=args.closed,
+        resolve=args.resolve or bool(args.fields and "rhost" in args.fields),
+        geoip=tuple(args.geoip),
     )
 
 
@@ -401,7 +438,7 @@ def build_outputs(config: Config, env: Environment) -> tuple:
 def run(config: Config, env: Environment) -> int:
     hangup = _Hangup()
     previous_handlers = _install_signals(hangup)  # first: a SIGTERM at start-up ends quietly too
-    hasher = None
+    hasher = resolver = geoip = None
     opened: list = []
     stdout = None
     outputs: list = []
@@ -413,9 +450,17 @@ def run(config: Config, env: Environment) -> int:
             opened.append(sink)
         if not is_privileged():
             env.say(NOT_PRIVILEGED_NOTICE)  # netstat's own words, without our prefix
+        geoip = GeoIP(list(config.geoip)) if config.geoip else None
         hasher = ExecutableHasher() if config.hashes else None
+        resolver = ReverseResolver() if config.resolve else None
         poller = Poller(
-            PsutilSource(), ConnectionTracker(), ProcessCache(hasher), config.row_filter
+            PsutilSource(),
+            ConnectionTracker(),
+            ProcessCache(hasher),
+            config.row_filter,
+            closed=config.closed,
+            resolver=resolver,
+            geoip=geoip,
         )
         _poll_until_done(config, env, poller, writer, opened, stdout, hangup)
         _write_the_rest(writer)  # a normal end: the reader is expected to read on
@@ -428,12 +473,16 @@ def run(config: Config, env: Environment) -> int:
     except SinkError as exc:
         env.notice(str(exc))
         return EXIT_RUNTIME_ERROR
+    except GeoIPError as exc:
+        env.notice(str(exc))
+        return EXIT_RUNTIME_ERROR
     except SourceAccessDenied:
         env.notice("the system refused to list connections; run as root (sudo histstat)")
         return EXIT_RUNTIME_ERROR
     finally:
-        if hasher is not None:
-            hasher.close()
+        for stage in (hasher, resolver, geoip):
+            if stage is not None:
+                stage.close()
         for sink in opened:
             try:
                 sink.close()

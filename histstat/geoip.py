@@ -1,0 +1,179 @@
+"""Country and autonomous system of remote addresses, from MaxMind databases (--geoip)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+import threading
+from typing import Any, NamedTuple
+
+MISSING_PACKAGE = "--geoip needs the maxminddb package: pip install 'histstat[geoip]'"
+# A busy machine talks to a few thousand remote addresses at most; the cap only keeps a
+# long run that meets ever new addresses (a scan, a server) from growing without end.
+_MAX_CACHED = 4096
+
+
+class GeoIPError(Exception):
+    """A database that cannot be used; the message is one line naming the file."""
+
+
+class Place(NamedTuple):
+    country: str | None = None  # ISO 3166 alpha-2 code, e.g. "DE"
+    asn: int | None = None
+    as_org: str | None = None
+
+
+UNKNOWN_PLACE = Place()
+
+
+def _text(value: Any) -> str | None:
+    # Database content is untrusted: anything but a non-empty string counts as unknown.
+    # The text itself is kept as it is; the formatter escapes it for output.
+    return value if isinstance(value, str) and value else None
+
+
+def _asn(value: Any) -> int | None:
+    # bool is an int subclass, and an AS number is never negative.
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _country(record: dict) -> str | None:
+    country = record.get("country")
+    return _text(country.get("iso_code")) if isinstance(country, dict) else None
+
+
+def _lookup_key(address: str) -> tuple[str, int] | None:
+    """The address as a database lookup takes it, and its IP version; None if unparsable."""
+    # A link-local IPv6 address may carry its interface ("fe80::1%eth0"): the zone
+    # says nothing about where the address is, and older Pythons cannot parse it.
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    # A dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d. Not every database
+    # aliases that range to its IPv4 networks, so look those up as IPv4 directly.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), ip.version
+
+
+class GeoIP:
+    """Readers of one or more MaxMind DB files, asked together about each address.
+
+    Country and AS data come in separate files (GeoLite2-Country or -City, and
+    GeoLite2-ASN); each field is taken from the first file, in the order given, that
+    knows it.
+    """
+
+    def __init__(self, paths: list[str]) -> None:
+        """Open every file now, so that an unusable one stops histstat before polling."""
+        try:
+            import maxminddb  # an optional extra: histstat must run without it
+        except ImportError:
+            raise GeoIPError(MISSING_PACKAGE) from None
+        self._readers: list[tuple[Any, int]] = []  # (reader, IP version of its tree)
+        self._cache: dict[str, Place] = {}
+        # Lookups may come from more than one thread; the lock guards only the cache.
+        self._lock = threading.Lock()
+        try:
+            for path in paths:
+                self._readers.append(_open(maxminddb, path))
+        except GeoIPError:
+            self.close()
+            raise
+
+    def place_of(self, address: str | None) -> Place:
+        """Country and AS of an address; Place() when no file knows it or it is not an
+        IP address. Never raises: a damaged file gives unknown values, not a failed poll."""
+        if not address:
+            return UNKNOWN_PLACE
+        with self._lock:
+            place = self._cache.get(address)
+        if place is not None:
+            return place
+        place = self._look_up(address)
+        with self._lock:
+            if address not in self._cache:
+                if len(self._cache) >= _MAX_CACHED:
+                    del self._cache[next(iter(self._cache))]
+                self._cache[address] = place
+        return place
+
+    def _look_up(self, address: str) -> Place:
+        key = _lookup_key(address)
+        if key is None:
+            return UNKNOWN_PLACE
+        text, version = key
+        country: str | None = None
+        asn: int | None = None
+        as_org: str | None = None
+        for reader, tree_version in self._readers:
+            if version > tree_version:
+                continue  # an IPv4-only file cannot know an IPv6 address
+            try:
+                record = reader.get(text)
+            except Exception:
+                # maxminddb raises InvalidDatabaseError for damaged data, ValueError for
+                # a closed reader, and may raise others; none of them is worth a poll.
+                continue
+            if not isinstance(record, dict):
+                continue
+            if country is None:
+                country = _country(record)
+            # Number and name come from the same record, never mixed across files.
+            if asn is None and as_org is None:
+                asn = _asn(record.get("autonomous_system_number"))
+                as_org = _text(record.get("autonomous_system_organization"))
+        if country is None and asn is None and as_org is None:
+            return UNKNOWN_PLACE
+        return Place(country, asn, as_org)
+
+    def close(self) -> None:
+        """Close every file; later lookups answer only from the cache, or Place()."""
+        readers, self._readers = self._readers, []
+        for reader, _ in readers:
+            try:
+                reader.close()
+            except Exception:
+                pass  # nothing useful can be done about a reader that fails to close
+
+
+def _open(maxminddb: Any, path: str) -> tuple[Any, int]:
+    """A reader of one file and the IP version of its tree, or GeoIPError."""
+
+    def fail(reason: str) -> GeoIPError:
+        # repr keeps the message on one line whatever the file name holds.
+        return GeoIPError(f"cannot use GeoIP database {path!r}: {reason}")
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise fail(exc.strerror or str(exc)) from exc
+    if stat.S_ISDIR(mode):
+        raise fail("Is a directory")
+    if not stat.S_ISREG(mode):
+        # A FIFO or a device could block the open, or never end.
+        raise fail("not a regular file")
+    try:
+        reader = maxminddb.open_database(path)
+    except OSError as exc:
+        raise fail(exc.strerror or str(exc)) from exc
+    except Exception as exc:
+        # InvalidDatabaseError in the usual case, but damaged metadata can surface as
+        # other errors from the pure-Python reader; all mean the same to the user.
+        raise fail("not a MaxMind DB file, or a damaged one") from exc
+    try:
+        version = int(reader.metadata().ip_version)
+        # One lookup walks the search tree into the data section: a file damaged there
+        # fails now, at start, rather than giving unknown values all run long.
+        reader.get("0.0.0.0")
+    except Exception as exc:
+        reader.close()
+        raise fail("not a MaxMind DB file, or a damaged one") from exc
+    if version not in (4, 6):
+        reader.close()
+        raise fail(f"unknown IP version {version} in its metadata")
+    return reader, version
