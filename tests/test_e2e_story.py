@@ -1,0 +1,541 @@
+"""End-to-end: a connection's story (issue 4) with the installed histstat and real sockets.
+
+--closed (close rows, durations, the '>' of a connection older than histstat), direction,
+attribution of the sockets the kernel keeps without a process, -r/--resolve and --geoip.
+Everything runs on loopback, waits by polling with a deadline and is bounded in time; the
+only PTR lookups are for 127.0.0.1, which /etc/hosts answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime
+import random
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import (
+    COLUMNS,
+    DEFAULT_TIMEOUT,
+    connection_key,
+    new_marker,
+    read_line,
+    run_once,
+)
+from geoip_db import write_asn_db, write_country_db
+
+from histstat.privileges import NOT_PRIVILEGED_NOTICE
+
+INTERVAL_SECONDS = 0.1
+INTERVAL = ("-i", str(INTERVAL_SECONDS))
+# A poll may start late and take a while on a loaded machine: the slack, in seconds, for
+# everything the interval alone does not bound.
+SLACK = 1.0
+HOLD = 2.0  # seconds the child of the duration test keeps its connection at least
+HOST = "127.0.0.1"
+# The text columns with --closed: event first, duration right after status.
+CLOSED_COLUMNS = ("event", *COLUMNS[:6], "duration", *COLUMNS[6:])
+PROCESS_FACTS = ("pid", "pname", "user", "command")
+
+# The story child: a TCP listener on 127.0.0.1, driven line by line on its stdin.
+#   (start)          -> "ready LPORT"
+#   connect          -> "open CPORT": a client connected to the listener, and its accepted end
+#   close HOLD [NEW] -> "closed SECONDS": once HOLD seconds have passed since connect (its
+#                       own sleep), renames itself to NEW (/proc/self/comm) when given,
+#                       closes the client, waits until the accepted end has read the
+#                       client's FIN, then closes that too. SECONDS is the monotonic time
+#                       from just before connect to just after the last close.
+#   (EOF)            -> exits
+STORY_SOURCE = """
+import socket
+import sys
+import time
+
+
+def say(*words):
+    print(*words, flush=True)
+
+
+server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+server.bind(("127.0.0.1", 0))
+server.listen(4)
+say("ready", server.getsockname()[1])
+client = accepted = None
+started = None
+while True:
+    line = sys.stdin.readline()
+    if not line:
+        break
+    words = line.split()
+    if words[0] == "connect":
+        started = time.monotonic()
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.connect(server.getsockname())
+        accepted, _ = server.accept()
+        say("open", client.getsockname()[1])
+    elif words[0] == "close":
+        rest = started + float(words[1]) - time.monotonic()
+        if rest > 0:
+            time.sleep(rest)
+        if len(words) > 2:
+            with open("/proc/self/comm", "w") as comm:
+                comm.write(words[2])
+        client.close()
+        accepted.settimeout(10)
+        if accepted.recv(1) != b"":
+            raise SystemExit("the accepted end did not read the client's FIN")
+        accepted.close()
+        say("closed", repr(time.monotonic() - started))
+"""
+STORY_SCRIPT = (
+    "import base64;exec(base64.b64decode('"
+    + base64.b64encode(STORY_SOURCE.encode()).decode()
+    + "').decode())"
+)
+
+
+class StoryChild:
+    """A process that opens and closes one loopback connection when told to."""
+
+    def __init__(self) -> None:
+        self.argv = [sys.executable, "-c", STORY_SCRIPT, new_marker()]
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.pid = self.proc.pid
+        self.lport = int(self._expect("ready"))
+        self.cport: int | None = None
+
+    @property
+    def command(self) -> str:
+        return " ".join(self.argv)
+
+    def _expect(self, word: str) -> str:
+        try:
+            line = read_line(self.proc.stdout, DEFAULT_TIMEOUT).decode()
+        except (TimeoutError, EOFError) as exc:
+            self.stop()
+            err = self.proc.stderr.read().decode(errors="replace")
+            pytest.fail(f"story child: no {word!r} line: {exc}\n{err}", pytrace=False)
+        first, _, rest = line.strip().partition(" ")
+        assert first == word, line
+        return rest
+
+    def _send(self, line: str) -> None:
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def connect(self) -> int:
+        self._send("connect")
+        self.cport = int(self._expect("open"))
+        return self.cport
+
+    def close(self, hold: float = 0.0, rename: str | None = None) -> float:
+        """Close both ends (the client first); the connection's true lifetime."""
+        self._send(f"close {hold}" + (f" {rename}" if rename else ""))
+        return float(self._expect("closed"))
+
+    # The connection keys (proto, laddr, lport, raddr, rport, status) of its sockets.
+    @property
+    def listener(self) -> tuple:
+        return ("tcp", HOST, self.lport, None, None, "LISTEN")
+
+    def client(self, status: str = "ESTABLISHED") -> tuple:
+        return ("tcp", HOST, self.cport, HOST, self.lport, status)
+
+    def server(self, status: str = "ESTABLISHED") -> tuple:
+        return ("tcp", HOST, self.lport, HOST, self.cport, status)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(timeout)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if not stream.closed:
+                stream.close()
+
+
+@pytest.fixture
+def spawn_story():
+    children: list = []
+
+    def spawn() -> StoryChild:
+        child = StoryChild()
+        children.append(child)
+        return child
+
+    yield spawn
+    for child in children:
+        child.stop()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def csv_key(row: dict) -> tuple:
+    """connection_key of a CSV row, where unknown and absent values are empty cells."""
+    return connection_key({name: (value if value != "" else None) for name, value in row.items()})
+
+
+def key_of(output: str):
+    return csv_key if output == "csv" else connection_key
+
+
+def rows_of(histstat, output: str) -> list:
+    """What histstat wrote so far, as dicts; CSV is parsed as CSV."""
+    if output != "csv":
+        return histstat.rows()
+    records = list(csv.reader(line.rstrip("\r") for line in histstat.lines()))
+    return [dict(zip(records[0], record)) for record in records[1:]]
+
+
+def header_of(histstat) -> list:
+    """The first line of a text or CSV output, split into its fields."""
+    first = histstat.until(lambda: histstat.lines()[:1], what="the header")[0]
+    return first.split("\t") if "\t" in first else next(csv.reader([first.rstrip("\r")]))
+
+
+def wait_for_keys(histstat, keys, output: str = "json", event: str | None = None) -> dict:
+    """{key: rows} once every key has a row (with ``event`` in its event column)."""
+    key = key_of(output)
+
+    def found():
+        rows = {wanted: [] for wanted in keys}
+        for row in rows_of(histstat, output):
+            if event is not None and row.get("event") != event:
+                continue
+            if key(row) in rows:
+                rows[key(row)].append(row)
+        return rows if all(rows.values()) else None
+
+    return histstat.until(found, what=f"{event or 'any'} rows of {sorted(keys, key=str)}")
+
+
+def one(rows: list) -> dict:
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def stamp(row: dict) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(row["timestamp"])
+
+
+def assert_clean_end(histstat) -> None:
+    result = histstat.stop()
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def duration_bounds(lifetime: float) -> tuple:
+    """What a close row may say of a connection that lived ``lifetime`` seconds.
+
+    Its duration runs from the first poll that saw it to the last: each end may miss the
+    true one by an interval, plus however late that poll ran (SLACK).
+    """
+    return lifetime - 2 * INTERVAL_SECONDS - SLACK, lifetime + 2 * INTERVAL_SECONDS + SLACK
+
+
+# --------------------------------------------------------------------------- 1. duration
+
+
+def test_closed_reports_open_and_close_rows_with_the_lifetime(spawn_story, run_histstat):
+    child = spawn_story()
+    js = run_histstat("-j", "--closed", *INTERVAL)
+    plain = run_histstat("--closed", *INTERVAL)
+    for histstat, output in ((js, "json"), (plain, "plain")):
+        wait_for_keys(histstat, [child.listener], output)  # polling, and born before it
+    child.connect()
+    both = [child.client(), child.server()]
+    opened = wait_for_keys(js, both, event="open")
+    wait_for_keys(plain, both, "plain", event="open")
+    # The process renames itself before closing: the close rows keep what was seen.
+    lifetime = child.close(hold=HOLD, rename="story-renamed")
+    closed = wait_for_keys(js, both, event="close")
+    plain_closed = wait_for_keys(plain, both, "plain", event="close")
+    assert_clean_end(js)
+    assert_clean_end(plain)
+
+    low, high = duration_bounds(lifetime)
+    assert low >= HOLD - 1.5  # the bounds tell a lifetime apart from nothing
+    for key in both:
+        open_row, close_row = one(opened[key]), one(closed[key])
+        assert open_row["pid"] == child.pid
+        assert open_row["command"] == child.command
+        assert open_row["pname"] != "story-renamed"
+        assert open_row["attribution"] == "socket"
+        assert open_row["duration"] is None and open_row["duration_from_start"] is None
+        for name in ("proto", "laddr", "lport", "raddr", "rport", "status", *PROCESS_FACTS):
+            assert close_row[name] == open_row[name], name
+        assert close_row["direction"] == open_row["direction"]
+        assert close_row["attribution"] == open_row["attribution"]
+        assert close_row["duration_from_start"] is False
+        duration = close_row["duration"]
+        assert isinstance(duration, float), close_row
+        assert low <= duration <= high, (duration, lifetime)
+        # The close row carries the time of the poll that noticed it gone, one interval
+        # after the last poll that saw it, where the duration ends.
+        apart = (stamp(close_row) - stamp(open_row)).total_seconds()
+        assert apart >= duration + INTERVAL_SECONDS / 2, (apart, duration)
+        assert list(close_row) == list(open_row)
+
+        cell = one(plain_closed[key])["duration"]
+        assert re.fullmatch(r"\d+\.\d{3}", cell), cell  # no '>': born while histstat ran
+        assert low <= float(cell) <= high, (cell, lifetime)
+    # Accepted here: in; opened from here: out.
+    assert one(opened[child.server()])["direction"] == "in"
+    assert one(opened[child.client()])["direction"] == "out"
+
+
+# --------------------------------------------------------------------------- 2. older
+
+
+def test_closed_marks_a_connection_older_than_histstat(spawn_story, run_histstat):
+    child = spawn_story()
+    child.connect()  # before histstat starts
+    outputs = {
+        "json": run_histstat("-j", "--closed", *INTERVAL),
+        "plain": run_histstat("--closed", *INTERVAL),
+        "csv": run_histstat("--csv", "--closed", *INTERVAL),
+    }
+    both = [child.client(), child.server()]
+    opened = {out: wait_for_keys(hs, both, out, event="open") for out, hs in outputs.items()}
+    lifetime = child.close()
+    closed = {out: wait_for_keys(hs, both, out, event="close") for out, hs in outputs.items()}
+    headers = {out: header_of(hs) for out, hs in outputs.items() if out != "json"}
+    for histstat in outputs.values():
+        assert_clean_end(histstat)
+
+    limit = lifetime + 2 * INTERVAL_SECONDS + SLACK
+    for key in both:
+        open_row, close_row = one(opened["json"][key]), one(closed["json"][key])
+        assert close_row["duration_from_start"] is True
+        assert 0 <= close_row["duration"] <= limit, (close_row, lifetime)
+        assert stamp(close_row) >= stamp(open_row)
+        for name in PROCESS_FACTS:
+            assert close_row[name] == open_row[name], name
+        assert close_row["pid"] == child.pid
+
+    for out, unknown in (("plain", "-"), ("csv", "")):
+        assert headers[out] == list(CLOSED_COLUMNS), out
+        for key in both:
+            open_row, close_row = one(opened[out][key]), one(closed[out][key])
+            assert open_row["event"] == "open" and open_row["duration"] == unknown, open_row
+            assert close_row["event"] == "close"
+            assert close_row["pid"] == str(child.pid)
+            assert close_row["command"] == child.command
+            cell = close_row["duration"]
+            assert re.fullmatch(r">\d+\.\d{3}", cell), (out, cell)
+            assert 0 <= float(cell[1:]) <= limit, (out, cell, lifetime)
+
+
+# --------------------------------------------------------------------------- 3. TIME_WAIT
+
+
+def test_time_wait_is_attributed_to_the_client_that_closed_first(spawn_story, run_histstat):
+    child = spawn_story()
+    js = run_histstat("-j", *INTERVAL)
+    wait_for_keys(js, [child.listener])
+    child.connect()
+    client = one(wait_for_keys(js, [child.client()])[child.client()])
+    child.close()  # the client first: its end goes TIME_WAIT, which no process holds
+    waiting = one(wait_for_keys(js, [child.client("TIME_WAIT")])[child.client("TIME_WAIT")])
+    assert_clean_end(js)
+
+    assert client["pid"] == child.pid and client["attribution"] == "socket"
+    assert waiting["pid"] == child.pid
+    assert waiting["attribution"] == "earlier"
+    for name in PROCESS_FACTS:
+        assert waiting[name] == client[name], name
+    assert waiting["command"] == child.command
+    assert waiting["direction"] == "out"
+
+
+# --------------------------------------------------------------------------- 4. direction
+
+
+DIRECTION_FIELDS = ("direction", "proto", "laddr", "lport", "raddr", "rport", "status", "pid")
+
+
+def expected_directions(child) -> dict:
+    found = {}
+    for version, host, ports in (
+        ("", HOST, (child.lport, child.cport, child.uport)),
+        ("6", "::1", (child.lport6, child.cport6, child.uport6)),
+    ):
+        if ports[0] is None:
+            continue
+        lport, cport, uport = ports
+        tcp = "tcp" + version
+        found[(tcp, host, lport, None, None, "LISTEN")] = "listen"
+        found[(tcp, host, lport, host, cport, "ESTABLISHED")] = "in"
+        found[(tcp, host, cport, host, lport, "ESTABLISHED")] = "out"
+        found[("udp" + version, host, uport, None, None, None)] = None
+    return found
+
+
+def test_direction_in_json_and_in_text(spawn_child, run_histstat):
+    child = spawn_child()
+    js = run_histstat("-j", *INTERVAL)
+    text = run_histstat("-f", ",".join(DIRECTION_FIELDS), *INTERVAL)
+    picked = run_histstat("-j", "-f", "event,direction,pid", *INTERVAL)
+    json_rows = js.wait_for_child(child)
+    text_rows = text.wait_for_child(child)
+    picked_rows = picked.wait_for_rows(lambda row: row.get("pid") == child.pid, count=6)
+    header = header_of(text)
+    for histstat in (js, text, picked):
+        assert_clean_end(histstat)
+
+    expected = expected_directions(child)
+    assert {connection_key(row): row["direction"] for row in json_rows} == expected
+    shown = {key: "-" if direction is None else direction for key, direction in expected.items()}
+    assert {connection_key(row): row["direction"] for row in text_rows} == shown
+    assert header == list(DIRECTION_FIELDS)
+    # -f picks the JSON keys, in its order.
+    assert {tuple(row) for row in picked_rows} == {("event", "direction", "pid")}
+    assert sorted(row["direction"] or "" for row in picked_rows) == sorted(
+        direction or "" for direction in expected.values()
+    )
+
+
+# --------------------------------------------------------------------------- 5. resolve
+
+
+def test_resolve_names_the_remote_address(spawn_child, run_histstat):
+    # The expected name, from the system resolver, for 127.0.0.1 only (/etc/hosts).
+    try:
+        name = socket.gethostbyaddr(HOST)[0]
+    except OSError:
+        name = None
+    child = spawn_child()
+    # Only the child's IPv4 loopback peers are looked up: ::1 is not in every /etc/hosts,
+    # and a PTR query for it would then leave this machine.
+    narrow = ("-r", "--raddr", "127.0.0.0/8", "--pid", str(child.pid), *INTERVAL)
+    js = run_histstat("-j", *narrow)
+    text = run_histstat(*narrow)
+    both = [
+        ("tcp", HOST, child.cport, HOST, child.lport, "ESTABLISHED"),
+        ("tcp", HOST, child.lport, HOST, child.cport, "ESTABLISHED"),
+    ]
+    json_rows = wait_for_keys(js, both)
+    text_rows = wait_for_keys(text, both, "plain")
+    header = header_of(text)
+    for histstat in (js, text):
+        assert_clean_end(histstat)
+
+    assert header == [*COLUMNS[:5], "rhost", *COLUMNS[5:]]
+    for key in both:
+        row = one(json_rows[key])
+        assert row["raddr"] == HOST and row["rhost"] == name, row
+        keys = list(row)
+        assert keys.index("rhost") == keys.index("rport") + 1
+        row = one(text_rows[key])
+        assert row["raddr"] == HOST and row["rhost"] == (name or "-"), row
+
+
+# --------------------------------------------------------------------------- 6. GeoIP
+
+
+@pytest.fixture
+def geoip_files(tmp_path) -> list:
+    loopback = ("127.0.0.0/8", "::1/128")
+    return [
+        write_country_db(tmp_path / "country.mmdb", {net: "ZZ" for net in loopback}),
+        write_asn_db(tmp_path / "asn.mmdb", {net: (64512, "Loopback Net") for net in loopback}),
+    ]
+
+
+def test_geoip_places_the_remote_address(spawn_child, run_histstat, geoip_files):
+    child = spawn_child()
+    options = [arg for path in geoip_files for arg in ("--geoip", path)]
+    js = run_histstat("-j", *options, *INTERVAL)
+    text = run_histstat(*options, *INTERVAL)
+    rows = js.wait_for_child(child)
+    header = header_of(text)
+    for histstat in (js, text):
+        assert_clean_end(histstat)
+
+    assert header == [*COLUMNS[:5], "country", "asn", "as_org", *COLUMNS[5:]]
+    remote = [row for row in rows if row["raddr"] is not None]
+    assert len(remote) == (4 if child.has_v6 else 2)
+    for row in rows:
+        place = (row["country"], row["asn"], row["as_org"])
+        if row["raddr"] is None:
+            assert place == (None, None, None), row
+        else:
+            assert place == ("ZZ", 64512, "Loopback Net"), row
+        keys = list(row)
+        assert keys[keys.index("rport") + 1 : keys.index("rport") + 4] == [
+            "country", "asn", "as_org",
+        ]  # fmt: skip
+
+
+def _missing(tmp_path) -> str:
+    return str(tmp_path / "no-such.mmdb")
+
+
+def _directory(tmp_path) -> str:
+    path = tmp_path / "a-directory.mmdb"
+    path.mkdir()
+    return str(path)
+
+
+def _corrupt(tmp_path) -> str:
+    path = tmp_path / "corrupt.mmdb"
+    path.write_bytes(bytes(random.Random(4).getrandbits(8) for _ in range(4096)))
+    return str(path)
+
+
+@pytest.mark.parametrize("bad", [_missing, _directory, _corrupt], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("good_first", [False, True], ids=["alone", "after-a-good-one"])
+def test_geoip_refuses_an_unusable_database(tmp_path, geoip_files, bad, good_first):
+    path = bad(tmp_path)
+    options = ["--geoip", geoip_files[0]] if good_first else []
+    done = run_once(["-j", *INTERVAL, *options, "--geoip", path], timeout=DEFAULT_TIMEOUT)
+    assert done.returncode == 1, done
+    assert done.stdout == b""  # it stopped before the first poll
+    lines = [
+        line for line in done.stderr.decode().splitlines() if line != NOT_PRIVILEGED_NOTICE
+    ]
+    assert len(lines) == 1, lines
+    assert path in lines[0] and "Traceback" not in lines[0], lines
+
+
+# --------------------------------------------------------------------------- 7. default
+
+
+def test_without_closed_there_are_no_close_rows(spawn_story, run_histstat):
+    child = spawn_story()
+    js = run_histstat("-j", *INTERVAL)
+    text = run_histstat(*INTERVAL)
+    for histstat, output in ((js, "json"), (text, "plain")):
+        wait_for_keys(histstat, [child.listener], output)
+    child.connect()
+    both = [child.client(), child.server()]
+    for histstat, output in ((js, "json"), (text, "plain")):
+        wait_for_keys(histstat, both, output)
+    child.close()
+    # Its TIME_WAIT shows a poll after both ends were gone: a close row would be out.
+    for histstat, output in ((js, "json"), (text, "plain")):
+        wait_for_keys(histstat, [child.client("TIME_WAIT")], output)
+    header = header_of(text)
+    for histstat in (js, text):
+        assert_clean_end(histstat)
+
+    json_rows = js.result.rows
+    assert {row["event"] for row in json_rows} == {"open"}
+    for row in json_rows:
+        assert "duration" not in row and "duration_from_start" not in row, row
+        assert {"event", "direction", "attribution", *COLUMNS} <= set(row), row
+    assert header == list(COLUMNS)
+    for rows in (json_rows, text.result.rows):
+        seen = [connection_key(row) for row in rows]
+        for key in both:
+            assert seen.count(key) == 1, key
