@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from histstat import __version__
-from histstat.database import ROW_COLUMNS, SCHEMA_VERSION, SqliteSink, row_values
+from histstat.database import MIGRATIONS, ROW_COLUMNS, SCHEMA_VERSION, SqliteSink, row_values
 from histstat.records import Row
 from histstat.sinks import SinkError
 
@@ -141,3 +141,25 @@ def test_existing_database_others_can_read_gets_a_warning(tmp_path):
     sink.close()
     assert len(warnings) == 1 and "readable by group or others" in warnings[0]
     assert query(path, "SELECT count(*) FROM runs") == [(2,)]
+
+
+def test_version_1_database_is_migrated_keeping_its_rows(tmp_path):
+    path = tmp_path / "h.db"
+    with sqlite3.connect(path) as db:  # a database as histstat 1.0 left it
+        db.executescript(MIGRATIONS[0])
+        db.execute("PRAGMA user_version = 1")
+        db.execute(
+            "INSERT INTO runs (started, host, version, arguments) VALUES ('t', 'h', '1.0.0', '[]')"
+        )
+        db.execute(
+            "INSERT INTO connections (run_id, timestamp, epoch, date, time, proto, laddr, lport)"
+            " VALUES (1, 't', 0, 'd', 't', 'tcp', '127.0.0.1', 22)"
+        )
+    sink, _ = open_sink(path)
+    sink.write(row_values(make_row()._replace(event="close", duration=2.5, direction="in")))
+    sink.close()
+    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert query(path, "SELECT lport, event, duration, direction FROM connections ORDER BY id") == [
+        (22, "open", None, None),
+        (8000, "close", 2.5, "in"),
+    ]

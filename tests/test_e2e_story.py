@@ -501,9 +501,7 @@ def test_geoip_refuses_an_unusable_database(tmp_path, geoip_files, bad, good_fir
     done = run_once(["-j", *INTERVAL, *options, "--geoip", path], timeout=DEFAULT_TIMEOUT)
     assert done.returncode == 1, done
     assert done.stdout == b""  # it stopped before the first poll
-    lines = [
-        line for line in done.stderr.decode().splitlines() if line != NOT_PRIVILEGED_NOTICE
-    ]
+    lines = [line for line in done.stderr.decode().splitlines() if line != NOT_PRIVILEGED_NOTICE]
     assert len(lines) == 1, lines
     assert path in lines[0] and "Traceback" not in lines[0], lines
 
