@@ -2,6 +2,7 @@
 
 import datetime
 import functools
+import threading
 import time
 from concurrent.futures import Future
 
@@ -10,6 +11,7 @@ from histstat.format import format_plain_row, text_fields
 from histstat.hashing import Hashes
 from histstat.pipeline import (
     MAX_HASH_WAIT,
+    MAX_NAME_WAIT,
     Fill,
     OrderedWriter,
     PendingRow,
@@ -18,6 +20,7 @@ from histstat.pipeline import (
     make_row,
 )
 from histstat.records import Connection, ProcessFacts
+from histstat.resolve import ReverseResolver
 from histstat.tracker import ConnectionTracker
 
 SEEN = datetime.datetime(2026, 11, 26, 12, 0, 0, tzinfo=datetime.timezone.utc)
@@ -263,3 +266,48 @@ def test_direction_of_both_ends_of_a_local_connection():
     )
     direction = {row.lport: row.direction for row in rows_of(poller) if row.raddr}
     assert direction == {8000: "in", 50000: "out"}
+
+
+def test_a_hanging_resolver_never_delays_polling_and_a_row_waits_half_a_second():
+    release = threading.Event()
+
+    def hanging_lookup(address):
+        release.wait(30)
+        return "late.example"
+
+    resolver = ReverseResolver(lookup=hanging_lookup)
+    try:
+        poller = Poller(
+            StaticSource(frozenset({CLIENT})), ConnectionTracker(), CountingCache(),
+            resolver=resolver,
+        )  # fmt: skip
+        started = time.monotonic()
+        pending_rows = poller.poll()
+        assert time.monotonic() - started < MAX_NAME_WAIT / 2  # the poll did not wait
+        sink = ListSink()
+        writer = OrderedWriter([(lambda row: row, sink)])
+        writer.add(pending_rows)
+        writer.write_ready(time.monotonic() + 5)
+        waited = time.monotonic() - started
+        assert MAX_NAME_WAIT <= waited < MAX_NAME_WAIT + 1.0
+        (row,) = sink.lines
+        assert (row.raddr, row.rhost) == ("127.0.0.1", None)
+    finally:
+        release.set()
+        resolver.close()
+
+
+def test_a_known_name_fills_rhost():
+    resolver = ReverseResolver(lookup=lambda address: f"host-{address}")
+    try:
+        poller = Poller(
+            StaticSource(frozenset({CLIENT})), ConnectionTracker(), CountingCache(),
+            resolver=resolver,
+        )  # fmt: skip
+        sink = ListSink()
+        writer = OrderedWriter([(lambda row: row, sink)])
+        writer.add(poller.poll())
+        writer.write_ready(time.monotonic() + 5)
+        assert [row.rhost for row in sink.lines] == ["host-127.0.0.1"]
+    finally:
+        resolver.close()
