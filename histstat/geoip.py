@@ -9,6 +9,10 @@ import threading
 from typing import Any, NamedTuple
 
 MISSING_PACKAGE = "--geoip needs the maxminddb package: pip install 'histstat[geoip]'"
+# Every MaxMind DB file ends with its metadata, which starts with this marker within
+# the last 128 KiB (the format's own rule).
+_METADATA_MARKER = b"\xab\xcd\xefMaxMind.com"
+_METADATA_WINDOW = 128 * 1024
 # A busy machine talks to a few thousand remote addresses at most; the cap only keeps a
 # long run that meets ever new addresses (a scan, a server) from growing without end.
 _MAX_CACHED = 4096
@@ -47,8 +51,8 @@ def _country(record: dict) -> str | None:
 
 def _lookup_key(address: str) -> tuple[str, int] | None:
     """The address as a database lookup takes it, and its IP version; None if unparsable."""
-    # A link-local IPv6 address may carry its interface ("fe80::1%eth0"): the zone
-    # says nothing about where the address is, and older Pythons cannot parse it.
+    # A link-local IPv6 address may carry its interface ("fe80::1%eth0"), which says
+    # nothing about where the address is.
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
@@ -65,7 +69,7 @@ class GeoIP:
 
     Country and AS data come in separate files (GeoLite2-Country or -City, and
     GeoLite2-ASN); each field is taken from the first file, in the order given, that
-    knows it.
+    knows it. Each file is held in memory for the whole run (see ``_open``).
     """
 
     def __init__(self, paths: list[str]) -> None:
@@ -88,7 +92,7 @@ class GeoIP:
     def place_of(self, address: str | None) -> Place:
         """Country and AS of an address; Place() when no file knows it or it is not an
         IP address. Never raises: a damaged file gives unknown values, not a failed poll."""
-        if not address:
+        if not isinstance(address, str) or not address:
             return UNKNOWN_PLACE
         with self._lock:
             place = self._cache.get(address)
@@ -158,17 +162,33 @@ def _open(maxminddb: Any, path: str) -> tuple[Any, int]:
         # A FIFO or a device could block the open, or never end.
         raise fail("not a regular file")
     try:
-        reader = maxminddb.open_database(path)
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - _METADATA_WINDOW))
+            tail = handle.read()
+    except OSError as exc:
+        raise fail(exc.strerror or str(exc)) from exc
+    if _METADATA_MARKER not in tail:
+        # Refused before the whole file is read into memory below: a wrong file given
+        # by mistake may be large.
+        raise fail("not a MaxMind DB file, or a damaged one")
+    try:
+        # The pure-Python reader, on a copy of the file in memory, rather than the C
+        # extension: the extension (maxminddb 3.2) crashes the whole process on some
+        # damaged records (a map key that is not a string), where the Python reader
+        # raises; and a copy cannot change under a long run (an mmap of a file
+        # rewritten in place gives SIGBUS or garbage). Lookups are slower (tens of
+        # microseconds), which the cache in GeoIP makes up for.
+        reader = maxminddb.open_database(path, maxminddb.MODE_MEMORY)
     except OSError as exc:
         raise fail(exc.strerror or str(exc)) from exc
     except Exception as exc:
         # InvalidDatabaseError in the usual case, but damaged metadata can surface as
-        # other errors from the pure-Python reader; all mean the same to the user.
+        # other errors (TypeError, IndexError...); all mean the same to the user.
         raise fail("not a MaxMind DB file, or a damaged one") from exc
     try:
         version = int(reader.metadata().ip_version)
-        # One lookup walks the search tree into the data section: a file damaged there
-        # fails now, at start, rather than giving unknown values all run long.
+        # One lookup walks the search tree into the data section: a file damaged on
+        # that path fails now, at start, rather than giving unknown values all run.
         reader.get("0.0.0.0")
     except Exception as exc:
         reader.close()

@@ -135,6 +135,22 @@ def test_text_is_kept_as_it_is(tmp_path):
         geo.close()
 
 
+def test_a_map_key_that_is_not_text_does_not_crash(tmp_path):
+    # maxminddb 3.2's C extension dies with SIGSEGV on this record; histstat's reader
+    # must not (a child process, so a regression cannot take the test run down too).
+    record = {"autonomous_system_number": 64496, 7: "x", "country": {"iso_code": "DE"}}
+    path = write_db(tmp_path / "odd.mmdb", {"192.0.2.0/24": record})
+    code = (
+        "import sys; from histstat.geoip import GeoIP; "
+        "print(tuple(GeoIP([sys.argv[1]]).place_of('192.0.2.1')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "('DE', 64496, None)"
+
+
 class CountingReader:
     def __init__(self, reader):
         self.reader = reader
