@@ -443,6 +443,8 @@ def run(config: Config, env: Environment) -> int:
     stdout = None
     outputs: list = []
     try:
+        # Databases first: a bad one must leave no header, log or run behind.
+        geoip = GeoIP(list(config.geoip)) if config.geoip else None
         outputs, stdout = build_outputs(config, env)
         writer = OrderedWriter([(view, sink) for view, sink, _ in outputs], config.count)
         for _, sink, header in outputs:
@@ -450,7 +452,6 @@ def run(config: Config, env: Environment) -> int:
             opened.append(sink)
         if not is_privileged():
             env.say(NOT_PRIVILEGED_NOTICE)  # netstat's own words, without our prefix
-        geoip = GeoIP(list(config.geoip)) if config.geoip else None
         hasher = ExecutableHasher() if config.hashes else None
         resolver = ReverseResolver() if config.resolve else None
         poller = Poller(

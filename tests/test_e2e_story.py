@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import datetime
+import os
 import random
 import re
 import socket
@@ -386,14 +387,17 @@ def test_direction_in_json_and_in_text(spawn_child, run_histstat):
     js = run_histstat("-j", *INTERVAL)
     text = run_histstat("-f", ",".join(DIRECTION_FIELDS), *INTERVAL)
     picked = run_histstat("-j", "-f", "event,direction,pid", *INTERVAL)
-    json_rows = js.wait_for_child(child)
-    text_rows = text.wait_for_child(child)
-    picked_rows = picked.wait_for_rows(lambda row: row.get("pid") == child.pid, count=6)
+    expected = expected_directions(child)
+    js.wait_for_child(child)
+    text.wait_for_child(child)
+    picked.wait_for_rows(lambda row: row.get("pid") == child.pid, count=len(expected))
     header = header_of(text)
     for histstat in (js, text, picked):
         assert_clean_end(histstat)
+    json_rows, text_rows = js.result.rows_of(child.pid), text.result.rows_of(child.pid)
+    picked_rows = picked.result.rows_of(child.pid)
 
-    expected = expected_directions(child)
+    assert len(json_rows) == len(text_rows) == len(expected)
     assert {connection_key(row): row["direction"] for row in json_rows} == expected
     shown = {key: "-" if direction is None else direction for key, direction in expected.items()}
     assert {connection_key(row): row["direction"] for row in text_rows} == shown
@@ -498,7 +502,9 @@ def _corrupt(tmp_path) -> str:
 def test_geoip_refuses_an_unusable_database(tmp_path, geoip_files, bad, good_first):
     path = bad(tmp_path)
     options = ["--geoip", geoip_files[0]] if good_first else []
-    done = run_once(["-j", *INTERVAL, *options, "--geoip", path], timeout=DEFAULT_TIMEOUT)
+    # --duration: should it poll after all, it ends by itself (exit 0) and the test fails.
+    args = ["-j", *INTERVAL, "--duration", "3", *options, "--geoip", path]
+    done = run_once(args, timeout=DEFAULT_TIMEOUT)
     assert done.returncode == 1, done
     assert done.stdout == b""  # it stopped before the first poll
     lines = [line for line in done.stderr.decode().splitlines() if line != NOT_PRIVILEGED_NOTICE]
@@ -537,3 +543,12 @@ def test_without_closed_there_are_no_close_rows(spawn_story, run_histstat):
         seen = [connection_key(row) for row in rows]
         for key in both:
             assert seen.count(key) == 1, key
+
+
+def test_unusable_geoip_database_leaves_no_header_log_or_database(tmp_path):
+    log, db = tmp_path / "rows.log", tmp_path / "rows.db"
+    done = run_once(["--geoip", tmp_path / "missing.mmdb", "-l", log, "--sqlite", db])
+    assert done.returncode == 1
+    assert done.stdout == b""  # not even the header
+    assert len(done.stderr.decode().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == []
