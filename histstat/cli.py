@@ -81,6 +81,7 @@ class Config:
     closed: bool = False
     resolve: bool = False
     geoip: tuple = ()  # paths of MaxMind databases
+    source: str = "psutil"  # psutil or linux
 
 
 class _Parser(argparse.ArgumentParser):
@@ -187,6 +188,15 @@ def get_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="also write every row into the SQLite database FILE (created 0600, WAL mode, "
         "one transaction per poll; schema in the README)",
+    )
+
+    parser.add_argument(
+        "--source",
+        choices=("auto", "psutil", "linux"),
+        default="auto",
+        help="where the socket table comes from: linux reads the kernel's tables and maps "
+        "sockets to processes incrementally (fast); psutil is portable (the reference); "
+        "auto: linux on Linux, psutil elsewhere",
     )
 
     story = parser.add_argument_group("connection story")
@@ -301,6 +311,24 @@ def _refuse_negative_values(parser: argparse.ArgumentParser, argv: list) -> None
                 parser.error(f"argument {'/'.join(action.option_strings)}: {exc}")
 
 
+def _source_name(parser: argparse.ArgumentParser, asked: str) -> str:
+    on_linux = sys.platform.startswith("linux")
+    if asked == "linux" and not on_linux:
+        parser.error("argument --source: linux is only available on Linux")
+    if asked == "auto":
+        return "linux" if on_linux else "psutil"
+    return asked
+
+
+def make_source(name: str):
+    """The source of snapshots; the Linux one is imported only where it can run."""
+    if name == "linux":
+        from histstat.source_linux import LinuxSource
+
+        return LinuxSource()
+    return PsutilSource()
+
+
 def parse_config(argv: list | None = None) -> Config:
     parser = get_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -353,6 +381,7 @@ def parse_config(argv: list | None = None) -> Config:
         closed=args.closed,
         resolve=args.resolve or bool(args.fields and "rhost" in args.fields),
         geoip=tuple(args.geoip),
+        source=_source_name(parser, args.source),
     )
 
 
@@ -455,7 +484,7 @@ def run(config: Config, env: Environment) -> int:
         hasher = ExecutableHasher() if config.hashes else None
         resolver = ReverseResolver() if config.resolve else None
         poller = Poller(
-            PsutilSource(),
+            make_source(config.source),
             ConnectionTracker(),
             ProcessCache(hasher),
             config.row_filter,

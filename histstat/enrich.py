@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from concurrent.futures import Future
@@ -78,6 +79,17 @@ def read_process_facts(proc: psutil.Process) -> ProcessFacts:
         command=_field(lambda: _command(proc)),
         exe=executable_path(proc),
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def user_name(uid: int) -> str:
+    """The login name of ``uid``, or the number when it has none (POSIX only)."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
 
 
 class ProcessCache:

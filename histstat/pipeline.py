@@ -8,7 +8,7 @@ from collections import deque
 from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from histstat.enrich import ProcessCache
+from histstat.enrich import ProcessCache, user_name
 from histstat.filters import RowFilter
 from histstat.hashing import Hashes
 from histstat.records import Connection, ProcessFacts, Row
@@ -163,6 +163,16 @@ class Poller:
         )
         return PendingRow(row, opened.fills, now)
 
+    def _socket_user(self, conn: Connection) -> str | None:
+        """The user the kernel names as the socket's owner, where the source knows it:
+        an unprivileged run sees other users' sockets without their pids, but not
+        without their uid. Never for TIME_WAIT, which the kernel reports as uid 0."""
+        uid_of = getattr(self._source, "uid_of", None)
+        if uid_of is None or conn.status == "TIME_WAIT":
+            return None
+        uid = uid_of(conn)
+        return None if uid is None else user_name(uid)
+
     def _owner(self, conn: Connection) -> Owner | None:
         """The earlier holder of an orphan's endpoint, with its facts."""
         if conn.pid is not None or conn.raddr is None:
@@ -187,6 +197,8 @@ class Poller:
         if owner is None and conn.pid is not None:
             self._endpoints.remember(conn, Owner(conn.pid, facts, hashes), now)
         attribution = "earlier" if owner is not None else "socket" if pid is not None else None
+        if facts.user is None and owner is None:
+            facts = facts._replace(user=self._socket_user(conn))
         place = self._geoip.place_of(conn.raddr) if self._geoip is not None else None
         row = make_row(
             conn._replace(pid=pid),

@@ -6,6 +6,7 @@ import threading
 import time
 from concurrent.futures import Future
 
+from histstat.enrich import user_name
 from histstat.filters import RowFilter
 from histstat.format import format_plain_row, text_fields
 from histstat.hashing import Hashes
@@ -311,3 +312,17 @@ def test_a_known_name_fills_rhost():
         assert [row.rhost for row in sink.lines] == ["host-127.0.0.1"]
     finally:
         resolver.close()
+
+
+class UidSource(StaticSource):
+    def uid_of(self, conn):
+        return 0
+
+
+def test_socket_uid_names_the_user_when_the_process_is_unknown():
+    unowned = CLIENT._replace(pid=None, lport=50001)
+    orphan = unowned._replace(status="TIME_WAIT", lport=50002)
+    poller = Poller(UidSource(frozenset({unowned, orphan})), ConnectionTracker(), CountingCache())
+    users = {row.lport: row.user for row in rows_of(poller)}
+    # TIME_WAIT sockets carry uid 0 whoever owned them: never a user from that.
+    assert users == {50001: user_name(0), 50002: None}
