@@ -104,7 +104,7 @@ def test_unprivileged_run_prints_the_notice_on_stderr_only(tmp_path):
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         proc = subprocess.Popen(
-            [*AS_NOBODY, histstat_command(), "-j", "-i", "0.1"],
+            [*AS_NOBODY, histstat_command(), "-j", "-i", "1"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
