@@ -85,6 +85,11 @@ _INSERT = (
 )
 
 
+def _statements(script: str) -> list:
+    """The SQL statements of a migration (executescript would commit first)."""
+    return [part for part in script.split(";") if part.strip()]
+
+
 def row_values(row: Row) -> tuple:
     """The row as the connections table stores it: JSON's values (true text, bad bytes
     as \\\\xNN text), plus the epoch for range queries."""
@@ -154,8 +159,7 @@ class SqliteSink:
             self._db.close()
             self._db = None
 
-    def _migrate(self) -> None:
-        """Bring an older schema up to date; refuse a newer one or a foreign database."""
+    def _schema_version(self) -> int:
         assert self._db is not None
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -163,12 +167,33 @@ class SqliteSink:
                 f"database {self.path!r} has schema version {version}, newer than this "
                 f"histstat's {SCHEMA_VERSION}: use a newer histstat or another file"
             )
-        if version == 0 and self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise SinkError(f"database {self.path!r} is not a histstat database")
-        for step in range(version, SCHEMA_VERSION):
-            self._db.executescript(
-                f"BEGIN; {MIGRATIONS[step]}; PRAGMA user_version = {step + 1}; COMMIT;"
-            )
+        return version
+
+    def _migrate(self) -> None:
+        """Bring an older schema up to date; refuse a newer one or a foreign database.
+
+        The version is read again inside a write transaction: two histstats opening
+        one old database at once must not both migrate it.
+        """
+        assert self._db is not None
+        if self._schema_version() == SCHEMA_VERSION:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._schema_version()
+            if (
+                version == 0
+                and self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            ):
+                raise SinkError(f"database {self.path!r} is not a histstat database")
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _statements(MIGRATIONS[step]):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {step + 1}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def write(self, values: tuple) -> None:
         assert self._db is not None

@@ -140,6 +140,13 @@ class ProcessCache:
             cached[2] = future
         return future
 
+    def created(self, pid: int) -> float | None:
+        """The process's start (epoch seconds), None when it is gone or hidden."""
+        try:
+            return self._process(pid).create_time()
+        except _PROCESS_GONE_OR_HIDDEN:
+            return None
+
     def retain(self, live_pids: set) -> None:
         """Forget processes that own no socket any more."""
         for pid in [pid for pid in self._entries if pid not in live_pids]:

@@ -93,6 +93,7 @@ class Owner(NamedTuple):
     pid: int
     facts: ProcessFacts | None  # None: its row was filtered out, facts never read
     hashes: Future | None
+    seen: float = 0.0  # wall-clock time it was seen owned, to detect a reused pid
 
 
 class Poller:
@@ -137,6 +138,8 @@ class Poller:
                 self._listeners.closed(conn, now)
             if conn.pid is not None:
                 self._endpoints.touch(conn, now)
+            else:  # an orphan's story ended: its endpoint may be someone else's next
+                self._endpoints.forget(conn)
         # Listeners first, so that a connection accepted in the same poll reads "in".
         for conn in new:
             if conn.status == "LISTEN":
@@ -161,7 +164,8 @@ class Poller:
             duration_from_start=from_start,
             timestamp=seen,
         )
-        return PendingRow(row, opened.fills, now)
+        # The open row's waits, already spent: a close row never waits again.
+        return PendingRow(row, opened.fills, opened.queued)
 
     def _socket_user(self, conn: Connection) -> str | None:
         """The user the kernel names as the socket's owner, where the source knows it:
@@ -179,7 +183,11 @@ class Poller:
             return None
         owner = self._endpoints.owner_of(conn)
         if owner is not None and owner.facts is None:  # its own row was filtered out
-            facts = self._processes.lookup(owner.pid)
+            created = self._processes.created(owner.pid)
+            if created is not None and created > owner.seen + 1.0:
+                return None  # that pid is another process now: never a wrong owner
+            facts = self._processes.lookup(owner.pid) if created is not None else None
+            facts = facts or ProcessFacts()  # exited since: the pid alone is known
             owner = owner._replace(facts=facts, hashes=self._processes.hashes(owner.pid, facts))
         return owner
 
@@ -188,7 +196,7 @@ class Poller:
         pid = owner.pid if owner is not None else conn.pid
         if not self._filter.keeps_connection(conn if owner is None else conn._replace(pid=pid)):
             if conn.pid is not None:  # its orphan may need it, at no process cost now
-                self._endpoints.remember(conn, Owner(conn.pid, None, None), now)
+                self._endpoints.remember(conn, Owner(conn.pid, None, None, time.time()), now)
             return None  # decided on socket fields: no process lookup spent on it
         facts = owner.facts if owner is not None else self._processes.lookup(conn.pid)
         if not self._filter.keeps_process(facts):

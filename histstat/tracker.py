@@ -80,10 +80,15 @@ def _plain_address(address: str) -> str:
 
 class ListenerMemory:
     """Listening (protocol, address, port)s, open now or closed within LISTENER_MEMORY,
-    to tell connections accepted here ("in") from those this host opened ("out")."""
+    to tell connections accepted here ("in") from those this host opened ("out").
+
+    Several sockets may listen on one key (SO_REUSEPORT workers, a server reloading):
+    the key counts as closed only when the last of them is gone.
+    """
 
     def __init__(self, memory: float = LISTENER_MEMORY, limit: int = MAX_LISTENERS) -> None:
-        self._until: OrderedDict = OrderedDict()  # key -> monotonic expiry (inf: open)
+        self._open: dict = {}  # key -> number of listening sockets now
+        self._until: OrderedDict = OrderedDict()  # key -> monotonic expiry, once all closed
         self._memory = memory
         self._limit = limit
 
@@ -93,20 +98,30 @@ class ListenerMemory:
 
     def opened(self, listener: Connection) -> None:
         key = self._key(listener)
-        self._until[key] = math.inf
+        self._open[key] = self._open.get(key, 0) + 1
+        self._until.pop(key, None)
+
+    def closed(self, listener: Connection, now: float) -> None:
+        key = self._key(listener)
+        left = self._open.get(key, 0) - 1
+        if left > 0:
+            self._open[key] = left
+            return
+        self._open.pop(key, None)
+        self._until[key] = now + self._memory
         self._until.move_to_end(key)
         while len(self._until) > self._limit:
             self._until.popitem(last=False)
 
-    def closed(self, listener: Connection, now: float) -> None:
-        key = self._key(listener)
-        if key in self._until:
-            self._until[key] = now + self._memory
-            self._until.move_to_end(key)
-
     def forget_expired(self, now: float) -> None:
-        for key in [key for key, until in self._until.items() if until < now]:
+        while self._until:
+            key, until = next(iter(self._until.items()))
+            if until >= now:
+                return
             del self._until[key]
+
+    def _listening(self, key: tuple, now: float) -> bool:
+        return key in self._open or self._until.get(key, -math.inf) >= now
 
     def direction(self, conn: Connection, now: float) -> str | None:
         """listen, in or out (a heuristic: see the README); None for UDP."""
@@ -118,21 +133,25 @@ class ListenerMemory:
             return None
         kind, address, port = self._key(conn)
         for listening in (address, *_WILDCARDS):
-            if self._until.get((kind, listening, port), -math.inf) >= now:
+            if self._listening((kind, listening, port), now):
                 return "in"
         return "out"
 
     def __len__(self) -> int:
-        return len(self._until)
+        return len(self._open) + len(self._until)
 
 
 class EndpointMemory:
-    """Who owned each (proto, laddr, lport, raddr, rport), kept ORPHAN_MEMORY seconds
-    after it was last seen owned, to attribute the sockets the kernel keeps without a
-    process (TIME_WAIT, FIN_WAIT2, LAST_ACK). Bounded in time and in count."""
+    """Who owns or owned each (proto, laddr, lport, raddr, rport), to attribute the
+    sockets the kernel keeps without a process (TIME_WAIT, FIN_WAIT2, LAST_ACK).
+
+    Endpoints of live connections are kept as long as they live (bounded by the socket
+    table itself); once gone, for ORPHAN_MEMORY seconds and at most ``limit`` of them.
+    """
 
     def __init__(self, memory: float = ORPHAN_MEMORY, limit: int = MAX_ENDPOINTS) -> None:
-        self._entries: OrderedDict = OrderedDict()  # endpoint -> (seen, owner)
+        self._live: dict = {}  # endpoint -> owner, while a connection holds it
+        self._gone: OrderedDict = OrderedDict()  # endpoint -> (last seen owned, owner)
         self._memory = memory
         self._limit = limit
 
@@ -142,29 +161,40 @@ class EndpointMemory:
 
     def remember(self, conn: Connection, owner, now: float) -> None:
         key = self.endpoint(conn)
-        self._entries[key] = (now, owner)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._limit:
-            self._entries.popitem(last=False)
+        self._gone.pop(key, None)
+        self._live[key] = owner
 
     def touch(self, conn: Connection, now: float) -> None:
-        """Seen owned until ``now``: its orphan may appear from here on."""
+        """Its owned connection is gone (seen owned until ``now``): the orphan may
+        appear from here on, for ORPHAN_MEMORY seconds."""
         key = self.endpoint(conn)
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries[key] = (now, entry[1])
-            self._entries.move_to_end(key)
+        owner = self._live.pop(key, None)
+        if owner is None:
+            return
+        self._gone[key] = (now, owner)
+        self._gone.move_to_end(key)
+        while len(self._gone) > self._limit:
+            self._gone.popitem(last=False)
+
+    def forget(self, conn: Connection) -> None:
+        """The orphan's story is over: a later connection on the same endpoint is
+        someone else's."""
+        self._gone.pop(self.endpoint(conn), None)
 
     def forget_expired(self, now: float) -> None:
-        while self._entries:
-            seen, _ = next(iter(self._entries.values()))
+        while self._gone:
+            seen, _ = next(iter(self._gone.values()))
             if now - seen <= self._memory:
                 return
-            self._entries.popitem(last=False)
+            self._gone.popitem(last=False)
 
     def owner_of(self, conn: Connection):
-        entry = self._entries.get(self.endpoint(conn))
+        key = self.endpoint(conn)
+        owner = self._live.get(key)
+        if owner is not None:
+            return owner
+        entry = self._gone.get(key)
         return None if entry is None else entry[1]
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._live) + len(self._gone)

@@ -13,7 +13,17 @@ UTF8_ENV = locale_env("C.UTF-8")
 
 
 def db_rows(path, pid=None) -> list:
-    """Rows of the connections table as dicts, read by a separate connection."""
+    """Rows of the connections table as dicts, read by a separate connection; none
+    while histstat is still creating the schema."""
+    try:
+        return _db_rows(path, pid)
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+
+
+def _db_rows(path, pid=None) -> list:
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         db.row_factory = sqlite3.Row
         sql = "SELECT * FROM connections" + (" WHERE pid = ?" if pid is not None else "")

@@ -204,14 +204,20 @@ def header_of(histstat) -> list:
     return first.split("\t") if "\t" in first else next(csv.reader([first.rstrip("\r")]))
 
 
-def wait_for_keys(histstat, keys, output: str = "json", event: str | None = None) -> dict:
-    """{key: rows} once every key has a row (with ``event`` in its event column)."""
+def wait_for_keys(
+    histstat, keys, output: str = "json", event: str | None = None, pid: int | None = None
+) -> dict:
+    """{key: rows} once every key has a row (with ``event`` in its event column, and of
+    ``pid`` when given: a socket accepted but not yet handed to its process shows
+    briefly without a pid, a row of its own)."""
     key = key_of(output)
 
     def found():
         rows = {wanted: [] for wanted in keys}
         for row in rows_of(histstat, output):
             if event is not None and row.get("event") != event:
+                continue
+            if pid is not None and str(row.get("pid")) != str(pid):
                 continue
             if key(row) in rows:
                 rows[key(row)].append(row)
@@ -255,12 +261,12 @@ def test_closed_reports_open_and_close_rows_with_the_lifetime(spawn_story, run_h
         wait_for_keys(histstat, [child.listener], output)  # polling, and born before it
     child.connect()
     both = [child.client(), child.server()]
-    opened = wait_for_keys(js, both, event="open")
-    wait_for_keys(plain, both, "plain", event="open")
+    opened = wait_for_keys(js, both, event="open", pid=child.pid)
+    wait_for_keys(plain, both, "plain", event="open", pid=child.pid)
     # The process renames itself before closing: the close rows keep what was seen.
     lifetime = child.close(hold=HOLD, rename="story-renamed")
-    closed = wait_for_keys(js, both, event="close")
-    plain_closed = wait_for_keys(plain, both, "plain", event="close")
+    closed = wait_for_keys(js, both, event="close", pid=child.pid)
+    plain_closed = wait_for_keys(plain, both, "plain", event="close", pid=child.pid)
     assert_clean_end(js)
     assert_clean_end(plain)
 
@@ -345,7 +351,7 @@ def test_time_wait_is_attributed_to_the_client_that_closed_first(spawn_story, ru
     js = run_histstat("-j", *INTERVAL)
     wait_for_keys(js, [child.listener])
     child.connect()
-    client = one(wait_for_keys(js, [child.client()])[child.client()])
+    client = one(wait_for_keys(js, [child.client()], pid=child.pid)[child.client()])
     child.close()  # the client first: its end goes TIME_WAIT, which no process holds
     waiting = one(wait_for_keys(js, [child.client("TIME_WAIT")])[child.client("TIME_WAIT")])
     assert_clean_end(js)
@@ -540,7 +546,8 @@ def test_without_closed_there_are_no_close_rows(spawn_story, run_histstat):
         assert {"event", "direction", "attribution", *COLUMNS} <= set(row), row
     assert header == list(COLUMNS)
     for rows in (json_rows, text.result.rows):
-        seen = [connection_key(row) for row in rows]
+        # Of the child's pid: a new socket may flash by without one for a poll.
+        seen = [connection_key(row) for row in rows if str(row.get("pid")) == str(child.pid)]
         for key in both:
             assert seen.count(key) == 1, key
 

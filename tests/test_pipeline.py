@@ -146,6 +146,7 @@ class CountingCache:
     def __init__(self):
         self.looked_up = []
         self.hashed = []
+        self.started = {}
         self.retained = []
 
     def lookup(self, pid):
@@ -155,6 +156,9 @@ class CountingCache:
     def hashes(self, pid, facts):
         self.hashed.append(pid)
         return None
+
+    def created(self, pid):
+        return self.started.get(pid, 0.0)  # long ago, unless a test says otherwise
 
     def retain(self, live):
         self.retained.append(live)
@@ -259,6 +263,41 @@ def test_attribution_decides_a_pid_filter_and_reads_facts_only_then():
     assert cache.looked_up == []  # ...at no process cost
     (orphan,) = rows_of(poller)  # its orphan is attributed, so --pid 20 keeps it
     assert (orphan.pid, orphan.pname, orphan.attribution) == (20, "proc20", "earlier")
+
+
+def test_a_reused_pid_is_never_credited_with_an_earlier_orphan():
+    cache = CountingCache()
+    poller = Poller(
+        StaticSource(frozenset({CLIENT}), frozenset({ORPHAN})),
+        ConnectionTracker(),
+        cache,
+        RowFilter(statuses=frozenset({"TIME_WAIT"})),  # the owner's row is filtered out
+    )
+    assert rows_of(poller) == []
+    cache.started[20] = time.time() + 60  # pid 20 is now a process started after
+    (orphan,) = rows_of(poller)
+    assert (orphan.pid, orphan.attribution) == (None, None)
+    assert cache.looked_up == [None]
+
+
+def test_a_long_connection_still_attributes_its_orphan():
+    clock = [1000.0]
+    poller = Poller(
+        StaticSource(frozenset({CLIENT}), frozenset({CLIENT}), frozenset({ORPHAN})),
+        ConnectionTracker(),
+        CountingCache(),
+    )
+    real_monotonic = time.monotonic
+    try:
+        time.monotonic = lambda: clock[0]
+        rows_of(poller)
+        clock[0] += 3600  # an hour later, still open
+        assert rows_of(poller) == []
+        clock[0] += 1
+        (orphan,) = rows_of(poller)
+    finally:
+        time.monotonic = real_monotonic
+    assert (orphan.pid, orphan.attribution) == (20, "earlier")
 
 
 def test_direction_of_both_ends_of_a_local_connection():

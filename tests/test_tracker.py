@@ -132,7 +132,42 @@ def test_endpoint_memory_attributes_then_forgets_an_orphan():
 def test_endpoint_memory_stays_bounded_under_a_stream_of_connections():
     memory = EndpointMemory(memory=1e9, limit=1000)
     for port in range(50_000):
-        memory.remember(OUTGOING._replace(lport=port % 65536, rport=port), port, now=port)
+        conn = OUTGOING._replace(lport=port % 65536, rport=port)
+        memory.remember(conn, port, now=port)
+        memory.touch(conn, now=port)  # each closes at once
     assert len(memory) == 1000
     assert memory.owner_of(OUTGOING._replace(lport=49_999, rport=49_999)) == 49_999
     assert memory.owner_of(OUTGOING._replace(lport=0, rport=0)) is None
+
+
+def test_a_long_lived_connection_keeps_its_owner_until_it_closes():
+    memory = EndpointMemory(memory=180.0)
+    memory.remember(OUTGOING, "owner", now=0.0)
+    memory.forget_expired(10_000.0)  # hours later, still open
+    assert memory.owner_of(OUTGOING) == "owner"
+    memory.touch(OUTGOING, now=10_000.0)  # closes now
+    memory.forget_expired(10_170.0)
+    assert memory.owner_of(OUTGOING) == "owner"
+    memory.forget_expired(10_181.0)
+    assert memory.owner_of(OUTGOING) is None
+
+
+def test_an_orphan_that_went_away_is_not_attributed_again():
+    memory = EndpointMemory()
+    memory.remember(OUTGOING, "owner", now=0.0)
+    memory.touch(OUTGOING, now=1.0)
+    memory.forget(OUTGOING)
+    assert memory.owner_of(OUTGOING) is None
+
+
+def test_a_port_counts_as_listening_until_its_last_listener_closes():
+    listeners = ListenerMemory(memory=30.0)
+    worker_a, worker_b = LISTENER, LISTENER._replace(pid=11)
+    listeners.opened(worker_a)
+    listeners.opened(worker_b)
+    listeners.closed(worker_a, now=0.0)
+    listeners.forget_expired(1000.0)
+    assert listeners.direction(ACCEPTED, 1000.0) == "in"  # worker_b still listens
+    listeners.closed(worker_b, now=1000.0)
+    assert listeners.direction(ACCEPTED, 1029.0) == "in"
+    assert listeners.direction(ACCEPTED, 1031.0) == "out"
