@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import re
 import signal
 import sys
@@ -193,10 +194,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--source",
         choices=("auto", "psutil", "linux"),
-        default="auto",
+        default=os.environ.get("HISTSTAT_SOURCE") or "auto",
         help="where the socket table comes from: linux reads the kernel's tables and maps "
         "sockets to processes incrementally (fast); psutil is portable (the reference); "
-        "auto: linux on Linux, psutil elsewhere",
+        "auto: linux on Linux, psutil elsewhere (default: $HISTSTAT_SOURCE, else auto)",
     )
 
     story = parser.add_argument_group("connection story")
@@ -312,6 +313,8 @@ def _refuse_negative_values(parser: argparse.ArgumentParser, argv: list) -> None
 
 
 def _source_name(parser: argparse.ArgumentParser, asked: str) -> str:
+    if asked not in ("auto", "psutil", "linux"):  # from $HISTSTAT_SOURCE, unchecked
+        parser.error(f"HISTSTAT_SOURCE: invalid choice {asked!r} (choose from auto, psutil, linux)")
     on_linux = sys.platform.startswith("linux")
     if asked == "linux" and not on_linux:
         parser.error("argument --source: linux is only available on Linux")
@@ -546,6 +549,7 @@ def _poll_until_done(config, env, poller, writer, sinks, stdout, hangup) -> None
     """Poll until --once, --count or --duration says enough (or forever)."""
     ends = time.monotonic() + config.duration if config.duration else math.inf
     last_slow_notice = -math.inf
+    first = True
     while True:
         if hangup.requested:
             hangup.requested = False
@@ -556,7 +560,11 @@ def _poll_until_done(config, env, poller, writer, sinks, stdout, hangup) -> None
         took = time.monotonic() - started
         if config.once:
             return
-        if took > config.interval and started - last_slow_notice >= SLOW_POLL_NOTICE_EVERY:
+        # The first poll reads every process from cold and leaves no gap behind it:
+        # only later polls can hide a connection between them.
+        slow = took > config.interval and not first
+        first = False
+        if slow and started - last_slow_notice >= SLOW_POLL_NOTICE_EVERY:
             last_slow_notice = started
             env.notice(
                 f"a poll took {took:.2f} s, longer than the {config.interval:g} s "
