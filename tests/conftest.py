@@ -201,16 +201,22 @@ class SocketChild:
         return found
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(timeout)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(timeout)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None and not stream.closed:
-                stream.close()
+        end_child(self.proc, timeout)
+
+
+def end_child(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """End a child that runs until its stdin closes (killed if it does not), and close
+    its pipes."""
+    if proc.poll() is None:
+        try:
+            proc.stdin.close()
+            proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait(timeout)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None and not stream.closed:
+            stream.close()
 
 
 def _socket_keys(version: str, host: str, lport: int, cport: int, uport: int) -> set:

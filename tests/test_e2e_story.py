@@ -23,6 +23,7 @@ from conftest import (
     COLUMNS,
     DEFAULT_TIMEOUT,
     connection_key,
+    end_child,
     new_marker,
     read_line,
     run_once,
@@ -152,16 +153,7 @@ class StoryChild:
         return ("tcp", HOST, self.lport, HOST, self.cport, status)
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(timeout)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(timeout)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if not stream.closed:
-                stream.close()
+        end_child(self.proc, timeout)
 
 
 @pytest.fixture
