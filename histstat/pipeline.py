@@ -133,11 +133,14 @@ class Poller:
         new, gone = self._tracker.changes(self._source.snapshot(), now)
         rows = [self._close_row(conn, seen, now) for conn in gone]
         rows = [row for row in rows if row is not None]
+        # A process's socket turns orphan in the kernel the moment it lets go, so an
+        # orphan of a connection gone this poll is among this poll's new pid-less ones.
+        orphans = {conn[:5] for conn in new if conn.pid is None}
         for conn in gone:
             if conn.status == "LISTEN":
                 self._listeners.closed(conn, now)
             if conn.pid is not None:
-                self._endpoints.touch(conn, now)
+                self._endpoints.touch(conn, now, orphaned=conn[:5] in orphans)
             else:  # an orphan's story ended: its endpoint may be someone else's next
                 self._endpoints.forget(conn)
         # Listeners first, so that a connection accepted in the same poll reads "in".

@@ -164,12 +164,14 @@ class EndpointMemory:
         self._gone.pop(key, None)
         self._live[key] = owner
 
-    def touch(self, conn: Connection, now: float) -> None:
-        """Its owned connection is gone (seen owned until ``now``): the orphan may
-        appear from here on, for ORPHAN_MEMORY seconds."""
+    def touch(self, conn: Connection, now: float, orphaned: bool = True) -> None:
+        """Its owned connection is gone (seen owned until ``now``). When the kernel
+        kept it as an orphan (``orphaned``), the owner is remembered for ORPHAN_MEMORY
+        seconds; a connection gone entirely (reset, or closed on both ends) is
+        forgotten at once, which keeps fast churn from filling the memory."""
         key = self.endpoint(conn)
         owner = self._live.pop(key, None)
-        if owner is None:
+        if owner is None or not orphaned:
             return
         self._gone[key] = (now, owner)
         self._gone.move_to_end(key)

@@ -365,3 +365,17 @@ def test_socket_uid_names_the_user_when_the_process_is_unknown():
     users = {row.lport: row.user for row in rows_of(poller)}
     # TIME_WAIT sockets carry uid 0 whoever owned them: never a user from that.
     assert users == {50001: user_name(0), 50002: None}
+
+
+def test_a_connection_gone_without_an_orphan_is_forgotten_at_once():
+    later_orphan = ORPHAN._replace(status="LAST_ACK")
+    poller = Poller(
+        StaticSource(frozenset({CLIENT}), frozenset(), frozenset({later_orphan})),
+        ConnectionTracker(),
+        CountingCache(),
+    )
+    rows_of(poller)
+    assert rows_of(poller) == []  # reset: gone entirely, nothing kept for it
+    assert len(poller._endpoints) == 0
+    (stray,) = rows_of(poller)  # a later socket on that endpoint is not the client's
+    assert (stray.pid, stray.attribution) == (None, None)
