@@ -375,6 +375,7 @@ class LinuxSource:
         self._diag = _SockDiag() if (proc == "/proc" if netlink is None else netlink) else None
         self._proc_tables: set = set()  # tables netlink refused: read from /proc/net
         self._addresses: dict = {}  # (proto, reader) → that reader's address cache
+        self._table_sizes: dict = {}  # (proto, reader) → rows it gave last time
         self._uids: dict = {}
 
     def table(self) -> list:
@@ -384,7 +385,9 @@ class LinuxSource:
             if self._diag is not None and proto not in self._proc_tables:
                 addresses = self._address_cache(proto, "netlink")
                 try:
-                    rows += self._diag.dump(proto, family, protocol, stateful, addresses)
+                    dumped = self._diag.dump(proto, family, protocol, stateful, addresses)
+                    self._table_sizes[(proto, "netlink")] = len(dumped)
+                    rows += dumped
                     continue
                 except NetlinkUnavailable:
                     self._proc_tables.add(proto)
@@ -399,12 +402,19 @@ class LinuxSource:
                 data = handle.read()
         except FileNotFoundError:  # IPv6 disabled
             return []
-        return parse_proc_net(data, proto, self._address_cache(proto, "proc"))
+        parsed = parse_proc_net(data, proto, self._address_cache(proto, "proc"))
+        self._table_sizes[(proto, "proc")] = len(parsed)
+        return parsed
 
     def _address_cache(self, proto: str, reader: str) -> dict:
-        cache = self._addresses.get((proto, reader))
-        if cache is None or len(cache) > _ADDRESS_CACHE_SIZE:
-            cache = self._addresses[(proto, reader)] = {}
+        """The decoded-address cache of one table, started afresh once it holds much
+        more than the table itself: under churn every new socket adds an entry, and a
+        cache the size of the last 65,536 sockets was most of histstat's memory."""
+        key = (proto, reader)
+        cache = self._addresses.get(key)
+        limit = min(_ADDRESS_CACHE_SIZE, 2 * self._table_sizes.get(key, 0) + 1024)
+        if cache is None or len(cache) > limit:
+            cache = self._addresses[key] = {}
         return cache
 
     def snapshot(self) -> frozenset:
