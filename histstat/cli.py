@@ -323,13 +323,14 @@ def _source_name(parser: argparse.ArgumentParser, asked: str) -> str:
     return asked
 
 
-def make_source(name: str):
-    """The source of snapshots; the Linux one is imported only where it can run."""
+def make_source(name: str, protos: frozenset | None = None):
+    """The source of snapshots, reading only the protocols' tables (--tcp, -4, ...);
+    the Linux one is imported only where it can run."""
     if name == "linux":
         from histstat.source_linux import LinuxSource
 
-        return LinuxSource()
-    return PsutilSource()
+        return LinuxSource(protos=protos)
+    return PsutilSource(protos)
 
 
 def parse_config(argv: list | None = None) -> Config:
@@ -487,7 +488,7 @@ def run(config: Config, env: Environment) -> int:
         hasher = ExecutableHasher() if config.hashes else None
         resolver = ReverseResolver() if config.resolve else None
         poller = Poller(
-            make_source(config.source),
+            make_source(config.source, config.row_filter.protos),
             ConnectionTracker(),
             ProcessCache(hasher),
             config.row_filter,

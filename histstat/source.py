@@ -84,14 +84,26 @@ def connections_from_psutil(entries: Iterable) -> frozenset:
     return frozenset(records)
 
 
+# psutil's kind for each set of protocols it can list alone; others take "inet".
+_KINDS = {
+    frozenset({"tcp", "tcp6"}): "tcp", frozenset({"udp", "udp6"}): "udp",
+    frozenset({"tcp", "udp"}): "inet4", frozenset({"tcp6", "udp6"}): "inet6",
+    frozenset({"tcp"}): "tcp4", frozenset({"tcp6"}): "tcp6",
+    frozenset({"udp"}): "udp4", frozenset({"udp6"}): "udp6",
+}  # fmt: skip
+
+
 class PsutilSource:
-    """The portable source: ``psutil.net_connections(kind="inet")``."""
+    """The portable source: ``psutil.net_connections``, of the protocols asked for."""
 
     name = "psutil"
 
+    def __init__(self, protos: frozenset | None = None) -> None:
+        self._kind = _KINDS.get(frozenset(protos), "inet") if protos else "inet"
+
     def snapshot(self) -> frozenset:
         try:
-            entries = psutil.net_connections(kind="inet")
+            entries = psutil.net_connections(kind=self._kind)
         except psutil.AccessDenied as exc:
             raise SourceAccessDenied(str(exc)) from exc
         return connections_from_psutil(entries)

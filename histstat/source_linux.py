@@ -367,10 +367,15 @@ class LinuxSource:
 
     name = "linux"
 
-    def __init__(self, proc: str = "/proc", netlink: bool | None = None) -> None:
+    def __init__(
+        self, proc: str = "/proc", netlink: bool | None = None, protos: frozenset | None = None
+    ) -> None:
         """``netlink`` None: use it when reading the live /proc, falling back to the
-        /proc/net file of any table the kernel will not dump."""
+        /proc/net file of any table the kernel will not dump. ``protos`` (tcp, tcp6,
+        udp, udp6) leaves out the tables nobody asked for: each dump costs the kernel a
+        walk of its whole hash table, however few sockets it holds."""
         self.proc = proc
+        self._tables = tuple(t for t in _TABLES if protos is None or t[0] in protos)
         self.owners = SocketOwners(proc)
         self._diag = _SockDiag() if (proc == "/proc" if netlink is None else netlink) else None
         self._proc_tables: set = set()  # tables netlink refused: read from /proc/net
@@ -381,7 +386,7 @@ class LinuxSource:
     def table(self) -> list:
         """Rows (see ``ROW_FIELDS``) of every TCP and UDP socket, IPv4 and IPv6."""
         rows: list = []
-        for proto, family, protocol, stateful in _TABLES:
+        for proto, family, protocol, stateful in self._tables:
             if self._diag is not None and proto not in self._proc_tables:
                 addresses = self._address_cache(proto, "netlink")
                 try:

@@ -132,3 +132,20 @@ def test_second_listener_on_a_reused_port_is_its_own_row():
             assert listeners_on(port) == sorted([os.getpid(), intruder.pid])
         finally:
             release(intruder)
+
+
+@pytest.mark.parametrize("kind", ["psutil", "linux"])
+def test_a_source_reads_only_the_protocols_asked_for(kind):
+    if kind == "linux" and not sys.platform.startswith("linux"):
+        pytest.skip("the Linux source runs on Linux only")
+    from histstat.cli import make_source
+
+    with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        udp.bind(("127.0.0.1", 0))
+        ports = {"tcp": tcp.getsockname()[1], "udp": udp.getsockname()[1]}
+        for asked in ("tcp", "udp"):
+            snapshot = make_source(kind, frozenset({asked})).snapshot()
+            assert {conn.proto for conn in snapshot} <= {asked}
+            assert any(conn.lport == ports[asked] for conn in snapshot)
