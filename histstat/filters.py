@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from histstat.addresses import parse_ip, unmapped
 from histstat.records import Connection, ProcessFacts
 
 # NONE stands for stateless (UDP) rows, whose status is shown as "-" / null.
@@ -92,15 +93,11 @@ def parse_statuses(text: str) -> frozenset:
 def _addresses(text: str | None) -> tuple:
     """A row's address as ipaddress objects: an IPv4-mapped IPv6 address both as itself
     and as its IPv4 address, so it matches IPv4 networks and IPv6 ones (``::/0``)."""
-    if text is None:
+    ip = parse_ip(text)
+    if ip is None:
         return ()
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone
-    except ValueError:
-        return ()
-    if address.version == 6 and address.ipv4_mapped is not None:
-        return (address, address.ipv4_mapped)
-    return (address,)
+    plain = unmapped(ip)
+    return (ip,) if plain is ip else (ip, plain)
 
 
 def _in_networks(text: str | None, networks: tuple) -> bool:

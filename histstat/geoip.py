@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import stat
 import threading
 from typing import Any, NamedTuple
+
+from histstat.addresses import parse_ip, unmapped
 
 MISSING_PACKAGE = "--geoip needs the maxminddb package: pip install 'histstat[geoip]'"
 # Every MaxMind DB file ends with its metadata, which starts with this marker within
@@ -51,16 +52,12 @@ def _country(record: dict) -> str | None:
 
 def _lookup_key(address: str) -> tuple[str, int] | None:
     """The address as a database lookup takes it, and its IP version; None if unparsable."""
-    # A link-local IPv6 address may carry its interface ("fe80::1%eth0"), which says
-    # nothing about where the address is.
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
+    ip = parse_ip(address)
+    if ip is None:
         return None
-    # A dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d. Not every database
-    # aliases that range to its IPv4 networks, so look those up as IPv4 directly.
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    # Not every database aliases ::ffff:0:0/96 to its IPv4 networks: look those up as
+    # IPv4 directly.
+    ip = unmapped(ip)
     return str(ip), ip.version
 
 

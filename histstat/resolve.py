@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 import time
 from concurrent.futures import Future
 from typing import Callable
+
+from histstat.addresses import parse_ip, unmapped
 
 # The errors a failed reverse lookup raises: no PTR record, no resolver, or a name
 # that does not decode.
@@ -22,12 +23,10 @@ def ptr_address(address: str) -> str | None:
     the IPv4 address. Anything that is not an IP address gets no query at all: given a
     name, gethostbyaddr would first resolve it forwards.
     """
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
+    ip = parse_ip(address)
+    if ip is None:
         return None
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip = unmapped(ip)
     if ip.is_unspecified:
         return None  # "any address" is no peer: there is nobody to name
     return str(ip)
