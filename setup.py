@@ -24,7 +24,7 @@ setup(
         # the tests build their own small GeoIP databases with mmdb-writer
         "test": ["pytest>=7", "hypothesis>=6", "maxminddb>=2", "mmdb-writer>=0.2"],
     },
-    entry_points={"console_scripts": ["histstat = histstat.cli:main"]},
+    entry_points={"console_scripts": ["histstat = histstat.runner:main"]},
     classifiers=[
         "Environment :: Console",
         "Intended Audience :: System Administrators",

@@ -20,7 +20,7 @@ Workloads:
 
 * Steady: sockets held open by helper processes (a loopback connection is two sockets),
   no churn. CPU per poll (process CPU time over many polls, the first one excluded) of
-  histstat's poll (histstat.pipeline.Poller: source, tracker, enrichment of what is new)
+  histstat's poll (histstat.poller.Poller: source, tracker, enrichment of what is new)
   with each source; of a bare psutil.net_connections('inet'); of ``ss -tunap`` as a
   whole process (CPU of the child); and of the original histstat's list diff (for each
   connection of the new list, ``c not in previous``: quadratic; a single iteration at
@@ -65,12 +65,12 @@ import psutil
 
 import histstat
 from histstat.enrich import ProcessCache
-from histstat.pipeline import Poller
-from histstat.source import PsutilSource
+from histstat.poller import Poller
+from histstat.sources.psutil_source import PsutilSource
 from histstat.tracker import ConnectionTracker
 
 try:
-    from histstat.source_linux import LinuxSource
+    from histstat.sources.linux import LinuxSource
 except ImportError:  # not written yet, or not this platform
     LinuxSource = None
 

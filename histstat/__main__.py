@@ -2,7 +2,7 @@
 
 import sys
 
-from histstat.cli import main
+from histstat.runner import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,13 +9,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import STOP_TIMEOUT, histstat_command, read_line, wait_for
 
 import histstat
-from histstat import cli
+from histstat import runner
 from histstat.cli import parse_config
 from histstat.environment import Environment
 from histstat.privileges import NOT_PRIVILEGED_NOTICE
+from support.histstat import histstat_command
+from support.waiting import STOP_TIMEOUT, read_line, wait_for
 
 
 def test_defaults_are_plain_output_every_second():
@@ -82,15 +83,15 @@ def test_unprivileged_notice_goes_to_stderr_only(monkeypatch):
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "is_privileged", lambda: False)
-    monkeypatch.setattr(cli, "_sleep_until", interrupt)
+    monkeypatch.setattr(runner, "is_privileged", lambda: False)
+    monkeypatch.setattr(runner.PollLoop, "_sleep_until", interrupt)
     stdout, stderr = io.BytesIO(), io.StringIO()
     env = Environment(stdout=stdout, stderr=stderr, stdout_encoding="utf-8", stdout_isatty=False)
     with socket.socket() as listener:  # a row is sure to come
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        assert cli.main(["-j"], env=env) == 0
+        assert runner.main(["-j"], env=env) == 0
     rows = [json.loads(line) for line in stdout.getvalue().splitlines()]
     assert any(row["lport"] == port for row in rows)
     assert stderr.getvalue() == NOT_PRIVILEGED_NOTICE + "\n"

@@ -8,9 +8,9 @@ import stat
 import pytest
 
 from histstat import __version__
-from histstat.database import MIGRATIONS, ROW_COLUMNS, SCHEMA_VERSION, SqliteSink, row_values
+from histstat.output.base import SinkError
+from histstat.output.sqlite import MIGRATIONS, ROW_COLUMNS, SCHEMA_VERSION, SqliteSink, row_values
 from histstat.records import Row
-from histstat.sinks import SinkError
 
 SEEN = datetime.datetime(2026, 11, 26, 3, 4, 5, 678, tzinfo=datetime.timezone.utc)
 

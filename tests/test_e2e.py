@@ -20,22 +20,20 @@ import time
 
 import psutil
 import pytest
-from conftest import (
+
+import histstat
+from histstat.poller import MAX_HASH_WAIT
+from support.children import require_wchan, wchan
+from support.contract import COLUMNS, HASH_COLUMNS
+from support.histstat import (
     CLOSED_STDERR,
     CLOSED_STDOUT,
-    COLUMNS,
-    HASH_COLUMNS,
     connection_key,
     histstat_command,
     locale_env,
-    require_wchan,
     run_once,
-    wait_for,
-    wchan,
 )
-
-import histstat
-from histstat.pipeline import MAX_HASH_WAIT
+from support.waiting import wait_for
 
 INTERVAL = ("-i", "0.1")
 # Linux fcntl commands (named in the fcntl module from Python 3.10).

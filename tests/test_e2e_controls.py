@@ -31,16 +31,10 @@ from dataclasses import dataclass
 
 import psutil
 import pytest
-from conftest import (
-    COLUMNS,
-    SocketChild,
-    child_argv,
-    connection_key,
-    histstat_command,
-    locale_env,
-    new_marker,
-    run_once,
-)
+
+from support.children import SocketChild, child_argv, new_marker
+from support.contract import COLUMNS
+from support.histstat import connection_key, histstat_command, locale_env, run_once
 
 INTERVAL = ("-i", "0.1")
 USER = pwd.getpwuid(os.geteuid()).pw_name

@@ -6,7 +6,8 @@ import signal
 import sqlite3
 import stat
 
-from conftest import connection_key, locale_env, run_once, wait_for
+from support.histstat import connection_key, locale_env, run_once
+from support.waiting import wait_for
 
 INTERVAL = ("-i", "0.1")
 UTF8_ENV = locale_env("C.UTF-8")

@@ -19,18 +19,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import (
-    COLUMNS,
-    DEFAULT_TIMEOUT,
-    connection_key,
-    end_child,
-    new_marker,
-    read_line,
-    run_once,
-)
 from geoip_db import write_asn_db, write_country_db
 
 from histstat.privileges import NOT_PRIVILEGED_NOTICE
+from support.children import end_child, new_marker
+from support.contract import COLUMNS
+from support.histstat import connection_key, run_once
+from support.waiting import DEFAULT_TIMEOUT, read_line
 
 INTERVAL_SECONDS = 0.1
 INTERVAL = ("-i", str(INTERVAL_SECONDS))

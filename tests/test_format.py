@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from histstat.format import (
+from histstat.output.format import (
     ALL_FIELDS,
     Screen,
     csv_header,

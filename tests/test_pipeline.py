@@ -8,18 +8,11 @@ from concurrent.futures import Future
 
 from histstat.enrich import user_name
 from histstat.filters import RowFilter
-from histstat.format import format_plain_row, text_fields
 from histstat.hashing import Hashes
-from histstat.pipeline import (
-    MAX_HASH_WAIT,
-    MAX_NAME_WAIT,
-    Fill,
-    OrderedWriter,
-    PendingRow,
-    Poller,
-    _with_hashes,
-    make_row,
-)
+from histstat.output.format import format_plain_row, text_fields
+from histstat.output.writer import OrderedWriter
+from histstat.pending import Fill, PendingRow
+from histstat.poller import MAX_HASH_WAIT, MAX_NAME_WAIT, Poller, _with_hashes, make_row
 from histstat.records import Connection, ProcessFacts
 from histstat.resolve import ReverseResolver
 from histstat.tracker import ConnectionTracker
@@ -135,11 +128,21 @@ def test_limit_stops_writing_for_good():
 
 
 class StaticSource:
+    """A Source that gives the snapshots it was made with, one per poll."""
+
+    name = "static"
+
     def __init__(self, *snapshots):
         self._snapshots = list(snapshots)
 
     def snapshot(self):
         return self._snapshots.pop(0)
+
+    def uid_of(self, conn):
+        return None
+
+    def close(self):
+        pass
 
 
 class CountingCache:

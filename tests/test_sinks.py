@@ -6,7 +6,8 @@ import stat
 
 import pytest
 
-from histstat.sinks import LogSink, ReaderGone, SinkError, StdoutSink
+from histstat.output.base import ReaderGone, SinkError
+from histstat.output.sinks import LogSink, StdoutSink
 
 
 def open_log(path, header="h1\th2"):

@@ -8,10 +8,10 @@ from collections import namedtuple
 
 import psutil
 import pytest
-from conftest import STOP_TIMEOUT, read_line
 
 from histstat.records import Connection
-from histstat.source import PsutilSource, connections_from_psutil
+from histstat.sources.psutil_source import PsutilSource, connections_from_psutil
+from support.waiting import STOP_TIMEOUT, read_line
 
 Addr = namedtuple("Addr", "ip port")
 Sconn = namedtuple("Sconn", "fd family type laddr raddr status pid")
@@ -138,7 +138,7 @@ def test_second_listener_on_a_reused_port_is_its_own_row():
 def test_a_source_reads_only_the_protocols_asked_for(kind):
     if kind == "linux" and not sys.platform.startswith("linux"):
         pytest.skip("the Linux source runs on Linux only")
-    from histstat.cli import make_source
+    from histstat.sources import make_source
 
     with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
         tcp.bind(("127.0.0.1", 0))

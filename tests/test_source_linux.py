@@ -10,14 +10,15 @@ import sys
 import time
 
 import pytest
-from conftest import DEFAULT_TIMEOUT, POLL_STEP, read_line
+
+from support.waiting import DEFAULT_TIMEOUT, POLL_STEP, read_line
 
 if not sys.platform.startswith("linux"):
     pytest.skip("the Linux source reads Linux's /proc and netlink", allow_module_level=True)
 
 from histstat.records import Connection  # noqa: E402
-from histstat.source import PsutilSource  # noqa: E402
-from histstat.source_linux import LinuxSource, SocketOwners, parse_proc_net  # noqa: E402
+from histstat.sources.linux import LinuxSource, SocketOwners, parse_proc_net  # noqa: E402
+from histstat.sources.psutil_source import PsutilSource  # noqa: E402
 
 HEADER = (
     b"  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"

@@ -1,7 +1,8 @@
 """The tracker reports what is new since the previous poll, by set difference."""
 
+from histstat.attribution import EndpointMemory, ListenerMemory
 from histstat.records import Connection
-from histstat.tracker import ConnectionTracker, EndpointMemory, ListenerMemory
+from histstat.tracker import ConnectionTracker
 
 LISTENER = Connection("tcp", "127.0.0.1", 8000, None, None, "LISTEN", 10)
 ESTABLISHED = Connection("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, "ESTABLISHED", 10)

@@ -422,7 +422,7 @@ class LinuxSource:
             cache = self._addresses[key] = {}
         return cache
 
-    def snapshot(self) -> frozenset:
+    def snapshot(self) -> frozenset[Connection]:
         rows = self.table()
         owner = self.owners.owners([row[6] for row in rows]).get
         # tuple.__new__ builds the same Connection without the Python-level __new__ that

@@ -1,4 +1,4 @@
-"""Sources of connection snapshots: the kernel's socket table as immutable records."""
+"""The portable source: psutil's socket table as immutable connection records."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import psutil
 
 from histstat.records import Connection
+from histstat.sources.base import SourceAccessDenied
 
 _PROTO_NAMES = {
     (socket.AF_INET, socket.SOCK_STREAM): "tcp",
@@ -20,10 +21,6 @@ _PROTO_NAMES = {
 
 
 _LINUX = sys.platform.startswith("linux")
-
-
-class SourceAccessDenied(Exception):
-    """The platform refuses to list connections without more privilege (macOS)."""
 
 
 def socket_identity(pid: int | None, fd: int | None) -> str | None:
@@ -101,9 +98,16 @@ class PsutilSource:
     def __init__(self, protos: frozenset | None = None) -> None:
         self._kind = _KINDS.get(frozenset(protos), "inet") if protos else "inet"
 
-    def snapshot(self) -> frozenset:
+    def snapshot(self) -> frozenset[Connection]:
         try:
             entries = psutil.net_connections(kind=self._kind)
         except psutil.AccessDenied as exc:
             raise SourceAccessDenied(str(exc)) from exc
         return connections_from_psutil(entries)
+
+    def uid_of(self, conn: Connection) -> int | None:
+        """psutil does not say who owns a socket whose process it cannot see."""
+        return None
+
+    def close(self) -> None:
+        pass

@@ -1,20 +1,21 @@
-"""One poll from source to rows, and the in-order writing of rows that wait for facts."""
+"""One poll from source to rows: source → tracker → filters → enrich."""
 
 from __future__ import annotations
 
 import datetime
 import time
-from collections import deque
-from concurrent.futures import Future, wait
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, NamedTuple
 
+from histstat.attribution import EndpointMemory, ListenerMemory
 from histstat.enrich import ProcessCache, user_name
 from histstat.filters import RowFilter
 from histstat.hashing import Hashes
+from histstat.pending import Fill, PendingRow
 from histstat.records import Connection, ProcessFacts, Row
-from histstat.tracker import ConnectionTracker, EndpointMemory, ListenerMemory
+from histstat.tracker import ConnectionTracker
 
-if TYPE_CHECKING:  # optional stages, imported by the CLI only when asked for
+if TYPE_CHECKING:  # optional stages, imported by the runner only when asked for
     from histstat.geoip import GeoIP
     from histstat.resolve import ReverseResolver
 
@@ -29,48 +30,12 @@ MAX_HASH_WAIT = 3.0
 MAX_NAME_WAIT = 0.5
 
 
-class Fill(NamedTuple):
-    """A fact that arrives later (hashes, a name): its future, how it goes into the
-    row, and how long the row may wait for it."""
-
-    future: Future
-    apply: Callable
-    max_wait: float
-
-
 def _with_hashes(row: Row, hashes: Hashes) -> Row:
     return row._replace(md5=hashes.md5, sha256=hashes.sha256)
 
 
 def _with_name(row: Row, name: str | None) -> Row:
     return row._replace(rhost=name)
-
-
-class PendingRow(NamedTuple):
-    """A row and the facts it waits for."""
-
-    row: Row
-    fills: tuple = ()
-    queued: float = 0.0  # monotonic time it was found
-
-    def ready(self, now: float | None = None) -> bool:
-        """Every fill is known, or waited for as long as it may be."""
-        now = time.monotonic() if now is None else now
-        return all(f.future.done() or now >= self.queued + f.max_wait for f in self.fills)
-
-    def waiting(self) -> tuple:
-        """(futures still awaited, the monotonic time the row stops waiting for them)."""
-        open_fills = [f for f in self.fills if not f.future.done()]
-        give_up = max((self.queued + f.max_wait for f in open_fills), default=self.queued)
-        return [f.future for f in open_fills], give_up
-
-    def resolved(self) -> Row:
-        """The row with every fact known by now; what is not known stays unknown."""
-        row = self.row
-        for fill in self.fills:
-            if fill.future.done() and not fill.future.cancelled():  # cancelled at exit
-                row = fill.apply(row, fill.future.result())
-        return row
 
 
 def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime, **more) -> Row:
@@ -107,7 +72,7 @@ class Poller:
 
     def __init__(
         self,
-        source,
+        source: Source,
         tracker: ConnectionTracker,
         processes: ProcessCache,
         row_filter: RowFilter | None = None,
@@ -174,10 +139,9 @@ class Poller:
         """The user the kernel names as the socket's owner, where the source knows it:
         an unprivileged run sees other users' sockets without their pids, but not
         without their uid. Never for TIME_WAIT, which the kernel reports as uid 0."""
-        uid_of = getattr(self._source, "uid_of", None)
-        if uid_of is None or conn.status == "TIME_WAIT":
+        if conn.status == "TIME_WAIT":
             return None
-        uid = uid_of(conn)
+        uid = self._source.uid_of(conn)
         return None if uid is None else user_name(uid)
 
     def _owner(self, conn: Connection) -> Owner | None:
@@ -230,78 +194,3 @@ class Poller:
         if self._closed:
             self._shown[conn] = pending
         return pending
-
-
-class OrderedWriter:
-    """Writes rows in the order they were found, each once its hashes are known.
-
-    ``outputs`` pairs a view (row → what its sink takes: a line, or values for a
-    database) with a sink, files first and stdout last. Ready rows go out as a batch,
-    one sink after the other, each sink flushed (a database committed) before the next
-    gets the batch: a row shown on stdout is already saved. A terminal's view may differ
-    from the log's (width, colour); sinks sharing a view share one formatted line. With
-    ``limit``, writing stops for good after that many rows.
-    """
-
-    def __init__(self, outputs: list, limit: int | None = None) -> None:
-        self._outputs = outputs
-        self._limit = limit
-        self._queue: deque = deque()
-        self.written = 0
-
-    @property
-    def done(self) -> bool:
-        return self._limit is not None and self.written >= self._limit
-
-    def add(self, rows: list) -> None:
-        self._queue.extend(rows)
-
-    def write_ready(self, deadline: float, final: bool = False) -> None:
-        """Write queued rows in order, waiting for hashes until ``deadline`` (a monotonic
-        time). A row whose hashes took MAX_HASH_WAIT, or any row when ``final``, goes out
-        with what is known: nothing found is ever dropped."""
-        while True:
-            ready = self._ready_count(final)
-            if ready:
-                self._emit(ready)
-            if not self._queue or self.done or final:
-                return
-            awaited, give_up = self._queue[0].waiting()
-            now = time.monotonic()
-            if now >= give_up:
-                continue  # its wait is over: it goes out with those facts unknown
-            if now >= deadline:
-                return  # the poll's time is up; the facts may still come
-            wait(awaited, timeout=min(deadline, give_up) - now)
-
-    def _ready_count(self, final: bool) -> int:
-        """How many rows at the head of the queue may go out now."""
-        room = len(self._queue) if self._limit is None else self._limit - self.written
-        count = 0
-        now = time.monotonic()
-        for pending in self._queue:
-            if count >= room:
-                break
-            if not (final or pending.ready(now)):
-                break
-            count += 1
-        return count
-
-    def _emit(self, count: int) -> None:
-        rows = [self._queue[i].resolved() for i in range(count)]
-        made: dict = {}
-        for view, sink in self._outputs:
-            items = made.get(view)
-            if items is None:
-                items = made[view] = [view(row) for row in rows]
-            for item in items:
-                sink.write(item)
-            sink.flush()
-        # Taken off the queue only once every sink has them: an interrupt mid-batch
-        # may repeat a row at the final write, never lose one.
-        for _ in range(count):
-            self._queue.popleft()
-        self.written += count
-
-    def pending(self) -> int:
-        return len(self._queue)

@@ -11,9 +11,10 @@ from typing import Callable
 from urllib.parse import quote
 
 from histstat import __version__
-from histstat.format import field_value, json_text
+from histstat.output.base import SinkError
+from histstat.output.format import field_value, json_text
+from histstat.output.sinks import warn_if_exposed
 from histstat.records import Row
-from histstat.sinks import SinkError, warn_if_exposed
 
 SCHEMA_VERSION = 2
 

@@ -6,13 +6,7 @@ import os
 import stat
 from typing import BinaryIO, Callable
 
-
-class SinkError(Exception):
-    """A sink cannot open or write; the message is one line for the user."""
-
-
-class ReaderGone(Exception):
-    """Whoever read stdout closed the pipe: a normal end, not an error."""
+from histstat.output.base import ReaderGone, SinkError
 
 
 def _describe(exc: OSError) -> str:

@@ -1,0 +1,28 @@
+"""The run's configuration: one immutable record that cli builds and the rest reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from histstat.filters import RowFilter
+
+
+@dataclass(frozen=True)
+class Config:
+    interval: float
+    log: str | None
+    output: str  # a name of histstat.output.FORMATS: plain, pretty, json or csv
+    quiet: bool
+    hashes: bool
+    fields: tuple[str, ...] = ()
+    row_filter: RowFilter = RowFilter()
+    sqlite: str | None = None
+    arguments: tuple[str, ...] = ()  # the command line, for the database's runs table
+    once: bool = False
+    count: int | None = None
+    duration: float | None = None
+    color: str = "auto"
+    closed: bool = False
+    resolve: bool = False
+    geoip: tuple[str, ...] = ()  # paths of MaxMind databases
+    source: str = "psutil"  # psutil or linux

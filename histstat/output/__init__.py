@@ -1,0 +1,103 @@
+"""Output: the formats a row can take, and the sinks they go to, wired from a Config."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+from histstat.config import Config
+from histstat.environment import Environment
+from histstat.output.base import ReaderGone, Sink, SinkError
+from histstat.output.format import (
+    Screen,
+    csv_header,
+    format_csv_row,
+    format_json_row,
+    format_plain_row,
+    format_pretty_row,
+    json_fields,
+    plain_header,
+    pretty_header,
+    text_fields,
+)
+from histstat.output.sinks import LogSink, StdoutSink
+from histstat.output.sqlite import SqliteSink, row_values
+from histstat.records import Row
+
+__all__ = ["FORMATS", "Output", "OutputFormat", "ReaderGone", "Sink", "SinkError", "build_outputs"]
+
+
+class OutputFormat(NamedTuple):
+    """One of the formats a row can be written in."""
+
+    format_row: Callable[..., str]  # (row, fields) -> one line
+    header: Callable[..., str] | None  # (fields) -> the header line; None: no header
+    default_fields: Callable[..., tuple[str, ...]]  # (hashes, closed, resolve, geoip)
+    newline: str
+    takes_color: bool
+
+
+FORMATS = {
+    "plain": OutputFormat(format_plain_row, plain_header, text_fields, "\n", True),
+    "pretty": OutputFormat(format_pretty_row, pretty_header, text_fields, "\n", True),
+    "json": OutputFormat(format_json_row, None, json_fields, "\n", False),
+    "csv": OutputFormat(format_csv_row, csv_header, text_fields, "\r\n", False),  # RFC 4180
+}
+
+
+class Output(NamedTuple):
+    """A sink, the view that turns a row into what it takes, and its header."""
+
+    view: Callable[[Row], Any]
+    sink: Sink
+    header: str | None
+
+
+def use_color(config: Config, env: Environment) -> bool:
+    if not FORMATS[config.output].takes_color or config.color == "never":
+        return False
+    return config.color == "always" or (env.stdout_isatty and not env.no_color)
+
+
+def build_outputs(config: Config, env: Environment) -> tuple[list[Output], StdoutSink | None]:
+    """(the outputs with files first, the stdout sink or None).
+
+    Files always get the whole line without colour; only a terminal's view is fitted
+    to its width and coloured.
+    """
+    chosen = FORMATS[config.output]
+    fields = config.fields
+    plain_view = functools.partial(chosen.format_row, fields=fields)
+    header = chosen.header(fields) if chosen.header else None
+    outputs: list[Output] = []
+    if config.log:
+        outputs.append(Output(plain_view, LogSink(config.log, env.notice, chosen.newline), header))
+    if config.sqlite:
+        database = SqliteSink(config.sqlite, list(config.arguments), env.notice)
+        outputs.append(Output(row_values, database, None))
+    stdout = None
+    if not config.quiet:
+        if env.stdout is None:
+            raise SinkError("stdout is closed: give it somewhere to go, or use -q with -l FILE")
+        # Data formats are UTF-8 whatever the terminal: jq, collectors and spreadsheet
+        # imports read nothing else; text for people follows the terminal.
+        encoding = "utf-8" if config.output in ("json", "csv") else env.stdout_encoding
+        stdout = StdoutSink(env.stdout, encoding, chosen.newline)
+        view: Callable[[Row], Any] = plain_view
+        stdout_header = header
+        color = use_color(config, env)
+        if config.output == "pretty" and env.stdout_isatty:
+
+            def screen() -> Screen | None:
+                width = env.terminal_width()  # asked each time: terminals are resized
+                return Screen(width, encoding) if width else None
+
+            def fitted(row: Row) -> str:
+                return format_pretty_row(row, fields, screen(), color)
+
+            view = fitted
+            stdout_header = pretty_header(fields, screen())
+        elif color:
+            view = functools.partial(chosen.format_row, fields=fields, color=True)
+        outputs.append(Output(view, stdout, stdout_header))
+    return outputs, stdout

@@ -1,0 +1,1 @@
+"""Helpers for the tests: children, running histstat, parsing its output, waiting."""

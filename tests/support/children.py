@@ -1,0 +1,160 @@
+"""Child processes that hold real loopback sockets, and how to end them."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from support.waiting import POLL_STEP, read_line
+
+# The socket child: a TCP listener on loopback, a client connected to it, the accepted
+# end and a bound UDP socket, for 127.0.0.1 and (when it can be bound) ::1. It prints one
+# line "lport cport uport lport6 cport6 uport6" ("-" for the IPv6 ports when ::1 is
+# unavailable), then holds its sockets until its stdin reaches EOF or it is killed.
+CHILD_SOURCE = """
+import socket
+import sys
+
+
+def pair(family, host):
+    server = socket.socket(family, socket.SOCK_STREAM)
+    server.bind((host, 0))
+    server.listen(4)
+    client = socket.socket(family, socket.SOCK_STREAM)
+    client.connect(server.getsockname()[:2])
+    accepted, _ = server.accept()
+    datagram = socket.socket(family, socket.SOCK_DGRAM)
+    datagram.bind((host, 0))
+    return [server, client, accepted, datagram]
+
+
+def port(sock):
+    return sock.getsockname()[1]
+
+
+keep = pair(socket.AF_INET, "127.0.0.1")
+ports = [port(keep[0]), port(keep[1]), port(keep[3])]
+try:
+    keep += pair(socket.AF_INET6, "::1")
+    ports += [port(keep[4]), port(keep[5]), port(keep[7])]
+except OSError:
+    ports += ["-", "-", "-"]
+print(*ports, flush=True)
+sys.stdin.buffer.read()
+"""
+# Passed to -c as one printable line, so the child's command line holds no character that
+# histstat has to escape: its expected text is exactly " ".join(argv).
+
+
+def child_script(comm: str | None = None) -> str:
+    """The child's -c argument; ``comm`` first renames the process (Linux /proc/PID/comm,
+    at most 15 bytes), which is what psutil reports as its name."""
+    source = CHILD_SOURCE
+    if comm is not None:
+        source = f"open('/proc/self/comm', 'w').write({comm!r})\n" + source
+    encoded = base64.b64encode(source.encode()).decode()
+    return f"import base64;exec(base64.b64decode('{encoded}').decode())"
+
+
+CHILD_SCRIPT = child_script()
+
+
+def new_marker() -> str:
+    """A distinctive argument for a child's command line."""
+    return f"histstat-e2e-{uuid.uuid4().hex}"
+
+
+class SocketChild:
+    """A child process that holds a loopback listener and both ends of a connection."""
+
+    def __init__(self, argv: list, env: dict | None = None, timeout: float = 10.0):
+        self.argv = list(argv)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.pid = self.proc.pid
+        try:
+            line = read_line(self.proc.stdout, timeout).decode()
+        except (TimeoutError, EOFError) as exc:
+            self.stop()
+            err = self.proc.stderr.read().decode(errors="replace")
+            pytest.fail(f"socket child {self.argv!r} did not get ready: {exc}\n{err}")
+        ports = [None if port == "-" else int(port) for port in line.split()]
+        self.lport, self.cport, self.uport, self.lport6, self.cport6, self.uport6 = ports
+
+    @property
+    def has_v6(self) -> bool:
+        return self.lport6 is not None
+
+    @property
+    def command(self) -> str:
+        """The command line as the kernel holds it, decoded like Python decodes argv."""
+        return " ".join(os.fsdecode(arg) for arg in self.argv)
+
+    def connections(self, v4: bool = True, v6: bool = True) -> set:
+        """The connection keys histstat must report for this child."""
+        found = set()
+        if v4:
+            found |= _socket_keys("", "127.0.0.1", self.lport, self.cport, self.uport)
+        if v6 and self.has_v6:
+            found |= _socket_keys("6", "::1", self.lport6, self.cport6, self.uport6)
+        return found
+
+    def stop(self, timeout: float = 5.0) -> None:
+        end_child(self.proc, timeout)
+
+
+def end_child(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """End a child that runs until its stdin closes (killed if it does not), and close
+    its pipes."""
+    if proc.poll() is None:
+        try:
+            proc.stdin.close()
+            proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait(timeout)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None and not stream.closed:
+            stream.close()
+
+
+def _socket_keys(version: str, host: str, lport: int, cport: int, uport: int) -> set:
+    tcp, udp = "tcp" + version, "udp" + version
+    return {
+        (tcp, host, lport, None, None, "LISTEN"),
+        (tcp, host, cport, host, lport, "ESTABLISHED"),
+        (tcp, host, lport, host, cport, "ESTABLISHED"),
+        (udp, host, uport, None, None, None),  # UDP has no status
+    }
+
+
+def child_argv(*extra, executable: str | None = None, comm: str | None = None) -> list:
+    """argv of a socket child: interpreter, -c, the script, a marker and ``extra``."""
+    return [executable or sys.executable, "-c", child_script(comm), new_marker(), *extra]
+
+
+def wchan(pid: int) -> str:
+    """Where the kernel says a process sleeps (Linux /proc/PID/wchan); "0" while it runs."""
+    with open(f"/proc/{pid}/wchan") as handle:
+        return handle.read().strip()
+
+
+def require_wchan(child: SocketChild, timeout: float = 3.0) -> None:
+    """Skip unless the kernel names where processes sleep; ``child`` soon blocks reading
+    its stdin, so a kernel that shows wchan shows it for the child."""
+    deadline = time.monotonic() + timeout
+    while wchan(child.pid) in ("", "0"):
+        if time.monotonic() > deadline:
+            pytest.skip("this kernel does not show where a process sleeps (wchan)")
+        time.sleep(POLL_STEP)

@@ -1,0 +1,10 @@
+"""The output contract the tests check (DESIGN.md)."""
+
+from __future__ import annotations
+
+# The output contract (DESIGN.md): the text columns in order, hashes just before command.
+COLUMNS = (
+    "proto", "laddr", "lport", "raddr", "rport", "status",
+    "pid", "pname", "time", "date", "user", "command",
+)  # fmt: skip
+HASH_COLUMNS = COLUMNS[:-1] + ("md5", "sha256") + COLUMNS[-1:]
