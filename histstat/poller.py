@@ -18,6 +18,7 @@ from histstat.tracker import ConnectionTracker
 if TYPE_CHECKING:  # optional stages, imported by the runner only when asked for
     from histstat.geoip import GeoIP
     from histstat.resolve import ReverseResolver
+    from histstat.sources import Source
 
 # The longest a row waits for its executable's hashes before it is written with them
 # unknown: a huge or slow file (a hostile process may choose one) cannot hold back the
