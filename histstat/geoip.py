@@ -45,7 +45,7 @@ def _asn(value: Any) -> int | None:
     return None
 
 
-def _country(record: dict) -> str | None:
+def _country(record: dict[str, Any]) -> str | None:
     country = record.get("country")
     return _text(country.get("iso_code")) if isinstance(country, dict) else None
 

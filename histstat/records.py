@@ -58,7 +58,7 @@ class Row(NamedTuple):
     as_org: str | None = None
 
 
-def sort_key(conn: Connection) -> tuple:
+def sort_key(conn: Connection) -> tuple[str, str, int, str, int, str, int]:
     """Order connections deterministically although some fields may be None."""
     return (
         conn.proto,
