@@ -178,7 +178,8 @@ def get_parser() -> _Parser:
         action="append",
         default=[],
         help="MaxMind database for country, asn and as_org of the remote address; "
-        "repeat for country and ASN files (needs: pip install 'histstat[geoip]')",
+        "repeat for country and ASN files (needs the maxminddb package: "
+        "pip install '.[geoip]' in histstat's checkout)",
     )
 
     shown = parser.add_argument_group("fields and formats")

@@ -1,5 +1,6 @@
 """Command-line behaviour around the rows: notices on stderr, module entry point."""
 
+import importlib.metadata
 import io
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 
 import histstat
 from histstat import runner
-from histstat.cli import parse_config
+from histstat.cli import get_parser, parse_config
 from histstat.environment import Environment
 from histstat.privileges import NOT_PRIVILEGED_NOTICE
 from support.histstat import histstat_command
@@ -61,6 +62,25 @@ def test_python_dash_m_runs_the_same_tool():
         0,
         f"histstat {histstat.__version__}",
     )
+
+
+def test_version_is_the_packages_own_and_above_the_index_1_2_x(capsys):
+    """-v prints the version written once, in histstat/__init__.py, which the installed
+    metadata (setup.py) carries too; it numbers above the old histstat 1.2.x that the
+    package index serves."""
+    with pytest.raises(SystemExit) as exited:
+        parse_config(["-v"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"histstat {histstat.__version__}\n"
+    assert importlib.metadata.version("histstat") == histstat.__version__
+    assert tuple(int(part) for part in histstat.__version__.split(".")) >= (2, 0, 0)
+
+
+def test_install_hints_name_the_checkout_not_the_index_package():
+    """'histstat[geoip]' would fetch the old histstat 1.2.x from the package index."""
+    help_text = get_parser().format_help()
+    assert "pip install '.[geoip]'" in " ".join(help_text.split())
+    assert "histstat[" not in help_text
 
 
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
