@@ -169,11 +169,9 @@ class Poller:
             owner = owner._replace(facts=facts, hashes=self._processes.hashes(owner.pid, facts))
         return owner
 
-    def _open_row(
-        self, conn: Connection, seen: datetime.datetime, now: float, shown: bool = True
-    ):
-        """The open row of a new connection, or None when it is filtered out or not
-        ``shown``; either way the endpoint memory learns its owner."""
+    def _open_row(self, conn: Connection, seen: datetime.datetime, now: float, shown: bool = True):
+        """The open row of a new connection; None when the filters leave it out, or when
+        it is not ``shown`` (--skip-existing), learnt from then as if it were."""
         owner = self._owner(conn)
         pid = owner.pid if owner is not None else conn.pid
         if not self._filter.keeps_connection(conn if owner is None else conn._replace(pid=pid)):

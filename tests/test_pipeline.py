@@ -388,9 +388,7 @@ def test_skip_existing_leaves_out_the_first_poll_and_its_close_rows():
     later = CLIENT._replace(lport=50001, pid=30)
     cache = CountingCache()
     poller = Poller(
-        StaticSource(
-            frozenset({SERVER, CLIENT}), frozenset({SERVER, later}), frozenset({SERVER})
-        ),
+        StaticSource(frozenset({SERVER, CLIENT}), frozenset({SERVER, later}), frozenset({SERVER})),
         ConnectionTracker(),
         cache,
         closed=True,
@@ -430,4 +428,3 @@ def test_a_skipped_connection_still_attributes_its_orphan_with_facts_read_at_sta
     assert (orphan.status, orphan.pid, orphan.pname) == ("TIME_WAIT", 20, "proc20")
     assert orphan.attribution == "earlier"
     assert cache.looked_up == [20]
-
