@@ -21,7 +21,7 @@ import pytest
 from geoip_db import write_asn_db, write_country_db
 
 from histstat.privileges import NOT_PRIVILEGED_NOTICE
-from support.children import end_child, new_marker, one_line_script
+from support.children import end_child, new_marker, new_tag, one_line_script, require_wchan
 from support.contract import COLUMNS, KEY_FIELDS
 from support.histstat import (
     INTERVAL,
@@ -29,6 +29,7 @@ from support.histstat import (
     assert_clean_end,
     connection_key,
     run_once,
+    sleeping_between_polls,
 )
 from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT, read_line
 
@@ -539,3 +540,44 @@ def test_unusable_geoip_database_leaves_no_header_log_or_database(tmp_path):
     assert done.stdout == b""  # not even the header
     assert len(done.stderr.decode().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == []
+
+
+# --------------------------------------------------------------------------- 8. --skip-existing
+
+
+def test_skip_existing_shows_only_what_happens_after_the_start(spawn_story, run_histstat):
+    """A child's listener and connection from before histstat get no rows, not even close
+    rows, yet they teach it: the TIME_WAIT the old connection leaves is attributed to the
+    child, and a connection accepted later on the old listener is "in". A child started
+    after the first poll is shown whole."""
+    tag = new_tag()
+    before = spawn_story(comm=f"hs{tag}a")
+    require_wchan(before)
+    before.connect()
+    old = {before.listener, before.client(), before.server()}
+    js = run_histstat("-j", "--closed", "--skip-existing", *INTERVAL, "--name", f"hs{tag}*")
+    js.until(lambda: sleeping_between_polls(js.proc.pid), what="the end of the first poll")
+
+    after = spawn_story(comm=f"hs{tag}b")
+    after.connect()
+    new = [after.listener, after.client(), after.server()]
+    opened = wait_for_keys(js, new, pid=after.pid)
+    assert {row["pid"] for row in js.rows()} == {after.pid}, js.describe()
+
+    time_wait = before.client("TIME_WAIT")
+    before.close()  # the client first: its end goes TIME_WAIT, which no process holds
+    waiting = one(wait_for_keys(js, [time_wait])[time_wait])
+    before.connect()  # accepted on the listener that predates histstat
+    accepted = wait_for_keys(js, [before.server(), before.client()], pid=before.pid)
+    after.close()  # a connection shown gets its close rows, as ever
+    wait_for_keys(js, new[1:], event="close", pid=after.pid)
+    assert_clean_end(js.stop())
+
+    assert [row for row in js.result.rows if connection_key(row) in old] == []
+    assert one(opened[after.listener])["direction"] == "listen"
+    assert one(opened[after.server()])["direction"] == "in"
+    assert one(opened[after.client()])["direction"] == "out"
+    assert (waiting["pid"], waiting["attribution"]) == (before.pid, "earlier")
+    assert (waiting["pname"], waiting["command"]) == (f"hs{tag}a", before.command)
+    assert one(accepted[before.server()])["direction"] == "in"
+    assert one(accepted[before.client()])["direction"] == "out"
