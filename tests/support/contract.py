@@ -8,3 +8,7 @@ COLUMNS = (
     "pid", "pname", "time", "date", "user", "command",
 )  # fmt: skip
 HASH_COLUMNS = COLUMNS[:-1] + ("md5", "sha256") + COLUMNS[-1:]
+# The pretty view (-p): time first, endpoints joined (laddr:lport, raddr:rport), no date.
+PRETTY_COLUMNS = (
+    "time", "proto", "local", "remote", "status", "pid", "pname", "user", "command",
+)  # fmt: skip
