@@ -70,11 +70,24 @@ def split_endpoint(text: str) -> tuple:
     return address, port
 
 
+def _pretty_cells(line: str, columns: list) -> list:
+    """The cells of a pretty line, one space or more apart; only the command may hold
+    spaces, so the columns before it are read from the left and those after it from
+    the right."""
+    if "command" not in columns:
+        return line.split()
+    at = columns.index("command")
+    cells = line.split(None, at)
+    after = len(columns) - at - 1
+    rest = cells.pop() if len(cells) > at else ""
+    return cells + (rest.rsplit(None, after) if after else [rest])
+
+
 def parse_pretty_line(line: str, columns: list) -> dict:
-    """The fields of one pretty line: the command is last and may hold spaces; local
-    and remote give back laddr, lport, raddr and rport (as text, ``*`` for none)."""
+    """The fields of one pretty line; local and remote give back laddr, lport, raddr
+    and rport (as text, ``*`` for none)."""
     row = {}
-    for column, cell in zip(columns, line.split(None, len(columns) - 1)):
+    for column, cell in zip(columns, _pretty_cells(line, columns)):
         if column in ENDPOINT_COLUMNS:
             row.update(zip(ENDPOINT_COLUMNS[column], split_endpoint(cell)))
         else:
