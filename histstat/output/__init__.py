@@ -69,6 +69,7 @@ def build_outputs(config: Config, env: Environment) -> tuple[list[Output], Stdou
     fields = config.fields
     pretty = config.output == "pretty"
     file_view: Callable[[Row], Any]
+    header: str | None
     if pretty:
         # A pretty view remembers the widths seen so far: each stream owns one.
         file_pretty = PrettyView(fields)
@@ -94,18 +95,18 @@ def build_outputs(config: Config, env: Environment) -> tuple[list[Output], Stdou
         stdout_header = header
         color = use_color(config, env)
         if pretty and (env.stdout_isatty or color or encoding != "utf-8"):
-            screen = PrettyView(fields, encoding)
+            stdout_pretty = PrettyView(fields, encoding)
             if env.stdout_isatty:
 
                 def fitted(row: Row) -> str:
                     # Asked each time: terminals are resized. None: a size never set.
-                    return screen.format_row(row, env.terminal_width(), color)
+                    return stdout_pretty.format_row(row, env.terminal_width(), color)
 
                 view = fitted
-                stdout_header = screen.header(env.terminal_width())
+                stdout_header = stdout_pretty.header(env.terminal_width())
             else:
-                view = functools.partial(screen.format_row, color=color)
-                stdout_header = screen.header()
+                view = functools.partial(stdout_pretty.format_row, color=color)
+                stdout_header = stdout_pretty.header()
         elif color:
             view = functools.partial(chosen.format_row, fields=fields, color=True)
         outputs.append(Output(view, stdout, stdout_header))
