@@ -158,7 +158,7 @@ def _replace(old: int, new: int) -> int:
     return new
 
 
-def check_entry(info: os.stat_result, what: str, kinds: frozenset) -> None:
+def check_entry(info: os.stat_result, what: str, kinds: frozenset[int]) -> None:
     """Refuse a file of the wrong kind, with another name (a hard link that may have been
     planted), or, as root, owned by another user."""
     kind = stat.S_IFMT(info.st_mode)
@@ -196,7 +196,7 @@ def lstat_entry(directory: Directory, name: str) -> os.stat_result | None:
         return None
 
 
-def check_path(path: str, what: str, kinds: frozenset) -> None:
+def check_path(path: str, what: str, kinds: frozenset[int]) -> None:
     """Refuse, creating nothing, what ``open_path`` would refuse."""
     if not CAN_WALK:
         return
@@ -222,7 +222,7 @@ def check_access(directory: Directory, info: os.stat_result | None, what: str) -
 
 
 def open_checked(
-    directory: Directory, name: str, what: str, flags: int, kinds: frozenset
+    directory: Directory, name: str, what: str, flags: int, kinds: frozenset[int]
 ) -> tuple[int, os.stat_result]:
     """Open ``name`` in a checked directory (creating it 0600 if missing) without
     following a link or waiting for a FIFO's reader; what ``fstat`` says of the opened
@@ -245,7 +245,9 @@ def open_checked(
     return fd, info
 
 
-def open_path(path: str, what: str, flags: int, kinds: frozenset) -> tuple[int, os.stat_result]:
+def open_path(
+    path: str, what: str, flags: int, kinds: frozenset[int]
+) -> tuple[int, os.stat_result]:
     """``open_checked`` from a path: (descriptor, what fstat says of it)."""
     if not CAN_WALK:  # pragma: no cover - not POSIX: no links, modes or owners to check
         try:

@@ -8,7 +8,7 @@ import json
 import os
 import socket
 import sqlite3
-from typing import Callable
+from typing import Callable, Optional
 from urllib.parse import quote
 
 from histstat import __version__
@@ -105,18 +105,20 @@ def _statements(script: str) -> list:
 
 # The files SQLite opens by name beside the database, creating them if missing.
 SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+Identities = dict[str, tuple[int, int]]  # a file's name: (device, inode) as checked
 
 _MASTER = "SELECT type, name, tbl_name, sql FROM sqlite_master"
+SchemaObject = tuple[str, str, str, Optional[str]]  # a row of _MASTER
 
 
-def expected_schema(version: int) -> frozenset:
+def expected_schema(version: int) -> frozenset[SchemaObject]:
     """The objects (type, name, tbl_name, sql) of a histstat database of schema
     ``version``, as SQLite itself records what the migrations create."""
     return _schema_made_by(MIGRATIONS[:version])
 
 
 @functools.cache
-def _schema_made_by(migrations: tuple) -> frozenset:
+def _schema_made_by(migrations: tuple[str, ...]) -> frozenset[SchemaObject]:
     db = sqlite3.connect(":memory:")
     try:
         for script in migrations:
@@ -128,7 +130,7 @@ def _schema_made_by(migrations: tuple) -> frozenset:
 
 
 @functools.cache
-def statistics_tables() -> frozenset:
+def statistics_tables() -> frozenset[SchemaObject]:
     """The tables ANALYZE adds (the query planner's statistics, which run no code): a
     database someone analysed is still histstat's."""
     db = sqlite3.connect(":memory:")
@@ -148,12 +150,12 @@ def _short(name: object) -> str:
     return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
-def _code_first(row: tuple) -> tuple:
+def _code_first(row: SchemaObject) -> tuple[int, str]:
     """Triggers and views first: they are what runs SQL, so what a message should name."""
     return ({"trigger": 0, "view": 1}.get(row[0], 2), str(row))
 
 
-def schema_difference(found: set, version: int) -> str | None:
+def schema_difference(found: set[SchemaObject], version: int) -> str | None:
     """What keeps ``found`` (rows of sqlite_master) from being exactly the schema that
     histstat makes at ``version``, or None. Anything else may run SQL inside histstat:
     a trigger, a view in place of a table, a default that calls a function."""
@@ -234,13 +236,13 @@ class SqliteSink:
         finally:
             os.close(directory.fd)
 
-    def _open_files(self, directory: Directory) -> tuple[dict, list]:
+    def _open_files(self, directory: Directory) -> tuple[Identities, list[str]]:
         """Open (or make) the database and its side files through the checks, and close
         them again before SQLite opens them (closing a descriptor of a file would drop
         SQLite's locks on it). Returns {name: (device, inode)} of the files checked, and
         the names of the side files histstat made."""
-        checked: dict = {}
-        made: list = []
+        checked: Identities = {}
+        made: list[str] = []
         names = [(directory.name, self._what)] + [
             (directory.name + suffix, self._side_what(suffix)) for suffix in SIDE_SUFFIXES
         ]
@@ -257,7 +259,7 @@ class SqliteSink:
             raise
         return checked, made
 
-    def _remove_made(self, directory: Directory, checked: dict, made: list) -> None:
+    def _remove_made(self, directory: Directory, checked: Identities, made: list[str]) -> None:
         """Remove the side files histstat made and SQLite did not (in WAL mode, SQLite
         removes -wal and -shm as it closes), if they are still the ones it made."""
         for name in made:
@@ -266,7 +268,7 @@ class SqliteSink:
                 if info.st_size == 0:
                     os.unlink(name, dir_fd=directory.fd)
 
-    def _check_unchanged(self, directory: Directory, checked: dict) -> None:
+    def _check_unchanged(self, directory: Directory, checked: Identities) -> None:
         """After SQLite opened them: each file there is still the one checked."""
         for name, identity in checked.items():
             info = lstat_entry(directory, name)
@@ -282,8 +284,8 @@ class SqliteSink:
             self._connect()
             return
         directory = open_directory(self._abspath, self._what)
-        checked: dict = {}
-        made: list = []
+        checked: Identities = {}
+        made: list[str] = []
         try:
             checked, made = self._open_files(directory)
             self._connect()
