@@ -146,7 +146,7 @@ def get_parser() -> _Parser:
         "--sqlite",
         metavar="FILE",
         help="also write every row into the SQLite database FILE (created 0600, WAL mode, "
-        "one transaction per poll; schema in the README)",
+        "one transaction per poll; schema in docs/sqlite.md)",
     )
 
     parser.add_argument(
