@@ -8,6 +8,11 @@ version = re.search(
     r'^__version__ = "([^"]+)"', (here / "histstat" / "__init__.py").read_text(), re.M
 ).group(1)
 
+# What tools/generate.py makes the man page and the completion scripts with. Pinned: their
+# output is checked in, and another version may write it differently (upgrade here, then
+# run python tools/generate.py). Neither is needed at run time.
+GENERATORS = ["argparse-manpage==4.8", "shtab==1.13.0"]
+
 setup(
     name="histstat",
     version=version,
@@ -17,12 +22,21 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["histstat", "histstat.*"]),
+    package_data={"histstat.completions": ["histstat.bash", "_histstat"]},
     python_requires=">=3.9",
     install_requires=["psutil>=5.9"],
     extras_require={
         "geoip": ["maxminddb>=2"],
-        # the tests build their own small GeoIP databases with mmdb-writer
-        "test": ["pytest>=7", "hypothesis>=6", "maxminddb>=2", "mmdb-writer>=0.2"],
+        # the tests build their own small GeoIP databases with mmdb-writer, and check that
+        # the files the generators make are current
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "maxminddb>=2",
+            "mmdb-writer>=0.2",
+            *GENERATORS,
+        ],
+        "dev": GENERATORS,
     },
     entry_points={"console_scripts": ["histstat = histstat.runner:main"]},
     classifiers=[

@@ -11,6 +11,7 @@ import sys
 from typing import Any, Callable, NoReturn
 
 from histstat import __version__
+from histstat.completions import FILE_COMPLETION
 from histstat.config import Config
 from histstat.filters import (
     STATUSES,
@@ -47,6 +48,11 @@ def _valued(parser: _Parser, group: Any, *flags: str, **kwargs: Any) -> None:
     group.add_argument(*flags, **kwargs)
     for flag in flags:
         parser.value_types[flag] = ("/".join(flags), kwargs["type"])
+
+
+def _completes_files(action: argparse.Action) -> None:
+    """Shell completion offers file names for this option's value."""
+    action.complete = FILE_COMPLETION  # type: ignore[attr-defined]
 
 
 def positive_seconds(text: str) -> float:
@@ -111,13 +117,14 @@ def get_parser() -> _Parser:
         metavar="SECONDS",
         help="seconds between polls (default: 1); connections shorter than this may be missed",
     )
-    parser.add_argument(
+    log = parser.add_argument(
         "-l",
         "--log",
         metavar="FILE",
         help="also append every row to FILE, in the output format; created 0600, "
         "header only when empty, reopened on SIGHUP",
     )
+    _completes_files(log)
     style = parser.add_mutually_exclusive_group()
     style.add_argument(
         "-p", "--prettify", action="store_true", help="space-aligned columns, for a terminal"
@@ -142,12 +149,13 @@ def get_parser() -> _Parser:
         help="add md5 and sha256 of each process's executable (JSON also gets exe)",
     )
 
-    parser.add_argument(
+    sqlite = parser.add_argument(
         "--sqlite",
         metavar="FILE",
         help="also write every row into the SQLite database FILE (created 0600, WAL mode, "
         "one transaction per poll; schema in docs/sqlite.md)",
     )
+    _completes_files(sqlite)
 
     parser.add_argument(
         "--source",
@@ -172,7 +180,7 @@ def get_parser() -> _Parser:
         help="reverse DNS of the remote address into rhost (sends PTR queries the remote "
         "network's owner can see; the address always stays in raddr)",
     )
-    story.add_argument(
+    geoip = story.add_argument(
         "--geoip",
         metavar="FILE",
         action="append",
@@ -180,6 +188,7 @@ def get_parser() -> _Parser:
         help="MaxMind database for country, asn and as_org of the remote address; "
         "repeat for country and ASN files (needs: pip install 'histstat[geoip]')",
     )
+    _completes_files(geoip)
 
     shown = parser.add_argument_group("fields and formats")
     _valued(parser, shown,
