@@ -11,7 +11,7 @@ import sys
 from typing import Any, Callable, NoReturn
 
 from histstat import __version__
-from histstat.completions import FILE_COMPLETION
+from histstat.completions import FILE_COMPLETION, SCRIPTS, completion_script
 from histstat.config import Config
 from histstat.filters import (
     STATUSES,
@@ -48,6 +48,31 @@ def _valued(parser: _Parser, group: Any, *flags: str, **kwargs: Any) -> None:
     group.add_argument(*flags, **kwargs)
     for flag in flags:
         parser.value_types[flag] = ("/".join(flags), kwargs["type"])
+
+
+class _PrintCompletion(argparse.Action):
+    """--print-completion SHELL: print the completion script and exit, as --version does."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        try:
+            script = completion_script(values)
+        except OSError as exc:
+            parser.exit(1, f"{parser.prog}: cannot read the {values} completion script: {exc}\n")
+        if sys.stdout is not None:  # None: started with stdout closed, nobody to tell
+            try:
+                sys.stdout.write(script)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # The reader went away, a normal end as for rows; leave Python nothing to
+                # flush into the closed pipe at exit.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        parser.exit()
 
 
 def _completes_files(action: argparse.Action) -> None:
@@ -142,6 +167,14 @@ def get_parser() -> _Parser:
         action="version",
         version=f"histstat {__version__}",
         help="print the version and exit",
+    )
+    parser.add_argument(
+        "--print-completion",
+        action=_PrintCompletion,
+        choices=tuple(SCRIPTS),
+        metavar="SHELL",
+        help="print the completion script for SHELL (bash or zsh) and exit: "
+        "source <(histstat --print-completion bash)",
     )
     parser.add_argument(
         "--hash",
