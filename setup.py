@@ -23,18 +23,23 @@ setup(
     license="MIT",
     packages=find_packages(include=["histstat", "histstat.*"]),
     package_data={"histstat.completions": ["histstat.bash", "_histstat"]},
+    # beside the venv's bin/, where man finds it for the commands on PATH
+    data_files=[("share/man/man1", ["man/histstat.1"])],
     python_requires=">=3.9",
     install_requires=["psutil>=5.9"],
     extras_require={
         "geoip": ["maxminddb>=2"],
-        # the tests build their own small GeoIP databases with mmdb-writer, and check that
-        # the files the generators make are current
+        # the tests build their own small GeoIP databases with mmdb-writer, check that the
+        # files the generators make are current, and install histstat offline (setuptools
+        # and wheel: a venv of Python 3.12 or newer has neither)
         "test": [
             "pytest>=7",
             "hypothesis>=6",
             "maxminddb>=2",
             "mmdb-writer>=0.2",
             *GENERATORS,
+            "setuptools>=61",
+            "wheel",
         ],
         "dev": GENERATORS,
     },
