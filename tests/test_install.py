@@ -4,12 +4,15 @@ package, where `man` and `histstat --print-completion` find them."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from support.histstat import histstat_command
 
 ROOT = Path(__file__).resolve().parent.parent
 # what setup.py needs to build histstat (tests, docs and tools are not installed)
@@ -21,6 +24,7 @@ def test_pip_install_puts_the_man_page_in_share_man(tmp_path):
     for module in ("setuptools", "wheel"):
         if importlib.util.find_spec(module) is None:
             pytest.fail(f"building histstat offline needs {module}: pip install -e '.[test]'")
+    tested = histstat_command()  # the one the e2e tests run: it must stay installed
     source, prefix = tmp_path / "source", tmp_path / "prefix"
     source.mkdir()
     for name in SOURCES:  # a copy, so that the build leaves nothing in the checkout
@@ -29,13 +33,13 @@ def test_pip_install_puts_the_man_page_in_share_man(tmp_path):
             shutil.copytree(ROOT / name, source / name, ignore=ignore)
         else:
             shutil.copy2(ROOT / name, source / name)
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-         "--no-index", "--prefix", str(prefix), str(source)],
-        capture_output=True,
-        timeout=INSTALL_TIMEOUT,
-    )  # fmt: skip
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation"]
+    # --ignore-installed: else pip first uninstalls the histstat of the venv that runs
+    # the tests (it counts it as the installed version), and the e2e tests lose it.
+    install += ["--no-index", "--ignore-installed", "--prefix", str(prefix), str(source)]
+    done = subprocess.run(install, capture_output=True, timeout=INSTALL_TIMEOUT)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert os.path.exists(tested), f"pip uninstalled {tested}"
 
     man_page = prefix / "share" / "man" / "man1" / "histstat.1"
     assert man_page.read_bytes() == (ROOT / "man" / "histstat.1").read_bytes()
