@@ -31,12 +31,16 @@ setup(
         "geoip": ["maxminddb>=2"],
         # the tests build their own small GeoIP databases with mmdb-writer, check that the
         # files the generators make are current, and install histstat offline (setuptools
-        # and wheel: a venv of Python 3.12 or newer has neither)
+        # and wheel: a venv of Python 3.12 or newer has neither); CI checks types and lint
+        # with the same install
         "test": [
             "pytest>=7",
             "hypothesis>=6",
             "maxminddb>=2",
             "mmdb-writer>=0.2",
+            "mypy>=1.8",
+            "types-psutil",
+            "ruff>=0.4",
             *GENERATORS,
             "setuptools>=61",
             "wheel",
