@@ -11,6 +11,7 @@ import sys
 from typing import Any, Callable, NoReturn
 
 from histstat import __version__
+from histstat.completions import FILE_COMPLETION, SCRIPTS, completion_script
 from histstat.config import Config
 from histstat.filters import (
     STATUSES,
@@ -47,6 +48,36 @@ def _valued(parser: _Parser, group: Any, *flags: str, **kwargs: Any) -> None:
     group.add_argument(*flags, **kwargs)
     for flag in flags:
         parser.value_types[flag] = ("/".join(flags), kwargs["type"])
+
+
+class _PrintCompletion(argparse.Action):
+    """--print-completion SHELL: print the completion script and exit, as --version does."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        try:
+            script = completion_script(values)
+        except OSError as exc:
+            parser.exit(1, f"{parser.prog}: cannot read the {values} completion script: {exc}\n")
+        if sys.stdout is not None:  # None: started with stdout closed, nobody to tell
+            try:
+                sys.stdout.write(script)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # The reader went away, a normal end as for rows; leave Python nothing to
+                # flush into the closed pipe at exit.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        parser.exit()
+
+
+def _completes_files(action: argparse.Action) -> None:
+    """Shell completion offers file names for this option's value."""
+    action.complete = FILE_COMPLETION  # type: ignore[attr-defined]
 
 
 def positive_seconds(text: str) -> float:
@@ -111,13 +142,14 @@ def get_parser() -> _Parser:
         metavar="SECONDS",
         help="seconds between polls (default: 1); connections shorter than this may be missed",
     )
-    parser.add_argument(
+    log = parser.add_argument(
         "-l",
         "--log",
         metavar="FILE",
         help="also append every row to FILE, in the output format; created 0600, "
         "header only when empty, reopened on SIGHUP",
     )
+    _completes_files(log)
     style = parser.add_mutually_exclusive_group()
     style.add_argument(
         "-p",
@@ -141,17 +173,26 @@ def get_parser() -> _Parser:
         help="print the version and exit",
     )
     parser.add_argument(
+        "--print-completion",
+        action=_PrintCompletion,
+        choices=tuple(SCRIPTS),
+        metavar="SHELL",
+        help="print the completion script for SHELL (bash or zsh) and exit: "
+        "source <(histstat --print-completion bash)",
+    )
+    parser.add_argument(
         "--hash",
         action="store_true",
         help="add md5 and sha256 of each process's executable (JSON also gets exe)",
     )
 
-    parser.add_argument(
+    sqlite = parser.add_argument(
         "--sqlite",
         metavar="FILE",
         help="also write every row into the SQLite database FILE (created 0600, WAL mode, "
-        "one transaction per poll; schema in the README)",
+        "one transaction per poll; schema in docs/sqlite.md)",
     )
+    _completes_files(sqlite)
 
     parser.add_argument(
         "--source",
@@ -176,7 +217,7 @@ def get_parser() -> _Parser:
         help="reverse DNS of the remote address into rhost (sends PTR queries the remote "
         "network's owner can see; the address always stays in raddr)",
     )
-    story.add_argument(
+    geoip = story.add_argument(
         "--geoip",
         metavar="FILE",
         action="append",
@@ -185,6 +226,7 @@ def get_parser() -> _Parser:
         "repeat for country and ASN files (needs the maxminddb package: "
         "pip install '.[geoip]' in histstat's checkout)",
     )
+    _completes_files(geoip)
 
     shown = parser.add_argument_group("fields and formats")
     _valued(parser, shown,
