@@ -94,9 +94,9 @@ def test_unprivileged_notice_goes_to_stderr_only(monkeypatch):
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        assert runner.main(["-j"], env=env) == 0
+        assert runner.main(["-j", "--port", str(port)], env=env) == 0
     rows = [json.loads(line) for line in stdout.getvalue().splitlines()]
-    assert any(row["lport"] == port for row in rows)
+    assert [row["lport"] for row in rows] == [port]
     assert stderr.getvalue() == NOT_PRIVILEGED_NOTICE + "\n"
 
 
@@ -107,8 +107,9 @@ def test_unprivileged_run_prints_the_notice_on_stderr_only(tmp_path):
     with socket.socket() as listener:  # a row is sure to come, without a process
         listener.bind(("127.0.0.1", 0))
         listener.listen()
+        port = listener.getsockname()[1]
         proc = subprocess.Popen(
-            [*AS_NOBODY, histstat_command(), "-j", "-i", "1"],
+            [*AS_NOBODY, histstat_command(), "-j", "-i", "1", "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -406,9 +406,7 @@ def test_hidden_table_holds_every_control_format_and_invisible_character():
     """The embedded table against this Python's unicodedata and Unicode's list of default
     ignorable code points: all of them escaped, and nothing visible besides."""
     table = {code for first, last in HIDDEN_RANGES for code in range(first, last + 1)}
-    by_category = {
-        code for code in range(0x110000) if unicodedata.category(chr(code)) in HIDDEN
-    }
+    by_category = {code for code in range(0x110000) if unicodedata.category(chr(code)) in HIDDEN}
     assert len(IGNORABLE) == 4174  # "Total code points" in DerivedCoreProperties.txt
     assert by_category <= table
     assert IGNORABLE <= table
