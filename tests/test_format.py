@@ -3,6 +3,7 @@
 import csv
 import datetime
 import json
+import sys
 import unicodedata
 
 import pytest
@@ -448,15 +449,20 @@ def test_a_process_text_is_escaped_once_for_all_its_rows():
         calls.append(value)
         return value.upper()
 
-    memo = _Memo(escape, budget=100)
+    def size(text: str) -> int:
+        return 2 * sys.getsizeof(text)  # the text and its result, as the memo counts
+
+    memo = _Memo(escape, budget=5 * size("x" * 20))
     command = "x" * 20
     assert [memo(command) for _ in range(5)] == ["X" * 20] * 5
     assert calls == [command]
-    assert memo("y" * 60) == "Y" * 60  # 120 characters with its result: never kept
-    assert memo("y" * 60) == "Y" * 60 and len(calls) == 3
-    for n in range(10):  # the oldest give way: at most 100 characters are kept
-        memo(str(n) * 10)
-    assert memo(command) == "X" * 20 and len(calls) == 14
+    big = "y" * 1000  # more than the whole budget with its result: never kept
+    assert memo(big) == memo(big) == "Y" * 1000 and calls.count(big) == 2
+    for n in range(10):  # the oldest give way: five of this size fit at a time
+        memo(str(n % 10) * 20)
+    assert len(calls) == 13
+    assert memo("9" * 20) == "9" * 20 and len(calls) == 13  # among the last five
+    assert memo(command) == "X" * 20 and len(calls) == 14  # given way
 
 
 def test_escaped_text_comes_from_the_memo_unchanged():

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import sys
 import unicodedata
 from collections.abc import Sequence
 from typing import Callable, NamedTuple
@@ -172,7 +173,7 @@ def _as_bytes(run: re.Match) -> str:
 
 class _Memo:
     """The last results of a costly function of a string, kept while they fit a budget
-    of characters: rows of one process repeat the same name and command (the same string
+    of bytes: rows of one process repeat the same name and command (the same string
     object, whose hash Python keeps), so each is escaped once, not once per row."""
 
     def __init__(self, function: Callable[[str], str], budget: int) -> None:
@@ -185,18 +186,19 @@ class _Memo:
         result = self._results.get(value)
         if result is None:
             result = self._function(value)
-            cost = len(value) + len(result)
+            cost = sys.getsizeof(value) + sys.getsizeof(result)
             if cost <= self._budget:
                 while self._used + cost > self._budget:  # oldest first
                     old = next(iter(self._results))
-                    self._used -= len(old) + len(self._results.pop(old))
+                    self._used -= sys.getsizeof(old) + sys.getsizeof(self._results.pop(old))
                 self._results[value] = result
                 self._used += cost
         return result
 
 
-# Enough for a few hundred processes' text at the default --command-limit.
-_MEMO_BUDGET = 64 << 20
+# Bytes each memo may hold: a hundred processes' commands at the default --command-limit,
+# each escaped to four times its length.
+_MEMO_BUDGET = 32 << 20
 
 
 def _escape_text(value: str) -> str:
