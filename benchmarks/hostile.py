@@ -5,9 +5,11 @@ Run from the repository root, with the Python of a venv where histstat is instal
     python benchmarks/hostile.py                 # --once at 30 and 100 connections, 3 runs
                                                  # each, and a live victim: ~1 min on 2 cores
     python benchmarks/hostile.py --quick         # 30 connections, 1 run, 100 victim connections
-    python benchmarks/hostile.py --before /path/to/other/venv/bin/python
+    python benchmarks/hostile.py --before /path/to/other/venv/bin/histstat
                                                  # also measure another install (the code
                                                  # before a change) in the same run
+    python benchmarks/hostile.py --neighbour 30 &  # only start the attacker, until killed
+                                                 # (to run the test suite beside it)
 
 The attacker is the issue's: a process named "\\xffsshd" whose command line is 9 arguments
 of 120,000 \\x01 bytes, holding N loopback connections (2N + 1 sockets with its listener).
@@ -64,8 +66,9 @@ def _pair(listener: socket.socket) -> tuple:
     return client, accepted
 
 
-def _holder(pairs: int, churn: float, hostile: bool) -> None:
-    """Hold ``pairs`` connections; with ``churn``, replace the oldest every ``churn`` s."""
+def _holder(pairs: int, churn: float, hostile: bool, forever: bool = False) -> None:
+    """Hold ``pairs`` connections; with ``churn``, replace the oldest every ``churn`` s;
+    until stdin reaches EOF, or until killed when ``forever``."""
     if hostile:
         fd = os.open("/proc/self/comm", os.O_WRONLY)
         os.write(fd, ATTACKER_COMM)
@@ -76,7 +79,8 @@ def _holder(pairs: int, churn: float, hostile: bool) -> None:
     held = collections.deque(_pair(listener) for _ in range(pairs))
     print(f"ready {listener.getsockname()[1]}", flush=True)
     ended = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.buffer.read(), ended.set()), daemon=True).start()
+    if not forever:
+        threading.Thread(target=lambda: (sys.stdin.buffer.read(), ended.set()), daemon=True).start()
     while not ended.wait(churn if churn > 0 else None):
         for end in held.popleft():
             end.close()
@@ -115,6 +119,9 @@ def helper_main(argv: list) -> None:
     kind, args = argv[0], argv[1:]
     if kind in ("attacker", "benign"):
         _holder(int(args[0]), float(args[1]), kind == "attacker")
+    elif kind == "neighbour":
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _holder(int(args[0]), float(args[1]), True, forever=True)
     elif kind == "victim":
         _victim(int(args[0]), float(args[1]), float(args[2]))
     raise SystemExit(f"unknown helper {kind!r}")
@@ -137,12 +144,13 @@ def holder(procs: Processes, kind: str, pairs: int, churn: float = 0.0) -> tuple
 # ---------------------------------------------------------------------------------------
 
 
-def run_once(histstat: list, args: list) -> tuple:
-    """(seconds, peak RSS in bytes) of one histstat run to its end, stdout to /dev/null."""
+def run_once(histstat: list, args: list, tmp: str) -> tuple:
+    """(seconds, peak RSS in bytes) of one histstat run to its end, stdout to /dev/null;
+    in ``tmp``, where ``python -m histstat`` cannot pick up a checkout's package."""
     started = time.monotonic()
     with open(os.devnull, "wb") as null:
         proc = subprocess.Popen([*histstat, *args], stdin=subprocess.DEVNULL, stdout=null,
-                                stderr=subprocess.PIPE)  # fmt: skip
+                                stderr=subprocess.PIPE, cwd=tmp)  # fmt: skip
     try:
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -163,7 +171,7 @@ def run_once(histstat: list, args: list) -> tuple:
     return took, usage.ru_maxrss * 1024
 
 
-def once(procs: Processes, installs: dict, pairs: int, runs: int) -> dict:
+def once(procs: Processes, installs: dict, pairs: int, runs: int, tmp: str) -> dict:
     """{(install, kind, format): (median seconds, median peak RSS)}."""
     results = {}
     for kind in ("benign", "attacker"):
@@ -172,7 +180,7 @@ def once(procs: Processes, installs: dict, pairs: int, runs: int) -> dict:
             for name, histstat in installs.items():
                 for style, options in (("plain", []), ("json", ["-j"])):
                     args = ["--once", *options, "--port", str(port)]
-                    times, peaks = zip(*(run_once(histstat, args) for _ in range(runs)))
+                    times, peaks = zip(*(run_once(histstat, args, tmp) for _ in range(runs)))
                     results[(name, kind, style)] = (
                         statistics.median(times),
                         statistics.median(peaks),
@@ -204,7 +212,7 @@ def victim_coverage(procs: Processes, histstat: list, kind: str, count: int, tmp
         with open(os.devnull, "wb") as null:
             histstat_proc = procs.start(
                 [*histstat, "-q", "-j", "-i", "0.1", "--pid", pids, "-l", log],
-                stdin=subprocess.DEVNULL, stdout=null, stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, stdout=null, stderr=subprocess.DEVNULL, cwd=tmp,
             )  # fmt: skip
         deadline = time.monotonic() + 120
         while not (os.path.exists(log) and os.path.getsize(log)):  # its first poll is out
@@ -285,7 +293,7 @@ def bench(quick: bool, installs: dict, procs: Processes, tmp: str) -> None:
     sockets, time_wait, _ = socket_census()
     print(f"- load average at the start: {load}; inet sockets: {sockets:,} ({time_wait:,} "
           "TIME_WAIT)\n", flush=True)  # fmt: skip
-    once_results = {pairs: once(procs, installs, pairs, runs) for pairs in sizes}
+    once_results = {pairs: once(procs, installs, pairs, runs, tmp) for pairs in sizes}
     victim_results = {}
     for name, histstat in installs.items():
         victim_results[name] = {
@@ -310,12 +318,20 @@ def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="30 connections, one run")
     parser.add_argument(
-        "--before", metavar="PYTHON", help="also measure the histstat of this interpreter"
+        "--before", metavar="HISTSTAT", help="also measure this histstat command (another install)"
     )
+    parser.add_argument(
+        "--neighbour", metavar="PAIRS", type=int,
+        help="only run the attacker with PAIRS connections, until killed",
+    )  # fmt: skip
     options = parser.parse_args(argv)
+    if options.neighbour is not None:
+        helper = [sys.executable, os.path.abspath(__file__), "_helper", "neighbour"]
+        os.execv(sys.executable, [*helper, str(options.neighbour), "0", *ATTACKER_ARGUMENTS])
     installs = {"this": [sys.executable, "-m", "histstat"]}
     if options.before:
-        installs = {"before": [options.before, "-m", "histstat"], "after": installs["this"]}
+        before = os.path.abspath(options.before)
+        installs = {"before": [before], "after": installs["this"]}
     signal.signal(signal.SIGTERM, _terminated)
     procs = Processes()
     started = time.monotonic()
