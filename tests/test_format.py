@@ -503,3 +503,20 @@ def test_command_length_is_a_field_of_every_format():
     unknown = make_row(command=None, command_length=None)
     assert format_plain_row(unknown, fields) == "-\t-"
     assert json.loads(format_json_row(unknown, fields))["command_length"] is None
+
+
+def test_a_huge_cell_is_measured_only_as_far_as_the_terminal_can_show():
+    fields = text_fields(False)
+    for char in ("x", "\u6f22", "\u00e9"):
+        huge = make_row(command=char * 65536)
+        head = make_row(command=char * 1000)
+        assert format_pretty_row(huge, fields, Screen(150)) == format_pretty_row(
+            head, fields, Screen(150)
+        )
+    # Combining marks take no column: the part beyond what was measured shows as cut.
+    marks = make_row(command="a" + "\u0301" * 65536)
+    line = format_pretty_row(marks, ("pid", "command"), Screen(100))
+    assert line.endswith("\u2026") and display_width(line) <= 100
+    assert format_pretty_row(make_row(command="a\u0301" * 5), ("pid", "command"), Screen(100)) == (
+        "4242     " + "a\u0301" * 5
+    )

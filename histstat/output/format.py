@@ -363,11 +363,20 @@ def _cut_line(cells: list, width: int, ellipsis: str) -> list:
     return fitted
 
 
+def _at_most(cell: str, length: int, ellipsis: str) -> str:
+    return cell if len(cell) <= length else cell[:length] + ellipsis
+
+
 def _fit_screen(cells: list, fields: Sequence[str], screen: Screen) -> list:
     """Fit a terminal: shorten the command column first; when the other columns alone
-    are too wide, cut the line at the terminal's edge."""
-    cells = [_as_shown(cell, screen.encoding) for cell in cells]
+    are too wide, cut the line at the terminal's edge.
+
+    Widths are measured character by character, so a cell is first cut to four times
+    the terminal's width: a longer one cannot fit unless most of it takes no column
+    (combining marks), and measuring a 64K-character command would cost 70 ms a row."""
     ellipsis = _ellipsis(screen.encoding)
+    longest = 4 * screen.width
+    cells = [_as_shown(_at_most(cell, longest, ellipsis), screen.encoding) for cell in cells]
     excess = display_width(PRETTY_GAP.join(cells)) - screen.width
     if excess > 0 and "command" in fields:
         at = list(fields).index("command")
