@@ -155,29 +155,37 @@ def test_sqlite_stores_the_same_cut_command_and_its_length(attacker, tmp_path):
 
 # --------------------------------------------------------------------------- 2. live
 
-# The victim: a listener, then COUNT connections to it one after the other once told
-# "go" on its stdin, each held HOLD seconds; it prints each client port, then "done".
+# The victim: a listener, then, once told "go" on its stdin, COUNT connections to it, one
+# every GAP seconds, each held HOLD seconds; it prints each client port, then "done".
 VICTIM_SOURCE = """
-import socket, sys, time
+import collections, socket, sys, time
 
-count, hold = int(sys.argv[1]), float(sys.argv[2])
+count, gap, hold = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
-listener.listen(8)
+listener.listen(64)
 print("ready", flush=True)
 sys.stdin.readline()
+held = collections.deque()
 for _ in range(count):
     client = socket.create_connection(listener.getsockname())
     accepted, _ = listener.accept()
     print(client.getsockname()[1], flush=True)
-    time.sleep(hold)
-    client.close()
-    accepted.close()
+    held.append((time.monotonic() + hold, client, accepted))
+    while held and held[0][0] <= time.monotonic():
+        for end in held.popleft()[1:]:
+            end.close()
+    time.sleep(gap)
+while held:
+    time.sleep(max(0.0, held[0][0] - time.monotonic()))
+    for end in held.popleft()[1:]:
+        end.close()
 print("done", flush=True)
 sys.stdin.readline()
 """
 VICTIM_CONNECTIONS = 20
-VICTIM_HOLD = 0.4  # seconds: several polls at -i 0.05, on a busy machine too
+VICTIM_GAP = 0.2  # seconds between two of its connections
+VICTIM_HOLD = 0.8  # seconds each lives: many polls at -i 0.05, on a busy machine too
 
 
 class LogTail:
@@ -227,7 +235,7 @@ def test_a_victim_is_seen_whole_while_the_attacker_churns(hold_connections, run_
     attacker = hold_connections(ATTACKER_PAIRS, *ATTACKER_ARGUMENTS, comm=ATTACKER_COMM, churn=0.2)
     victim = subprocess.Popen(
         [sys.executable, "-c", encoded_script(VICTIM_SOURCE), str(VICTIM_CONNECTIONS),
-         str(VICTIM_HOLD)],
+         str(VICTIM_GAP), str(VICTIM_HOLD)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
     try:
