@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Any, Optional
 
 from histstat.records import Connection
+
+ListenerKey = tuple[str, str, int]  # tcp or udp, address, port
+Endpoint = tuple[str, str, int, Optional[str], Optional[int]]  # proto, laddr, lport, raddr, rport
 
 # How long a closed listener still makes its port's connections "in": a connection
 # accepted just before the listener closed is noticed a poll or more later.
@@ -32,13 +36,14 @@ class ListenerMemory:
     """
 
     def __init__(self, memory: float = LISTENER_MEMORY, limit: int = MAX_LISTENERS) -> None:
-        self._open: dict = {}  # key -> number of listening sockets now
-        self._until: OrderedDict = OrderedDict()  # key -> monotonic expiry, once all closed
+        self._open: dict[ListenerKey, int] = {}  # key -> number of listening sockets now
+        # key -> monotonic expiry, once all closed
+        self._until: OrderedDict[ListenerKey, float] = OrderedDict()
         self._memory = memory
         self._limit = limit
 
     @staticmethod
-    def _key(conn: Connection) -> tuple:
+    def _key(conn: Connection) -> ListenerKey:
         return (conn.proto.rstrip("6"), _plain_address(conn.laddr), conn.lport)
 
     def opened(self, listener: Connection) -> None:
@@ -65,7 +70,7 @@ class ListenerMemory:
                 return
             del self._until[key]
 
-    def _listening(self, key: tuple, now: float) -> bool:
+    def _listening(self, key: ListenerKey, now: float) -> bool:
         return key in self._open or self._until.get(key, -math.inf) >= now
 
     def direction(self, conn: Connection, now: float) -> str | None:
@@ -95,13 +100,14 @@ class EndpointMemory:
     """
 
     def __init__(self, memory: float = ORPHAN_MEMORY, limit: int = MAX_ENDPOINTS) -> None:
-        self._live: dict = {}  # endpoint -> owner, while a connection holds it
-        self._gone: OrderedDict = OrderedDict()  # endpoint -> (last seen owned, owner)
+        self._live: dict[Endpoint, Any] = {}  # endpoint -> owner, while a connection holds it
+        # endpoint -> (last seen owned, owner)
+        self._gone: OrderedDict[Endpoint, tuple[float, Any]] = OrderedDict()
         self._memory = memory
         self._limit = limit
 
     @staticmethod
-    def endpoint(conn: Connection) -> tuple:
+    def endpoint(conn: Connection) -> Endpoint:
         return conn[:5]
 
     def remember(self, conn: Connection, owner, now: float) -> None:

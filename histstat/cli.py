@@ -221,7 +221,8 @@ def get_parser() -> _Parser:
         action="append",
         default=[],
         help="MaxMind database for country, asn and as_org of the remote address; "
-        "repeat for country and ASN files (needs: pip install 'histstat[geoip]')",
+        "repeat for country and ASN files (needs the maxminddb package: "
+        "pip install '.[geoip]' in histstat's checkout)",
     )
 
     shown = parser.add_argument_group("fields and formats")
@@ -261,6 +262,12 @@ def get_parser() -> _Parser:
     )
     _valued(parser, capture,
         "--duration", type=positive_seconds, metavar="SECONDS", help="stop after SECONDS"
+    )
+    capture.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="no rows, open or close, for the connections already there at the first poll: "
+        "only what happens from then on, a new state of one of them included (not with --once)",
     )
 
     narrow = parser.add_argument_group(
@@ -340,6 +347,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.error("argument --sqlite: needs a file name")
     if args.quiet and not (args.log or args.sqlite):
         parser.error("-q/--quiet needs a file to write to: add -l/--log FILE or --sqlite FILE")
+    if args.skip_existing and args.once:
+        parser.error("--skip-existing leaves out all that --once would show: use one of them")
     output = next(
         (name for name, on in (("json", args.json), ("pretty", args.prettify), ("csv", args.csv))
          if on),
@@ -375,6 +384,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         duration=args.duration,
         color=args.color,
         closed=args.closed,
+        skip_existing=args.skip_existing,
         resolve=args.resolve or bool(args.fields and "rhost" in args.fields),
         geoip=tuple(args.geoip),
         source=_source_name(parser, args.source, args.source not in SOURCE_NAMES),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 from dataclasses import dataclass
+from typing import Union
 
 import psutil
 
@@ -13,14 +14,17 @@ from histstat.records import Connection, ProcessFacts
 
 # NONE stands for stateless (UDP) rows, whose status is shown as "-" / null.
 STATUSES = tuple(sorted(getattr(psutil, name) for name in dir(psutil) if name.startswith("CONN_")))
-_V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+PortRange = tuple[int, int]  # first and last port, both included
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 class FilterValueError(ValueError):
     """A malformed filter value; the message names it (and the valid choices)."""
 
 
-def _items(text: str, what: str) -> list:
+def _items(text: str, what: str) -> list[str]:
     items = [item.strip() for item in text.split(",")]
     if not text.strip() or any(not item for item in items):
         raise FilterValueError(f"empty item in {what} list {text!r}")
@@ -33,7 +37,7 @@ def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 20
 
 
-def _port_range(item: str) -> tuple:
+def _port_range(item: str) -> PortRange:
     low, dash, high = (part.strip() for part in item.partition("-"))
     high = high if dash else low
     if not (_is_number(low) and _is_number(high)) or max(int(low), int(high)) > 65535:
@@ -43,12 +47,12 @@ def _port_range(item: str) -> tuple:
     return (int(low), int(high))
 
 
-def parse_ports(text: str) -> tuple:
+def parse_ports(text: str) -> tuple[PortRange, ...]:
     """``22,80,8000-8100`` → ((22, 22), (80, 80), (8000, 8100))."""
     return tuple(_port_range(item) for item in _items(text, "port"))
 
 
-def _unmapped(network):
+def _unmapped(network: Network) -> Network:
     """An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) as its IPv4 network."""
     if network.version == 6 and network.subnet_of(_V4_MAPPED):
         address = network.network_address.ipv4_mapped
@@ -56,7 +60,7 @@ def _unmapped(network):
     return network
 
 
-def parse_networks(text: str) -> tuple:
+def parse_networks(text: str) -> tuple[Network, ...]:
     """IP addresses and CIDR networks, IPv4 or IPv6 (host bits allowed: ``10.1.2.3/8``)."""
     networks = []
     for item in _items(text, "address"):
@@ -67,7 +71,7 @@ def parse_networks(text: str) -> tuple:
     return tuple(networks)
 
 
-def parse_pids(text: str) -> frozenset:
+def parse_pids(text: str) -> frozenset[int]:
     pids = set()
     for item in _items(text, "pid"):
         if not _is_number(item):
@@ -76,11 +80,11 @@ def parse_pids(text: str) -> frozenset:
     return frozenset(pids)
 
 
-def parse_names(text: str) -> tuple:
+def parse_names(text: str) -> tuple[str, ...]:
     return tuple(_items(text, "name"))
 
 
-def parse_statuses(text: str) -> frozenset:
+def parse_statuses(text: str) -> frozenset[str]:
     """Case-insensitive status names; NONE matches stateless UDP rows."""
     chosen = set()
     for item in _items(text, "status"):
@@ -91,7 +95,7 @@ def parse_statuses(text: str) -> frozenset:
     return frozenset(chosen)
 
 
-def _addresses(text: str | None) -> tuple:
+def _addresses(text: str | None) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
     """A row's address as ipaddress objects: an IPv4-mapped IPv6 address both as itself
     and as its IPv4 address, so it matches IPv4 networks and IPv6 ones (``::/0``)."""
     ip = parse_ip(text)
@@ -101,7 +105,7 @@ def _addresses(text: str | None) -> tuple:
     return (ip,) if plain is ip else (ip, plain)
 
 
-def _in_networks(text: str | None, networks: tuple) -> bool:
+def _in_networks(text: str | None, networks: tuple[Network, ...]) -> bool:
     return any(
         address.version == network.version and address in network
         for address in _addresses(text)
@@ -109,7 +113,7 @@ def _in_networks(text: str | None, networks: tuple) -> bool:
     )
 
 
-def _in_ranges(port: int | None, ranges: tuple) -> bool:
+def _in_ranges(port: int | None, ranges: tuple[PortRange, ...]) -> bool:
     return port is not None and any(first <= port <= last for first, last in ranges)
 
 
@@ -121,17 +125,17 @@ class RowFilter:
     costs no process lookup; ``keeps_process`` decides on name and user.
     """
 
-    protos: frozenset | None = None
-    ports: tuple | None = None
-    lports: tuple | None = None
-    rports: tuple | None = None
-    laddrs: tuple | None = None
-    raddrs: tuple | None = None
-    pids: frozenset | None = None
-    statuses: frozenset | None = None
-    excluded_statuses: frozenset = frozenset()
-    names: tuple | None = None
-    users: frozenset | None = None
+    protos: frozenset[str] | None = None
+    ports: tuple[PortRange, ...] | None = None
+    lports: tuple[PortRange, ...] | None = None
+    rports: tuple[PortRange, ...] | None = None
+    laddrs: tuple[Network, ...] | None = None
+    raddrs: tuple[Network, ...] | None = None
+    pids: frozenset[int] | None = None
+    statuses: frozenset[str] | None = None
+    excluded_statuses: frozenset[str] = frozenset()
+    names: tuple[str, ...] | None = None
+    users: frozenset[str] | None = None
 
     @property
     def needs_process(self) -> bool:
@@ -167,7 +171,7 @@ def _name_matches(name: str, wanted: str) -> bool:
     return name == wanted or fnmatch.fnmatchcase(name, wanted)
 
 
-def protocols(tcp: bool, udp: bool, ipv4: bool, ipv6: bool) -> frozenset | None:
+def protocols(tcp: bool, udp: bool, ipv4: bool, ipv6: bool) -> frozenset[str] | None:
     """The proto names to keep; None (all) when no protocol or family was asked for."""
     if not (tcp or udp or ipv4 or ipv6):
         return None

@@ -22,7 +22,7 @@ class Hashes(NamedTuple):
 UNKNOWN_HASHES = Hashes()
 
 
-def file_identity(st: os.stat_result) -> tuple:
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     """What makes two opens the same file content: mtime alone can be forged."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -57,10 +57,10 @@ class ExecutableHasher:
     def __init__(self, workers: int = 2) -> None:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="histstat-hash")
         self._stopping = threading.Event()
-        self._by_identity: dict = {}
+        self._by_identity: dict[tuple[int, int, int, int, int], Future[Hashes]] = {}
         self.hashed = 0  # how many files were actually read, for tests and figures
 
-    def hashes_of(self, path: str) -> Future | None:
+    def hashes_of(self, path: str) -> Future[Hashes] | None:
         """A future of the file's Hashes, or None when it cannot be opened (unknown)."""
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))

@@ -60,7 +60,7 @@ class Row(NamedTuple):
     command_length: int | None = None  # characters of the whole command line
 
 
-def sort_key(conn: Connection) -> tuple:
+def sort_key(conn: Connection) -> tuple[str, str, int, str, int, str, int]:
     """Order connections deterministically although some fields may be None."""
     return (
         conn.proto,

@@ -41,8 +41,8 @@ def reverse_lookup(address: str) -> str | None:
     return name or None
 
 
-def _done(name: str | None) -> Future:
-    future: Future = Future()
+def _done(name: str | None) -> Future[str | None]:
+    future: Future[str | None] = Future()
     future.set_result(name)
     return future
 
@@ -81,14 +81,14 @@ class ReverseResolver:
         self._wakeup = threading.Condition(self._lock)
         # address -> (future, expiry); expiry None while the lookup is queued or running.
         # Insertion order is age, so the first entry is the one to drop.
-        self._entries: dict[str, tuple[Future, float | None]] = {}
+        self._entries: dict[str, tuple[Future[str | None], float | None]] = {}
         # The queue, oldest first: a dict so that an evicted address leaves it at once.
-        self._pending: dict[str, Future] = {}
+        self._pending: dict[str, Future[str | None]] = {}
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._closed = False
 
-    def name_of(self, address: str | None) -> Future | None:
+    def name_of(self, address: str | None) -> Future[str | None] | None:
         """A future of the PTR name of ``address`` (str, or None when it has none / the
         lookup failed); None for no address.
 
@@ -100,7 +100,7 @@ class ReverseResolver:
         key = ptr_address(address)
         if key is None:
             return _done(None)
-        evicted: list[Future] = []
+        evicted: list[Future[str | None]] = []
         with self._lock:
             if self._closed:
                 return _done(None)

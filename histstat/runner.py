@@ -169,6 +169,7 @@ def run(config: Config, env: Environment) -> int:
                 closed=config.closed,
                 resolver=resolver,
                 geoip=geoip,
+                skip_existing=config.skip_existing,
             )
             PollLoop(config, env, poller, writer, opened, stdout, hangup).run()
             _write_the_rest(writer)  # a normal end: the reader is expected to read on

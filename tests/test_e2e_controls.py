@@ -9,7 +9,6 @@ printed must obey the filter under test.
 
 from __future__ import annotations
 
-import base64
 import csv
 import fcntl
 import hashlib
@@ -28,22 +27,16 @@ import sys
 import termios
 import time
 import unicodedata
-import uuid
 from dataclasses import dataclass
 
 import psutil
 import pytest
 
-from support.children import SocketChild, child_argv, new_marker
-from support.contract import COLUMNS
-from support.histstat import connection_key, histstat_command, locale_env, run_once
+from support.children import USER, SocketChild, child_argv, new_marker, new_tag, one_line_script
+from support.contract import COLUMNS, KEY_FIELDS
+from support.histstat import INTERVAL, UTF8_ENV, connection_key, histstat_command, run_once
+from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT
 
-INTERVAL = ("-i", "0.1")
-USER = pwd.getpwuid(os.geteuid()).pw_name
-UTF8_ENV = locale_env("C.UTF-8")  # stdout and logs compared byte for byte: both UTF-8
-KEY_FIELDS = ("proto", "laddr", "lport", "raddr", "rport", "status")
-ALL_FIELDS = COLUMNS[:-1] + ("exe", "md5", "sha256", "command", "command_length", "timestamp")
-STATUSES = sorted(getattr(psutil, name) for name in dir(psutil) if name.startswith("CONN_"))
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 ELLIPSIS = "\u2026"
 STYLES = {"plain": (), "pretty": ("-p",), "json": ("-j",), "csv": ("--csv",)}
@@ -125,7 +118,7 @@ def in_networks(address: str | None, *networks: str) -> bool:
     return False
 
 
-def hold_on_pty(args, cols: int, rows: int = 24, env: dict | None = None, timeout=15.0):
+def hold_on_pty(args, cols: int, rows: int = 24, env: dict | None = None, timeout=DEFAULT_TIMEOUT):
     """Run histstat to its end with stdout on a pseudo-terminal of ``rows`` x ``cols``;
     returns (exit status, what the terminal received with CRLF as LF, stderr)."""
     master, slave = pty.openpty()
@@ -165,7 +158,7 @@ def hold_on_pty(args, cols: int, rows: int = 24, env: dict | None = None, timeou
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(5)
+            proc.wait(END_TIMEOUT)
         proc.stderr.close()
         os.close(master)
     return rc, received.decode("utf-8", "replace").replace("\r\n", "\n"), err
@@ -225,7 +218,7 @@ def other_user() -> tuple | None:
 def kids():
     """Two children of this user with distinct names and ports, and (as root) a third
     child running as 'nobody'; they hold their sockets for the whole module."""
-    tag = uuid.uuid4().hex[:6]
+    tag = new_tag()
     started: list = []
     try:
         a = Kid(SocketChild(child_argv("alpha", comm=f"hsa-{tag}")), f"hsa-{tag}", USER)
@@ -529,8 +522,7 @@ sys.stdin.buffer.read()
 @pytest.fixture
 def mapped_child():
     """A child holding IPv6 sockets on the IPv4-mapped address ::ffff:127.0.0.1."""
-    encoded = base64.b64encode(MAPPED_SOURCE.encode()).decode()
-    script = f"import base64;exec(base64.b64decode('{encoded}').decode())"
+    script = one_line_script(MAPPED_SOURCE)
     child = SocketChild([sys.executable, "-c", script, new_marker(), "mapped"])
     yield child
     child.stop()
@@ -574,61 +566,7 @@ def test_ipv4_mapped_rows_match_their_ipv4_network(mapped_child, args, wanted):
 
 # --------------------------------------------------------------------------- 2. usage errors
 
-# (argv, text the one error line must name, valid choices it must list)
-MALFORMED = [
-    (["--port", "70000"], "70000", ()),
-    (["--lport", "90-80"], "90-80", ()),
-    (["--rport", "http"], "http", ()),
-    (["--port", "22,,80"], "22,,80", ()),
-    (["--laddr", "10.0.0.0/33"], "10.0.0.0/33", ()),
-    (["--raddr", "::1/129"], "::1/129", ()),
-    (["--raddr", "300.1.2.3"], "300.1.2.3", ()),
-    (["--pid", "12a"], "12a", ()),
-    (["--status", "bogus"], "bogus", STATUSES),
-    (["--exclude-status", "LISTEN,OPEN"], "OPEN", STATUSES),
-    (["-f", "pid,bogus"], "bogus", ALL_FIELDS),
-    (["--fields", "nope"], "nope", ALL_FIELDS),
-    (["-c", "0"], "0", ()),
-    (["-c", "-1"], "-1", ()),
-    (["--count=-1"], "-1", ()),
-    (["-c", "abc"], "abc", ()),
-    (["--count", "1.5"], "1.5", ()),
-    (["--duration", "0"], "0", ()),
-    (["--duration", "nan"], "nan", ()),
-    (["--duration", "inf"], "inf", ()),
-    (["--duration", "soon"], "soon", ()),
-    (["--duration", "1_0"], "1_0", ()),
-    (["-i", "1e-300"], "1e-300", ()),
-    (["-i", "0.001"], "0.001", ()),
-    (["-i", "\u0661"], "\u0661", ()),
-    (["-c", "\u0661"], "\u0661", ()),
-    (["--command-limit", "-5"], "-5", ()),
-    (["--command-limit", "64k"], "64k", ()),
-    (["--port", "2\u0662"], "2\u0662", ()),
-    (["--color", "sometimes"], "sometimes", ("auto", "always", "never")),
-    (["--csv", "-j"], "-j", ()),
-    (["--csv", "-p"], "-p", ()),
-    (["-tulpn"], "-tulpn", ()),
-]
-
-
-@pytest.mark.parametrize(
-    "args, named, choices", MALFORMED, ids=[" ".join(case[0]) for case in MALFORMED]
-)
-def test_malformed_value_is_a_one_line_usage_error(args, named, choices):
-    done = run_once(args)
-    err = done.stderr.decode(errors="replace")
-    assert done.returncode == 2, (done.returncode, err)
-    assert done.stdout == b""
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.endswith("\n"), err
-    # A value is named as argparse quotes it; misused options by their own spelling.
-    shown = named if named.startswith("-") and named != "-1" else repr(named)
-    assert shown in err, f"the error does not name {shown}: {err}"
-    for choice in choices:
-        assert re.search(rf"\b{re.escape(choice)}\b", err), f"{choice!r} not listed: {err}"
-    if args[0] == "--csv":
-        assert "--csv" in err, err
+# In-process against the parser, with one end-to-end smoke test: see tests/test_cli.py.
 
 
 # --------------------------------------------------------------------------- 3. --once
@@ -734,7 +672,7 @@ def test_count_stops_after_n_rows_and_logs_them(spawn_child, run_histstat, tmp_p
 
 def test_count_spans_polls(run_histstat, spawn_child, tmp_path):
     """Rows found in later polls count too: it waits for them, then stops at N."""
-    tag = uuid.uuid4().hex[:6]
+    tag = new_tag()
     first = spawn_child(comm=f"hc{tag}a")
     n_first = len(first.connections())
     log = tmp_path / "capture.json"

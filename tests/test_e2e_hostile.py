@@ -20,7 +20,7 @@ from typing import NamedTuple
 import pytest
 
 from histstat.enrich import COMMAND_LIMIT, COMMAND_MARKER
-from support.children import ATTACKER_ARGUMENTS, ATTACKER_COMM, encoded_script, end_child
+from support.children import ATTACKER_ARGUMENTS, ATTACKER_COMM, end_child, one_line_script
 from support.contract import COLUMNS
 from support.histstat import histstat_command, locale_env
 from support.waiting import DEFAULT_TIMEOUT, STOP_TIMEOUT, read_line, wait_for
@@ -234,7 +234,7 @@ def test_a_victim_is_seen_whole_while_the_attacker_churns(hold_connections, run_
     # The attacker replaces a connection every 0.2 s: each poll has new rows of it.
     attacker = hold_connections(ATTACKER_PAIRS, *ATTACKER_ARGUMENTS, comm=ATTACKER_COMM, churn=0.2)
     victim = subprocess.Popen(
-        [sys.executable, "-c", encoded_script(VICTIM_SOURCE), str(VICTIM_CONNECTIONS),
+        [sys.executable, "-c", one_line_script(VICTIM_SOURCE), str(VICTIM_CONNECTIONS),
          str(VICTIM_GAP), str(VICTIM_HOLD)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip

@@ -7,6 +7,7 @@ import socket
 import struct
 import sys
 from collections.abc import Iterable
+from typing import Any, Optional, cast
 
 import psutil
 
@@ -46,9 +47,11 @@ _ADDRESS_CACHE_SIZE = 1 << 16
 # A row of the socket table, as plain tuples because one is built per socket per poll:
 # (proto, laddr, lport, raddr, rport, status, inode, uid).
 ROW_FIELDS = ("proto", "laddr", "lport", "raddr", "rport", "status", "inode", "uid")
+TableRow = tuple[str, str, int, Optional[str], Optional[int], Optional[str], int, int]
+Endpoints = tuple[str, int, Optional[str], Optional[int]]  # laddr, lport, raddr, rport
 
 
-def _proc_address(token: bytes, family: int) -> tuple:
+def _proc_address(token: bytes, family: int) -> tuple[str, int] | tuple[None, None]:
     """(ip, port) of a /proc/net "ADDR:PORT" token, (None, None) for port 0; the kernel
     prints the address as 32-bit words in host byte order."""
     hex_ip, hex_port = token.split(b":")
@@ -61,7 +64,9 @@ def _proc_address(token: bytes, family: int) -> tuple:
     return socket.inet_ntop(family, raw), port
 
 
-def parse_proc_net(data: bytes, proto: str, addresses: dict | None = None) -> list:
+def parse_proc_net(
+    data: bytes, proto: str, addresses: dict[bytes, Any] | None = None
+) -> list[TableRow]:
     """The rows of one /proc/net/{tcp,tcp6,udp,udp6} file (its bytes, header included).
 
     Like psutil, a socket without a local port (psutil's empty laddr) is left out and a
@@ -72,7 +77,7 @@ def parse_proc_net(data: bytes, proto: str, addresses: dict | None = None) -> li
         addresses = {}
     family = socket.AF_INET6 if proto.endswith("6") else socket.AF_INET
     stateful = proto.startswith("tcp")
-    rows = []
+    rows: list[TableRow] = []
     lines = data.split(b"\n")
     for index in range(1, len(lines)):
         fields = lines[index].split(None, 10)
@@ -88,7 +93,8 @@ def parse_proc_net(data: bytes, proto: str, addresses: dict | None = None) -> li
             remote = addresses[fields[2]] = _proc_address(fields[2], family)
         status = _PROC_TCP_STATES.get(fields[3]) if stateful else None
         inode, uid = int(fields[9]), int(fields[7])
-        rows.append((proto, local[0], local[1], remote[0], remote[1], status, inode, uid))
+        row = (proto, local[0], local[1], remote[0], remote[1], status, inode, uid)
+        rows.append(cast(TableRow, row))  # a local port means a local address
     return rows
 
 
@@ -118,7 +124,7 @@ class NetlinkUnavailable(OSError):
     """The kernel refused a sock_diag dump (no inet_diag or udp_diag support)."""
 
 
-def _diag_endpoints(sockid: bytes, family: int) -> tuple | None:
+def _diag_endpoints(sockid: bytes, family: int) -> Endpoints | None:
     """(laddr, lport, raddr, rport) of an inet_diag_sockid's first 36 bytes (ports, then
     addresses, in network order); None without a local port, as psutil leaves it out."""
     lport = int.from_bytes(sockid[0:2], "big")
@@ -145,7 +151,14 @@ class _SockDiag:
             self._sock.close()
             self._sock = None
 
-    def dump(self, proto: str, family: int, protocol: int, stateful: bool, endpoints: dict):
+    def dump(
+        self,
+        proto: str,
+        family: int,
+        protocol: int,
+        stateful: bool,
+        endpoints: dict[bytes, Endpoints | None],
+    ) -> list[TableRow]:
         """The rows of one table, in the same form as ``parse_proc_net``; ``endpoints``
         caches decoded socket ids between calls."""
         if self._sock is None:
@@ -153,25 +166,32 @@ class _SockDiag:
             # The kernel always ends a dump; the timeout only bounds the unforeseen.
             self._sock.settimeout(_DUMP_TIMEOUT)
         try:
-            return self._dump(proto, family, protocol, stateful, endpoints)
+            return self._dump(self._sock, proto, family, protocol, stateful, endpoints)
         except BaseException:
             # A dump cut short leaves its remaining messages queued on the socket.
             self.close()
             raise
 
-    def _dump(self, proto, family, protocol, stateful, endpoints) -> list:
+    def _dump(
+        self,
+        sock: socket.socket,
+        proto: str,
+        family: int,
+        protocol: int,
+        stateful: bool,
+        endpoints: dict[bytes, Endpoints | None],
+    ) -> list[TableRow]:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         seq = self._seq
         request = _DIAG_REQUEST.pack(family, protocol, 0, 0, _ALL_STATES)
         header = _NLMSG_HEADER.pack(
             _NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0
         )
-        sock = self._sock
         sock.send(header + request)
         buffer = self._buffer
         unpack = _DIAG_ANSWER.unpack_from
         states = _TCP_STATES if stateful else {}
-        rows = []
+        rows: list[TableRow] = []
         while True:
             size = sock.recv_into(buffer, _RECEIVE_SIZE)
             offset = 0
@@ -188,8 +208,9 @@ class _SockDiag:
                         (code,) = struct.unpack_from("=i", buffer, offset + _NLMSG_HEADER.size)
                         raise NetlinkUnavailable(-code, os.strerror(-code))
                     if kind == _SOCK_DIAG_BY_FAMILY and length >= _DIAG_ANSWER.size:
-                        ends = endpoints.get(sockid, False)
-                        if ends is False:
+                        try:
+                            ends = endpoints[sockid]
+                        except KeyError:
                             ends = endpoints[sockid] = _diag_endpoints(sockid, family)
                         if ends is not None:
                             laddr, lport, raddr, rport = ends
@@ -234,13 +255,13 @@ class SocketOwners:
 
     def __init__(self, proc: str = "/proc") -> None:
         self.proc = proc
-        self._owner: dict = {}  # inode → pid
-        self._inodes_of: dict = {}  # pid → set of inodes
-        self._started: dict = {}  # pid → start time when its inodes were read
-        self._misses: dict = {}  # inode → full scans that did not find it
-        self._recent: dict = {}  # pids that owned new sockets lately, most recent last
+        self._owner: dict[int, int] = {}  # inode → pid
+        self._inodes_of: dict[int, set[int]] = {}  # pid → set of inodes
+        self._started: dict[int, int | None] = {}  # pid → start time when its inodes were read
+        self._misses: dict[int, int] = {}  # inode → full scans that did not find it
+        self._recent: dict[int, None] = {}  # pids that owned new sockets lately, most recent last
 
-    def owners(self, inodes: Iterable[int]) -> dict:
+    def owners(self, inodes: Iterable[int]) -> dict[int, int]:
         """inode → pid for the given socket inodes (0 and unowned ones are left out)."""
         current = set(inodes)
         current.discard(0)
@@ -255,7 +276,7 @@ class SocketOwners:
             self._look_for(wanted)
         return self._owner
 
-    def _forget(self, current: set) -> None:
+    def _forget(self, current: set[int]) -> None:
         """Drop what left the socket table, which bounds every map by its size."""
         for inode in self._owner.keys() - current:
             self._drop_inode(inode)
@@ -281,7 +302,7 @@ class SocketOwners:
             if self.start_time(pid) != started:
                 self._drop_pid(pid)
 
-    def _look_for(self, wanted: set) -> None:
+    def _look_for(self, wanted: set[int]) -> None:
         scanned = set()
         for pid in self._candidates():
             if pid in scanned:
@@ -328,7 +349,7 @@ class SocketOwners:
         yield from sorted(self.pids(), reverse=True)
 
     # The /proc reads, one method each so tests can count or replace them.
-    def pids(self) -> list:
+    def pids(self) -> list[int]:
         try:
             names = os.listdir(self.proc)
         except OSError:
@@ -338,10 +359,10 @@ class SocketOwners:
     def start_time(self, pid: int) -> int | None:
         return _start_time(self.proc, pid)
 
-    def socket_inodes(self, pid: int) -> set:
+    def socket_inodes(self, pid: int) -> set[int]:
         """The inodes of the sockets among the process's descriptors; empty when it is
         gone or denies access."""
-        held = set()
+        held: set[int] = set()
         try:
             directory = os.open(f"{self.proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
@@ -368,7 +389,7 @@ class LinuxSource:
     name = "linux"
 
     def __init__(
-        self, proc: str = "/proc", netlink: bool | None = None, protos: frozenset | None = None
+        self, proc: str = "/proc", netlink: bool | None = None, protos: frozenset[str] | None = None
     ) -> None:
         """``netlink`` None: use it when reading the live /proc, falling back to the
         /proc/net file of any table the kernel will not dump. ``protos`` (tcp, tcp6,
@@ -378,14 +399,17 @@ class LinuxSource:
         self._tables = tuple(t for t in _TABLES if protos is None or t[0] in protos)
         self.owners = SocketOwners(proc)
         self._diag = _SockDiag() if (proc == "/proc" if netlink is None else netlink) else None
-        self._proc_tables: set = set()  # tables netlink refused: read from /proc/net
-        self._addresses: dict = {}  # (proto, reader) → that reader's address cache
-        self._table_sizes: dict = {}  # (proto, reader) → rows it gave last time
-        self._uids: dict = {}
+        self._proc_tables: set[str] = set()  # tables netlink refused: read from /proc/net
+        # (proto, reader) → that reader's address cache
+        self._addresses: dict[tuple[str, str], dict[bytes, Any]] = {}
+        self._table_sizes: dict[
+            tuple[str, str], int
+        ] = {}  # (proto, reader) → rows it gave last time
+        self._uids: dict[Connection, int] = {}
 
-    def table(self) -> list:
+    def table(self) -> list[TableRow]:
         """Rows (see ``ROW_FIELDS``) of every TCP and UDP socket, IPv4 and IPv6."""
-        rows: list = []
+        rows: list[TableRow] = []
         for proto, family, protocol, stateful in self._tables:
             if self._diag is not None and proto not in self._proc_tables:
                 addresses = self._address_cache(proto, "netlink")
@@ -401,7 +425,7 @@ class LinuxSource:
             rows += self._read_proc_net(proto)
         return rows
 
-    def _read_proc_net(self, proto: str) -> list:
+    def _read_proc_net(self, proto: str) -> list[TableRow]:
         try:
             with open(f"{self.proc}/net/{proto}", "rb") as handle:
                 data = handle.read()
@@ -411,7 +435,7 @@ class LinuxSource:
         self._table_sizes[(proto, "proc")] = len(parsed)
         return parsed
 
-    def _address_cache(self, proto: str, reader: str) -> dict:
+    def _address_cache(self, proto: str, reader: str) -> dict[bytes, Any]:
         """The decoded-address cache of one table, started afresh once it holds much
         more than the table itself: under churn every new socket adds an entry, and a
         cache the size of the last 65,536 sockets was most of histstat's memory."""
@@ -428,7 +452,7 @@ class LinuxSource:
         # tuple.__new__ builds the same Connection without the Python-level __new__ that
         # NamedTuple adds, a third of the per-socket cost.
         make = tuple.__new__
-        uids: dict = {}
+        uids: dict[Connection, int] = {}
         for proto, laddr, lport, raddr, rport, status, inode, uid in rows:
             pid = owner(inode) if inode else None
             conn = make(Connection, (proto, laddr, lport, raddr, rport, status, pid))

@@ -6,11 +6,16 @@ import os
 import socket
 import sys
 from collections.abc import Iterable
+from typing import Any, Optional
 
 import psutil
 
 from histstat.records import Connection
 from histstat.sources.base import SourceAccessDenied
+
+# (proto, laddr, lport, raddr, rport, status): a socket but for its owner
+SocketKey = tuple[str, str, int, Optional[str], Optional[int], Optional[str]]
+Holder = tuple[Optional[int], Optional[int]]  # pid, fd
 
 _PROTO_NAMES = {
     (socket.AF_INET, socket.SOCK_STREAM): "tcp",
@@ -35,19 +40,19 @@ def socket_identity(pid: int | None, fd: int | None) -> str | None:
         return None
 
 
-def _one_per_socket(key: tuple, holders: list) -> list:
+def _one_per_socket(key: SocketKey, holders: list[Holder]) -> list[Connection]:
     """The records for one (proto, addresses, ports, status) held by several pids."""
-    pids_by_socket: dict = {}
+    pids_by_socket: dict[str | None, list[int | None]] = {}
     for pid, fd in holders:
         pids_by_socket.setdefault(socket_identity(pid, fd), []).append(pid)
     records = []
     for pids in pids_by_socket.values():
         known = [pid for pid in pids if pid is not None]
-        records.append(Connection(*key, min(known) if known else None))
+        records.append(Connection(*key, pid=min(known) if known else None))
     return records
 
 
-def connections_from_psutil(entries: Iterable) -> frozenset:
+def connections_from_psutil(entries: Iterable[Any]) -> frozenset[Connection]:
     """Turn psutil ``sconn`` entries into one Connection per socket.
 
     A socket held by several processes (a pre-fork server's listener) is one record.
@@ -56,7 +61,7 @@ def connections_from_psutil(entries: Iterable) -> frozenset:
     Distinct sockets on the same address and port (SO_REUSEPORT) stay distinct where
     the platform tells them apart (Linux, by socket inode).
     """
-    holders_of: dict = {}
+    holders_of: dict[SocketKey, list[Holder]] = {}
     for entry in entries:
         proto = _PROTO_NAMES.get((entry.family, entry.type))
         if proto is None or not entry.laddr:
@@ -75,7 +80,7 @@ def connections_from_psutil(entries: Iterable) -> frozenset:
     records = []
     for key, holders in holders_of.items():
         if len(holders) == 1:
-            records.append(Connection(*key, holders[0][0]))
+            records.append(Connection(*key, pid=holders[0][0]))
         else:
             records.extend(_one_per_socket(key, holders))
     return frozenset(records)
@@ -95,7 +100,7 @@ class PsutilSource:
 
     name = "psutil"
 
-    def __init__(self, protos: frozenset | None = None) -> None:
+    def __init__(self, protos: frozenset[str] | None = None) -> None:
         self._kind = _KINDS.get(frozenset(protos), "inet") if protos else "inet"
 
     def snapshot(self) -> frozenset[Connection]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -11,7 +12,9 @@ import uuid
 
 import pytest
 
-from support.waiting import POLL_STEP, read_line
+from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT, POLL_STEP, read_line
+
+USER = pwd.getpwuid(os.geteuid()).pw_name  # whom the tests' children run as
 
 # The socket child: a TCP listener on loopback, a client connected to it, the accepted
 # end and a bound UDP socket, for 127.0.0.1 and (when it can be bound) ::1. It prints one
@@ -48,13 +51,12 @@ except OSError:
 print(*ports, flush=True)
 sys.stdin.buffer.read()
 """
-# Passed to -c as one printable line, so the child's command line holds no character that
-# histstat has to escape: its expected text is exactly " ".join(argv).
 
 
 def renaming(comm: str | bytes) -> str:
     """Python source that renames its process (Linux /proc/PID/comm, at most 15 bytes),
-    which is what psutil reports as its name; an empty name too."""
+    which is what psutil reports as its name; bytes that are not UTF-8 and an empty name
+    too."""
     raw = comm if isinstance(comm, bytes) else comm.encode()
     return (
         "import os as _os\n"
@@ -64,18 +66,19 @@ def renaming(comm: str | bytes) -> str:
     )
 
 
-def encoded_script(source: str) -> str:
-    """A -c argument running ``source``, as one printable line."""
+def one_line_script(source: str, comm: str | bytes | None = None) -> str:
+    """``source`` as one printable line for ``python -c``, so that the child's command
+    line holds no character that histstat has to escape: its expected text is exactly
+    " ".join(argv). ``comm`` first renames the process (see ``renaming``)."""
+    if comm is not None:
+        source = renaming(comm) + source
     encoded = base64.b64encode(source.encode()).decode()
     return f"import base64;exec(base64.b64decode('{encoded}').decode())"
 
 
 def child_script(comm: str | bytes | None = None) -> str:
-    """The child's -c argument; ``comm`` first renames the process."""
-    return encoded_script((renaming(comm) if comm is not None else "") + CHILD_SOURCE)
-
-
-CHILD_SCRIPT = child_script()
+    """The socket child's -c argument, renamed to ``comm`` when given."""
+    return one_line_script(CHILD_SOURCE, comm)
 
 
 def new_marker() -> str:
@@ -83,10 +86,16 @@ def new_marker() -> str:
     return f"histstat-e2e-{uuid.uuid4().hex}"
 
 
+def new_tag() -> str:
+    """A short distinctive part for the process names (comm) of one test's children,
+    which the tests then select with a --name glob."""
+    return uuid.uuid4().hex[:6]
+
+
 class SocketChild:
     """A child process that holds a loopback listener and both ends of a connection."""
 
-    def __init__(self, argv: list, env: dict | None = None, timeout: float = 10.0):
+    def __init__(self, argv: list, env: dict | None = None, timeout: float = DEFAULT_TIMEOUT):
         self.argv = list(argv)
         self.proc = subprocess.Popen(
             self.argv,
@@ -123,11 +132,11 @@ class SocketChild:
             found |= _socket_keys("6", "::1", self.lport6, self.cport6, self.uport6)
         return found
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = END_TIMEOUT) -> None:
         end_child(self.proc, timeout)
 
 
-def end_child(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+def end_child(proc: subprocess.Popen, timeout: float = END_TIMEOUT) -> None:
     """End a child that runs until its stdin closes (killed if it does not), and close
     its pipes."""
     if proc.poll() is None:
@@ -217,8 +226,8 @@ class HoldingChild:
         self, pairs: int, *extra, comm: str | bytes | None = None, churn: float = 0.0,
         timeout: float = 30.0,
     ):  # fmt: skip
-        source = (renaming(comm) if comm is not None else "") + HOLDER_SOURCE
-        self.argv = [sys.executable, "-c", encoded_script(source), str(pairs), str(churn), *extra]
+        script = one_line_script(HOLDER_SOURCE, comm)
+        self.argv = [sys.executable, "-c", script, str(pairs), str(churn), *extra]
         self.pairs = pairs
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -8,3 +8,5 @@ COLUMNS = (
     "pid", "pname", "time", "date", "user", "command",
 )  # fmt: skip
 HASH_COLUMNS = COLUMNS[:-1] + ("md5", "sha256") + COLUMNS[-1:]
+# A connection's identity in a row: the first six columns.
+KEY_FIELDS = COLUMNS[:6]

@@ -14,8 +14,12 @@ from typing import Callable
 
 import pytest
 
-from support.children import SocketChild
+from support.children import SocketChild, wchan
 from support.waiting import DEFAULT_TIMEOUT, STOP_TIMEOUT, wait_for
+
+# The tests poll fast, so that what they wait for comes soon.
+INTERVAL_SECONDS = 0.1
+INTERVAL = ("-i", str(INTERVAL_SECONDS))
 
 
 def histstat_command() -> str:
@@ -95,6 +99,11 @@ class Result:
 
     def rows_of(self, pid: int) -> list:
         return [row for row in self.rows if str(row.get("pid")) == str(pid)]
+
+
+def assert_clean_end(result: Result) -> None:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # Wrappers for Histstat(prefix=...): bash closes a descriptor, then becomes histstat.
@@ -265,6 +274,17 @@ def locale_env(lc_all: str) -> dict:
     }
     env["LC_ALL"] = lc_all
     return env
+
+
+# Logs are UTF-8; stdout follows the locale. Where the two are compared byte for byte,
+# stdout is pinned to UTF-8 so that other processes' non-ASCII text reads the same.
+UTF8_ENV = locale_env("C.UTF-8")
+
+
+def sleeping_between_polls(pid: int) -> bool:
+    """True while histstat's main thread sleeps between two polls (Linux wchan: check
+    ``support.children.require_wchan`` first)."""
+    return "nanosleep" in wchan(pid)
 
 
 def run_once(args, timeout: float = STOP_TIMEOUT, **kwargs) -> subprocess.CompletedProcess:
