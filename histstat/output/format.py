@@ -141,7 +141,7 @@ def _json_escape(code: int) -> str:
     return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
-class _Escapes(dict):
+class _Escapes(dict[int, str]):
     """A str.translate table that makes each character's escape the first time it is
     asked for: only hidden characters reach it, so it holds a few thousand at most."""
 
@@ -159,15 +159,15 @@ _JSON_ESCAPES = _Escapes(_json_escape)
 _BYTE_ESCAPES = _Escapes(lambda code: f"\\x{code - 0xDC00:02x}")
 
 
-def _in_text(run: re.Match) -> str:
+def _in_text(run: re.Match[str]) -> str:
     return run.group().translate(_TEXT_ESCAPES)
 
 
-def _in_json(run: re.Match) -> str:
+def _in_json(run: re.Match[str]) -> str:
     return run.group().translate(_JSON_ESCAPES)
 
 
-def _as_bytes(run: re.Match) -> str:
+def _as_bytes(run: re.Match[str]) -> str:
     return run.group().translate(_BYTE_ESCAPES)
 
 
@@ -180,7 +180,7 @@ class _Memo:
         self._function = function
         self._budget = budget
         self._used = 0
-        self._results: dict = {}
+        self._results: dict[str, str] = {}
 
     def __call__(self, value: str) -> str:
         result = self._results.get(value)
@@ -437,7 +437,7 @@ def format_csv_row(row: Row, fields: Sequence[str]) -> str:
     return _csv_line([_csv_cell(row, field) for field in fields])
 
 
-def _json_value(value) -> str:
+def _json_value(value: object) -> str:
     """One value in JSON, as json.dumps writes it (floats through their repr)."""
     if isinstance(value, str):
         return _json_string_memo(value)
@@ -450,7 +450,7 @@ def _json_value(value) -> str:
     return json.dumps(value)
 
 
-_JSON_KEYS: dict = {}
+_JSON_KEYS: dict[str, str] = {}
 
 
 def _json_key(field: str) -> str:
