@@ -138,7 +138,7 @@ def get_parser() -> _Parser:
         prog="histstat",
         description="History for netstat: show network connections as they occur, "
         "with when each was first seen, its process, user and full command line.",
-        epilog="Text columns: proto laddr lport raddr rport status pid pname time date "
+        epilog="Plain and CSV columns: proto laddr lport raddr rport status pid pname time date "
         "user command ('-' unknown, '*' no remote end); --hash adds md5 and sha256 "
         "before command. Rows hold other users' command lines: logs are created 0600. "
         "Exit status: 0 normal end (Ctrl-C, SIGTERM, closed pipe), 1 runtime error, "
@@ -163,7 +163,11 @@ def get_parser() -> _Parser:
     )
     style = parser.add_mutually_exclusive_group()
     style.add_argument(
-        "-p", "--prettify", action="store_true", help="space-aligned columns, for a terminal"
+        "-p",
+        "--prettify",
+        action="store_true",
+        help="aligned columns for people: time proto local remote status pid pname user "
+        "command, with address:port joined; on a terminal the command is cut to fit",
     )
     style.add_argument("-j", "--json", action="store_true", help="NDJSON: one JSON object per line")
     style.add_argument(

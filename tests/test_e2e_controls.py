@@ -33,8 +33,16 @@ import psutil
 import pytest
 
 from support.children import USER, SocketChild, child_argv, new_marker, new_tag, one_line_script
-from support.contract import COLUMNS, KEY_FIELDS
-from support.histstat import INTERVAL, UTF8_ENV, connection_key, histstat_command, run_once
+from support.contract import COLUMNS, KEY_FIELDS, PRETTY_COLUMNS
+from support.histstat import (
+    ENDPOINT_COLUMNS,
+    INTERVAL,
+    UTF8_ENV,
+    connection_key,
+    histstat_command,
+    parse_pretty_line,
+    run_once,
+)
 from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -624,7 +632,8 @@ def test_once_prints_the_table_once_in_every_format(spawn_child, style):
     assert len(mine) == len(child.connections())  # every socket once, none twice
     assert len(lines) == len(mine) + (style != "json")
     if style != "json":
-        assert lines[0].replace(",", " ").split() == list(COLUMNS)
+        header = PRETTY_COLUMNS if style == "pretty" else COLUMNS
+        assert lines[0].replace(",", " ").split() == list(header)
         assert sum(line == lines[0] for line in lines) == 1
 
 
@@ -646,7 +655,7 @@ def check_text_capture(style: str, data: bytes, rows: int) -> list:
         assert len(lines) == rows + 1
         header = text_of(lines[0])
         if style == "pretty":
-            assert header.split() == list(COLUMNS)
+            assert header.split() == list(PRETTY_COLUMNS)
         else:
             assert header == ("\t" if style == "plain" else ",").join(COLUMNS)
     return lines
@@ -747,9 +756,11 @@ def parse_capture(style: str, data: bytes, nfields: int) -> tuple:
     lines = text_of(data).splitlines()
     if style == "plain":
         return lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
-    # Pretty: cells are padded and two spaces apart; the children's values hold no
-    # double space, so this also splits a command that is not the last column.
-    return lines[0].split(), [re.split(" {2,}", line) for line in lines[1:]]
+    # Pretty: local and remote come back as the two fields each one joins.
+    columns = lines[0].split()
+    names = [name for column in columns for name in ENDPOINT_COLUMNS.get(column, (column,))]
+    rows = [parse_pretty_line(line, columns) for line in lines[1:]]
+    return names, [[row[name] for name in names] for row in rows]
 
 
 FIELD_CHOICES = [
@@ -776,6 +787,9 @@ def test_fields_choose_and_order_columns(kids, style, fields):
         times = [row["time"] for row in rows if "time" in fields]
     else:
         assert header == list(fields)
+        if style == "pretty" and {"raddr", "rport"} <= set(fields):
+            shown = text_of(done.stdout).splitlines()[0].split()
+            assert "remote" in shown and "raddr" not in shown, shown  # one joined column
         assert all(len(cells) == len(fields) for cells in rows), rows[:2]
         got = [tuple(c for c, f in zip(cells, fields) if f != "time") for cells in rows]
         want = [tuple(text_cell(row, f, style) for f in comparable) for row in expected]
@@ -868,13 +882,12 @@ def test_csv_round_trips_to_the_json_values(spawn_child, comm):
 LONG_ARG = "long-" + "x" * 400
 
 
-def child_rows_on_screen(text: str, fields: list, pid: int) -> list:
-    rows = []
-    for line in text.splitlines()[1:]:
-        cells = dict(zip(fields, ANSI.sub("", line).split(None, len(fields) - 1)))
-        if cells.get("pid") == str(pid):
-            rows.append(cells)
-    return rows
+def child_rows_on_screen(text: str, pid: int) -> list:
+    """The rows of ``pid`` in a pretty view, read with the columns its header names."""
+    lines = [ANSI.sub("", line) for line in text.splitlines()]
+    columns = lines[0].split()
+    rows = [parse_pretty_line(line, columns) for line in lines[1:]]
+    return [row for row in rows if row.get("pid") == str(pid)]
 
 
 @pytest.mark.parametrize(
@@ -884,18 +897,16 @@ def child_rows_on_screen(text: str, fields: list, pid: int) -> list:
 )
 def test_pretty_view_fits_the_terminal_width(spawn_child, cols, fields):
     child = spawn_child(LONG_ARG)
-    chosen = ["-f", fields] if fields else []
-    names = fields.split(",") if fields else list(COLUMNS)
-    rc, text, err = hold_on_pty(
-        ["-p", "--once", "--pid", child.pid, *chosen], cols=cols, env=no_color_env()
-    )
+    chosen = ["-f", fields, "--pid", child.pid] if fields else ["--pid", child.pid]
+    args = ["-p", "--once", *chosen]
+    rc, text, err = hold_on_pty(args, cols=cols, env=no_color_env())
     assert rc == 0, err
     lines = text.splitlines()
     too_wide = [line for line in lines if display_width(line) > cols]
     assert not too_wide, f"{len(too_wide)} of {len(lines)} lines exceed {cols} columns:\n" + (
         "\n".join(too_wide[:3])
     )
-    mine = child_rows_on_screen(text, names, child.pid)
+    mine = child_rows_on_screen(text, child.pid)
     assert len(mine) == len(child.connections())
     for cells in mine:
         # The command is cut first; when the columns before it fill the terminal, the
@@ -904,18 +915,44 @@ def test_pretty_view_fits_the_terminal_width(spawn_child, cols, fields):
         if "command" in cells:
             assert child.command.startswith(cells["command"][:-1])
     # The same run through a pipe carries every character of the command.
-    piped = clean_run(["-p", "--once", "--pid", child.pid, *chosen])
-    piped_rows = child_rows_on_screen(text_of(piped.stdout), names, child.pid)
+    piped = clean_run(args)
+    piped_rows = child_rows_on_screen(text_of(piped.stdout), child.pid)
     assert len(piped_rows) == len(child.connections())
     assert all(cells["command"] == child.command for cells in piped_rows)
     assert ELLIPSIS not in text_of(piped.stdout)
 
 
+@pytest.mark.parametrize("closed", [False, True], ids=["default", "closed"])
+def test_100_columns_show_pid_user_and_the_start_of_the_command(spawn_child, closed):
+    """What ss does not show fits a 100-column terminal: each row of the child has its
+    joined endpoints, pid, process name, user and the start of its command line."""
+    child = spawn_child(LONG_ARG)
+    story = ["--closed"] if closed else []
+    args = ["-p", "--once", *story, "--pid", child.pid]
+    rc, text, err = hold_on_pty(args, cols=100, env=no_color_env())
+    assert rc == 0, err
+    lines = text.splitlines()
+    assert all(display_width(line) <= 100 for line in lines), text
+    event = ["event"] if closed else []
+    assert lines[0].split() == [PRETTY_COLUMNS[0], *event, *PRETTY_COLUMNS[1:]]
+    mine = child_rows_on_screen(text, child.pid)
+    assert sorted(map(connection_key, mine), key=str) == sorted(child.connections(), key=str)
+    pname = psutil.Process(child.pid).name()
+    for row in mine:
+        shown = row["pname"]
+        assert shown == pname or (shown.endswith(ELLIPSIS) and pname.startswith(shown[:-1]))
+        assert row["user"] == USER
+        command = row["command"]
+        assert command.endswith(ELLIPSIS) and len(command) >= 9, row
+        assert child.command.startswith(command[:-1]), row
+
+
 COLORED_STATUS = re.compile(r"\x1b\[[0-9;]+m(LISTEN|ESTABLISHED)\x1b\[0m")
 
 
-def assert_status_colored(text: str, style: str, pid: int, names=COLUMNS) -> None:
+def assert_status_colored(text: str, style: str, pid: int) -> None:
     """The child's TCP rows carry colour around their status, and only there."""
+    names = PRETTY_COLUMNS if style == "pretty" else COLUMNS
     tcp_rows = 0
     for line in text.splitlines()[1:]:
         if style == "plain":
@@ -1003,6 +1040,6 @@ def test_terminal_of_unknown_size_gets_whole_rows(spawn_child):
     child = spawn_child(LONG_ARG)
     rc, text, err = hold_on_pty(["-p", "--once", "--pid", child.pid], cols=0, rows=0)
     assert rc == 0, err
-    mine = child_rows_on_screen(text, list(COLUMNS), child.pid)
+    mine = child_rows_on_screen(text, child.pid)
     assert len(mine) == len(child.connections())
     assert all(cells["command"] == child.command for cells in mine)
