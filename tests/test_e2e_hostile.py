@@ -89,6 +89,12 @@ def attacker(hold_connections):
     return hold_connections(ATTACKER_PAIRS, *ATTACKER_ARGUMENTS, comm=ATTACKER_COMM)
 
 
+def only(attacker) -> list:
+    """Filters for the attacker's sockets: its port alone could also match another
+    process's socket that happens to use the same number (UDP, or TIME_WAIT)."""
+    return ["--pid", attacker.pid, "--port", attacker.port]
+
+
 def attacker_sockets(attacker) -> int:
     return 2 * attacker.pairs + 1
 
@@ -101,7 +107,7 @@ def test_once_with_a_megabyte_command_line_gives_every_row_cut_and_bounded(
     attacker, tmp_path, style
 ):
     options = {"plain": (), "json": ("-j",), "csv": ("--csv",)}[style]
-    done = run_measured(["--once", *options, "--port", attacker.port], tmp_path)
+    done = run_measured(["--once", *options, *only(attacker)], tmp_path)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     whole = attacker.command
@@ -131,7 +137,7 @@ def test_once_with_a_megabyte_command_line_gives_every_row_cut_and_bounded(
 
 
 def test_command_limit_chooses_the_cut_and_zero_keeps_everything(attacker, tmp_path):
-    listener = ["--once", "-j", "--lport", attacker.port, "--status", "LISTEN"]
+    listener = ["--once", "-j", *only(attacker), "--status", "LISTEN"]
     whole = attacker.command
     for limit, shown in ((100, cut(whole, 100)), (0, whole)):
         done = run_measured([*listener, "--command-limit", limit], tmp_path)
@@ -142,7 +148,7 @@ def test_command_limit_chooses_the_cut_and_zero_keeps_everything(attacker, tmp_p
 
 def test_sqlite_stores_the_same_cut_command_and_its_length(attacker, tmp_path):
     db = tmp_path / "h.db"
-    done = run_measured(["--once", "-q", "--port", attacker.port, "--sqlite", db], tmp_path)
+    done = run_measured(["--once", "-q", *only(attacker), "--sqlite", db], tmp_path)
     assert done.returncode == 0, done.stderr
     whole = attacker.command
     with sqlite3.connect(db) as check:
