@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from histstat import __version__
+from histstat.output import sqlite as sqlite_module
 from histstat.output.base import SinkError
 from histstat.output.sqlite import MIGRATIONS, ROW_COLUMNS, SCHEMA_VERSION, SqliteSink, row_values
 from histstat.records import Row
@@ -29,8 +30,11 @@ def open_sink(path, arguments=("--sqlite", "x.db")):
 
 
 def query(path, sql, *params):
-    with sqlite3.connect(path) as db:
+    db = sqlite3.connect(path)
+    try:  # closed at once: an open reader keeps SQLite from removing -wal and -shm
         return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
 
 
 def test_new_database_is_private_with_schema_and_run(tmp_path):
@@ -188,3 +192,32 @@ def test_command_length_is_stored_as_an_integer(tmp_path):
         (100, "integer"),
         (None, "null"),
     ]
+
+
+def test_trigger_is_refused_by_open_itself_leaving_no_side_files(tmp_path):
+    """open() checks again what check() saw: a database changed in between is refused."""
+    path = tmp_path / "h.db"
+    open_sink(path)[0].close()
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TRIGGER wipe AFTER INSERT ON runs BEGIN DELETE FROM runs; END")
+    db.close()
+    unchanged_after_refusal(path, "trigger 'wipe'")
+
+
+def test_a_new_schema_version_is_checked_from_its_migrations(tmp_path, monkeypatch):
+    """The expected schema comes from MIGRATIONS: adding a version needs no other list."""
+    path = tmp_path / "h.db"
+    open_sink(path)[0].close()  # a database of today's version
+    extra = (
+        "ALTER TABLE connections ADD COLUMN later TEXT; CREATE INDEX c_later ON connections(later)"
+    )
+    monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*MIGRATIONS, extra))
+    monkeypatch.setattr(sqlite_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    sink, _ = open_sink(path)  # migrated, then accepted as the next version
+    sink.close()
+    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]
+    open_sink(path)[0].close()  # and accepted again as it is
+    with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX c_later")
+    db.close()
+    unchanged_after_refusal(path, "lacks the index 'c_later' of schema version 3")

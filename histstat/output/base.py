@@ -20,6 +20,11 @@ class Sink(Protocol):
     values); every method raises ``SinkError`` with one line for the user.
     """
 
+    def check(self) -> None:
+        """Refuse, with one line and creating nothing, what ``open`` would refuse: every
+        output is checked before any is made, so a refusal leaves nothing behind."""
+        ...
+
     def open(self, header: str | None) -> None: ...
 
     def write(self, item: Any) -> None: ...
