@@ -220,4 +220,6 @@ def test_a_new_schema_version_is_checked_from_its_migrations(tmp_path, monkeypat
     with sqlite3.connect(path) as db:
         db.execute("DROP INDEX c_later")
     db.close()
-    unchanged_after_refusal(path, "lacks the index 'c_later' of schema version 3")
+    unchanged_after_refusal(
+        path, f"lacks the index 'c_later' of schema version {SCHEMA_VERSION + 1}"
+    )
