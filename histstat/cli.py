@@ -13,6 +13,7 @@ from typing import Any, Callable, NoReturn
 from histstat import __version__
 from histstat.completions import FILE_COMPLETION, SCRIPTS, completion_script
 from histstat.config import Config
+from histstat.enrich import COMMAND_LIMIT, COMMAND_MARKER
 from histstat.filters import (
     STATUSES,
     FilterValueError,
@@ -80,22 +81,63 @@ def _completes_files(action: argparse.Action) -> None:
     action.complete = FILE_COMPLETION  # type: ignore[attr-defined]
 
 
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
+# Numbers are ASCII decimal only: float() and int() also take "١" (Arabic-Indic digits),
+# "1_0", exponents ("1e-300") and surrounding spaces, which no one means on purpose.
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+_WHOLE = re.compile(r"[0-9]+")
+_MAX_DIGITS = 18  # past any sensible count, and within int()'s limit for text
+
+
+def _seconds(text: str) -> float:
+    """``text`` as seconds, if it is written in ASCII digits with an optional fraction."""
+    if not _DECIMAL.fullmatch(text):
         raise argparse.ArgumentTypeError(
-            f"must be a positive, finite number of seconds, not {text!r}"
+            f"not a decimal number of seconds (such as 0.5 or 10): {text!r}"
         )
+    value = float(text)
+    if not math.isfinite(value):  # 310 digits make inf
+        raise argparse.ArgumentTypeError(f"too many seconds: {text!r}")
+    return value
+
+
+def _whole(text: str) -> int | None:
+    """``text`` as a whole number if it is written in ASCII digits only."""
+    if not _WHOLE.fullmatch(text) or len(text.lstrip("0")) > _MAX_DIGITS:
+        return None
+    return int(text)
+
+
+MIN_INTERVAL = 0.01  # seconds: a shorter interval only busy-loops
+
+
+def interval_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value < MIN_INTERVAL:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_INTERVAL:g} seconds, not {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
     return value
 
 
 def positive_count(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) == 0:
+    value = _whole(text)
+    if not value:
         raise argparse.ArgumentTypeError(f"must be a whole number of rows above 0, not {text!r}")
-    return int(text)
+    return value
+
+
+def command_limit(text: str) -> int:
+    value = _whole(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of characters (0: no limit), not {text!r}"
+        )
+    return value
 
 
 def _list_of(parse):
@@ -137,10 +179,11 @@ def get_parser() -> _Parser:
     _valued(parser, parser,
         "-i",
         "--interval",
-        type=positive_seconds,
+        type=interval_seconds,
         default=1.0,
         metavar="SECONDS",
-        help="seconds between polls (default: 1); connections shorter than this may be missed",
+        help="seconds between polls, at least 0.01 (default: 1); connections shorter than "
+        "this may be missed",
     )
     log = parser.add_argument(
         "-l",
@@ -238,6 +281,16 @@ def get_parser() -> _Parser:
         + ", ".join(ALL_FIELDS)
         + "; md5 or sha256 turn hashing on",
     )
+    _valued(parser, shown,
+        "--command-limit",
+        type=command_limit,
+        default=COMMAND_LIMIT,
+        metavar="CHARS",
+        help=f"cut command lines longer than CHARS characters (default: {COMMAND_LIMIT}; 0: "
+        f"never), in every format and sink; a cut one ends with "
+        f"'{COMMAND_MARKER.format(removed='N')}' (N characters left out), and "
+        "command_length (JSON, SQLite, -f) gives its whole length",
+    )  # fmt: skip
     shown.add_argument(
         "--color",
         choices=("auto", "always", "never"),
@@ -381,4 +434,5 @@ def parse_config(argv: list[str] | None = None) -> Config:
         resolve=args.resolve or bool(args.fields and "rhost" in args.fields),
         geoip=tuple(args.geoip),
         source=_source_name(parser, args.source, args.source not in SOURCE_NAMES),
+        command_limit=args.command_limit,
     )

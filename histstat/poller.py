@@ -45,6 +45,7 @@ def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime, **m
         pname=facts.name,
         user=facts.user,
         command=facts.command,
+        command_length=facts.command_length,
         exe=facts.exe,
         md5=None,
         sha256=None,

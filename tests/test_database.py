@@ -94,14 +94,6 @@ def test_every_row_field_has_a_column(tmp_path):
     assert columns == ["id", "run_id", *ROW_COLUMNS]
 
 
-def test_older_schema_is_migrated(tmp_path):
-    path = tmp_path / "h.db"
-    sqlite3.connect(path).close()  # an empty database: schema version 0
-    sink, _ = open_sink(path)
-    sink.close()
-    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-
-
 def unchanged_after_refusal(path, match):
     before = path.read_bytes()
     with pytest.raises(SinkError, match=match) as caught:
@@ -147,25 +139,58 @@ def test_existing_database_others_can_read_gets_a_warning(tmp_path):
     assert query(path, "SELECT count(*) FROM runs") == [(2,)]
 
 
-def test_version_1_database_is_migrated_keeping_its_rows(tmp_path):
+def make_database(path, version: int) -> None:
+    """A database as the histstat of schema ``version`` left it, with one run and one
+    row from then (version 0: an empty file)."""
+    with sqlite3.connect(path) as db:
+        for step in MIGRATIONS[:version]:
+            db.executescript(step)
+        db.execute(f"PRAGMA user_version = {version}")
+        if version:
+            db.execute(
+                "INSERT INTO runs (started, host, version, arguments) "
+                "VALUES ('t', 'h', '1.0.0', '[]')"
+            )
+            db.execute(
+                "INSERT INTO connections (run_id, timestamp, epoch, date, time, proto, laddr, "
+                "lport, command) VALUES (1, 't', 0, 'd', 't', 'tcp', '127.0.0.1', 22, 'sshd')"
+            )
+    db.close()
+
+
+def schema_of(path) -> list:
+    return query(path, "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name")
+
+
+@pytest.mark.parametrize("version", range(SCHEMA_VERSION))
+def test_every_older_schema_is_migrated_keeping_its_rows(tmp_path, version):
+    fresh = tmp_path / "fresh.db"
+    open_sink(fresh)[0].close()
     path = tmp_path / "h.db"
-    with sqlite3.connect(path) as db:  # a database as histstat 1.0 left it
-        db.executescript(MIGRATIONS[0])
-        db.execute("PRAGMA user_version = 1")
-        db.execute(
-            "INSERT INTO runs (started, host, version, arguments) VALUES ('t', 'h', '1.0.0', '[]')"
-        )
-        db.execute(
-            "INSERT INTO connections (run_id, timestamp, epoch, date, time, proto, laddr, lport)"
-            " VALUES (1, 't', 0, 'd', 't', 'tcp', '127.0.0.1', 22)"
-        )
+    make_database(path, version)
     sink, _ = open_sink(path)
-    sink.write(row_values(make_row()._replace(event="close", duration=2.5, direction="in")))
+    new_row = make_row(event="close", duration=2.5, direction="in", command_length=22)
+    sink.write(row_values(new_row))
     sink.close()
     assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-    assert query(path, "SELECT lport, event, duration, direction FROM connections ORDER BY id") == [
-        (22, "open", None, None),
-        (8000, "close", 2.5, "in"),
+    assert schema_of(path) == schema_of(fresh)  # the same tables, columns and indexes
+    old = [(22, "sshd", "open", None, None, None)] if version else []
+    assert query(
+        path,
+        "SELECT lport, command, event, duration, direction, command_length "
+        "FROM connections ORDER BY id",
+    ) == [*old, (8000, "python3 -m http.server", "close", 2.5, "in", 22)]
+
+
+def test_command_length_is_stored_as_an_integer(tmp_path):
+    path = tmp_path / "h.db"
+    sink, _ = open_sink(path)
+    sink.write(row_values(make_row(command="x" * 10 + "...[+90 chars]", command_length=100)))
+    sink.write(row_values(make_row(command=None, command_length=None)))
+    sink.close()
+    assert query(path, "SELECT command_length, typeof(command_length) FROM connections") == [
+        (100, "integer"),
+        (None, "null"),
     ]
 
 
@@ -195,4 +220,6 @@ def test_a_new_schema_version_is_checked_from_its_migrations(tmp_path, monkeypat
     with sqlite3.connect(path) as db:
         db.execute("DROP INDEX c_later")
     db.close()
-    unchanged_after_refusal(path, "lacks the index 'c_later' of schema version 3")
+    unchanged_after_refusal(
+        path, f"lacks the index 'c_later' of schema version {SCHEMA_VERSION + 1}"
+    )

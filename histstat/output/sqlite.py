@@ -28,14 +28,14 @@ from histstat.output.format import field_value, json_text
 from histstat.output.sinks import warn_if_exposed
 from histstat.records import Row
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Every row field, in the order of the connections table's columns after run_id.
 ROW_COLUMNS = (
     "timestamp", "epoch", "date", "time", "proto", "laddr", "lport", "raddr", "rport",
     "status", "pid", "pname", "user", "command", "exe", "md5", "sha256",
     "event", "duration", "duration_from_start", "direction", "attribution", "rhost",
-    "country", "asn", "as_org",
+    "country", "asn", "as_org", "command_length",
 )  # fmt: skip
 
 # MIGRATIONS[n] takes a database from schema version n to n + 1.
@@ -88,6 +88,11 @@ MIGRATIONS = (
     ALTER TABLE connections ADD COLUMN country TEXT;
     ALTER TABLE connections ADD COLUMN asn INTEGER;
     ALTER TABLE connections ADD COLUMN as_org TEXT;
+    """,
+    # 3: the whole command line's length in characters, as --command-limit cuts the
+    # command. NULL in rows of earlier versions: their commands were never cut.
+    """
+    ALTER TABLE connections ADD COLUMN command_length INTEGER;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
