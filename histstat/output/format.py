@@ -69,7 +69,7 @@ _SURROGATE_ESCAPES = range(0xDC80, 0xDD00)  # how Python carries bytes that are 
 _UNDECODABLE_RUN = re.compile("[\\udc80-\\udcff]+")
 
 
-def _remote(fields: list, resolve: bool, geoip: bool) -> list:
+def _remote(fields: list[str], resolve: bool, geoip: bool) -> list[str]:
     """rhost (-r) and the GeoIP fields go right after rport."""
     at = fields.index("rport") + 1
     return (
@@ -82,7 +82,7 @@ def _remote(fields: list, resolve: bool, geoip: bool) -> list:
 
 def text_fields(
     with_hashes: bool, closed: bool = False, resolve: bool = False, geoip: bool = False
-) -> tuple:
+) -> tuple[str, ...]:
     """The text columns in order. The original's by default; hashes go just before the
     command; with --closed, event comes first and duration follows status."""
     fields = _remote(list(TEXT_FIELDS), resolve, geoip)
@@ -96,7 +96,7 @@ def text_fields(
 
 def json_fields(
     with_hashes: bool, closed: bool = False, resolve: bool = False, geoip: bool = False
-) -> tuple:
+) -> tuple[str, ...]:
     """The JSON keys in order: event, the text columns with direction and attribution
     after status (duration and duration_from_start too, with --closed), exe and hashes
     with --hash, command_length after the command, and the timestamp."""
@@ -226,7 +226,7 @@ def _json_string(value: str) -> str:
 _json_string_memo = _Memo(_json_string, _MEMO_BUDGET)
 
 
-_VALUE_OF: dict = {
+_VALUE_OF: dict[str, Callable[[Row], str]] = {
     "time": lambda row: row.timestamp.strftime("%H:%M:%S"),
     "date": lambda row: row.timestamp.strftime("%y-%m-%d"),
     "timestamp": lambda row: row.timestamp.isoformat(timespec="microseconds"),
@@ -235,7 +235,7 @@ _VALUE_OF: dict = {
 
 def field_value(row: Row, field: str):
     """The typed value of one field; None when unknown or absent."""
-    read: Callable | None = _VALUE_OF.get(field)
+    read = _VALUE_OF.get(field)
     return read(row) if read is not None else getattr(row, field)
 
 
