@@ -12,15 +12,18 @@ import psutil
 
 from histstat.hashing import ExecutableHasher
 from histstat.records import UNKNOWN_PROCESS, ProcessFacts
+from histstat.shortage import note_shortage
 
 _PROCESS_GONE_OR_HIDDEN = (psutil.Error, OSError)
 
 
 def _field(read: Callable):
-    """One process fact, or None when the process hides it or is gone."""
+    """One process fact, or None when the process hides it or is gone (or when no
+    descriptor was left to read it: counted, for the loop to say so)."""
     try:
         return read()
-    except _PROCESS_GONE_OR_HIDDEN:
+    except _PROCESS_GONE_OR_HIDDEN as exc:
+        note_shortage(exc)
         return None
 
 
@@ -114,7 +117,8 @@ class ProcessCache:
             return UNKNOWN_PROCESS
         try:
             proc = self._process(pid)
-        except _PROCESS_GONE_OR_HIDDEN:
+        except _PROCESS_GONE_OR_HIDDEN as exc:
+            note_shortage(exc)
             return UNKNOWN_PROCESS
         created = _field(proc.create_time)
         cached = self._entries.get(pid)
@@ -144,7 +148,8 @@ class ProcessCache:
         """The process's start (epoch seconds), None when it is gone or hidden."""
         try:
             return self._process(pid).create_time()
-        except _PROCESS_GONE_OR_HIDDEN:
+        except _PROCESS_GONE_OR_HIDDEN as exc:
+            note_shortage(exc)
             return None
 
     def retain(self, live_pids: set) -> None:
