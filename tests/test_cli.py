@@ -40,16 +40,21 @@ def test_flags_become_one_configuration():
     )
 
 
-def test_slow_poll_is_reported_once_on_stderr(run_histstat, tmp_path):
-    # An interval far below one poll's cost: every poll overruns, the notice comes once.
+LOOP_BEHIND = ("behind its", "longer than the")  # the two notices of a loop that lags
+
+
+def test_a_loop_that_cannot_keep_up_is_reported_once(run_histstat, tmp_path):
+    # An interval far below one poll's cost: every iteration overruns. The notice comes
+    # once, then at most once a minute; at the end, what was not told yet is, in one.
     log = tmp_path / "rows.log"
     run = run_histstat("-i", "0.0001", "-q", "-l", log)
-    wait_for(lambda: "longer than the" in run.stderr(), describe=run.describe)
+    wait_for(lambda: any(words in run.stderr() for words in LOOP_BEHIND), describe=run.describe)
     wait_for(lambda: log.stat().st_size > 0, describe=run.describe)
     result = run.stop()
     assert result.returncode == 0
-    notices = [line for line in result.stderr.splitlines() if "longer than the" in line]
-    assert len(notices) == 1, result.stderr
+    notices = [line for line in result.stderr.splitlines() if "interval" in line]
+    assert 1 <= len(notices) <= 2, result.stderr
+    assert any(words in notices[0] for words in LOOP_BEHIND), result.stderr
     assert result.stdout_bytes == b""
 
 

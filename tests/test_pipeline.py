@@ -6,11 +6,15 @@ import threading
 import time
 from concurrent.futures import Future
 
+import pytest
+
 from histstat.enrich import user_name
 from histstat.filters import RowFilter
 from histstat.hashing import Hashes
+from histstat.output import writer as writer_module
+from histstat.output.base import SinkBusy, SinkError
 from histstat.output.format import format_plain_row, text_fields
-from histstat.output.writer import OrderedWriter
+from histstat.output.writer import CHUNK_ROWS, OrderedWriter
 from histstat.pending import Fill, PendingRow
 from histstat.poller import MAX_HASH_WAIT, MAX_NAME_WAIT, Poller, _with_hashes, make_row
 from histstat.records import Connection, ProcessFacts
@@ -382,3 +386,121 @@ def test_a_connection_gone_without_an_orphan_is_forgotten_at_once():
     assert len(poller._endpoints) == 0
     (stray,) = rows_of(poller)  # a later socket on that endpoint is not the client's
     assert (stray.pid, stray.attribution) == (None, None)
+
+
+# --------------------------------------------------------------------------- chunks, busy
+
+
+class EventSink:
+    """A sink that records what happens to it in a log shared with other sinks."""
+
+    def __init__(self, name, events, busy=False):
+        self.name = name
+        self.events = events
+        self.busy = busy
+        self.unflushed = []
+        self.lines = []  # saved: flushed
+
+    def write(self, line):
+        self.unflushed.append(line)
+        self.events.append((self.name, "write", line))
+
+    def flush(self):
+        if self.busy:
+            self.unflushed.clear()  # SinkBusy: what was written since the last flush is gone
+            raise SinkBusy(f"sink {self.name!r}", "is busy")
+        self.lines += self.unflushed
+        self.unflushed.clear()
+        self.events.append((self.name, "flush", None))
+
+
+def test_rows_go_through_the_sinks_in_bounded_chunks_each_saved_before_the_next_sink():
+    events = []
+    log, database, stdout = (EventSink(name, events) for name in ("log", "db", "stdout"))
+    view = plain_view(False)
+    writer = OrderedWriter([(view, log), (view, database), (view, stdout)])
+    count = 2 * CHUNK_ROWS + 10
+    writer.add([pending(port) for port in range(1, count + 1)])
+    writer.write_ready(time.monotonic())
+    assert log.lines == database.lines == stdout.lines and len(stdout.lines) == count
+    saved = {"log": set(), "db": set()}
+    unflushed = {"log": [], "db": [], "stdout": []}
+    for name, what, line in events:
+        if what == "write":
+            if name == "db":
+                assert line in saved["log"]  # the log had it first
+            if name == "stdout":
+                assert line in saved["db"]  # shown only once committed
+            unflushed[name].append(line)
+            assert len(unflushed[name]) <= CHUNK_ROWS  # never more at once
+        else:
+            saved.setdefault(name, set()).update(unflushed[name])
+            unflushed[name] = []
+    assert writer.written == count and writer.pending() == 0
+
+
+def test_a_busy_sink_holds_rows_for_the_sinks_after_it_while_those_before_go_on():
+    events, notices = [], []
+    log, database, stdout = (EventSink(name, events) for name in ("log", "db", "stdout"))
+    view = plain_view(False)
+    writer = OrderedWriter([(view, log), (view, database), (view, stdout)], notice=notices.append)
+    writer.add([pending(1)])
+    writer.write_ready(time.monotonic())
+    database.busy = True
+    for port in (2, 3):
+        writer.add([pending(port)])
+        writer.write_ready(time.monotonic())
+    assert written_ports(log) == [1, 2, 3]
+    assert written_ports(database) == written_ports(stdout) == [1]
+    assert writer.pending() == 2
+    assert len(notices) == 1 and "sink 'db' is busy" in notices[0]
+    database.busy = False
+    writer.add([pending(4)])
+    writer.write_ready(time.monotonic())
+    assert written_ports(log) == written_ports(database) == written_ports(stdout) == [1, 2, 3, 4]
+    assert len(notices) == 2 and "free again" in notices[1] and "the 3 rows" in notices[1]
+    assert writer.pending() == 0
+
+
+def test_rows_held_beyond_the_bound_stop_histstat_with_the_reason(monkeypatch):
+    monkeypatch.setattr(writer_module, "MAX_HELD_ROWS", 3)
+    events = []
+    log, database = EventSink("log", events), EventSink("db", events, busy=True)
+    writer = OrderedWriter([(plain_view(False), log), (plain_view(False), database)])
+    writer.add([pending(port) for port in (1, 2, 3)])
+    writer.write_ready(time.monotonic())  # three rows wait: within the bound
+    writer.add([pending(4)])
+    with pytest.raises(SinkError) as caught:
+        writer.write_ready(time.monotonic())
+    assert "sink 'db' is busy" in str(caught.value) and "more than histstat holds" in str(
+        caught.value
+    )
+    assert written_ports(log) == [1, 2, 3, 4]  # the log has every row all the same
+
+
+def test_a_sink_busy_to_the_end_names_the_rows_it_never_got():
+    events = []
+    log, database = EventSink("log", events), EventSink("db", events, busy=True)
+    writer = OrderedWriter([(plain_view(False), log), (plain_view(False), database)])
+    writer.add([pending(1), pending(2)])
+    with pytest.raises(SinkError, match="sink 'db' still is busy: 2 rows found were not saved"):
+        writer.write_the_rest(time.monotonic(), time.monotonic() + 0.05)
+    assert written_ports(log) == [1, 2]
+
+
+def test_an_abandoned_sink_is_spared_the_formatting():
+    formatted = []
+
+    class Abandoned(ListSink):
+        abandoned = True
+
+    def view(row):
+        formatted.append(row.lport)
+        return str(row.lport)
+
+    log, stdout = ListSink(), Abandoned()
+    writer = OrderedWriter([(plain_view(False), log), (view, stdout)])
+    writer.add([pending(1), pending(2)])
+    writer.write_ready(time.monotonic())
+    assert written_ports(log) == [1, 2] and formatted == [] and stdout.lines == []
+    assert writer.written == 2

@@ -2,49 +2,105 @@
 
 from __future__ import annotations
 
+import math
 import os
 import stat
-from typing import BinaryIO, Callable
+import time
+from typing import Any, BinaryIO, Callable
 
 from histstat.output.base import ReaderGone, SinkError
+
+try:
+    import select
+
+    _poll = getattr(select, "poll", None)
+    _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+except ImportError:  # pragma: no cover - every platform we know has select
+    _poll = None
+    _PIPE_BUF = 512
 
 
 def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+# stdout's bytes collect up to this much before they are written; a row longer than
+# that is written as soon as it is whole.
+_STDOUT_BUFFER = 1 << 16
+# How long one wait for a stalled reader lasts before histstat looks again at whether
+# the run is ending.
+_WAIT_SLICE = 0.05
+# Past ``give_up_at``, the row being written is still finished while the reader keeps
+# making room, but a reader that makes none for this long is given up on.
+_STALLED = 0.25
+
+
+def _descriptor(stream: BinaryIO) -> int | None:
+    """The descriptor to write rows to directly, or None for a stream that has none (or
+    a platform without poll()): then rows go through the stream, blocking as it does."""
+    if _poll is None:
+        return None
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_size(fd: int) -> int:
+    """The most bytes written at once. Into a pipe, a socket or a terminal, a write no
+    larger than PIPE_BUF, made once poll() says there is room, does not block: so a
+    reader that stops reading can never hold histstat inside a write, where no signal
+    could be answered without cutting a row. Files take large writes."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return _PIPE_BUF
+    if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)):
+        return 1 << 20
+    return _PIPE_BUF
+
+
 class StdoutSink:
-    """Rows to stdout, in the terminal's encoding; undecodable text is escaped."""
+    """Rows to stdout, in the terminal's encoding; undecodable text is escaped.
+
+    Rows are written to the descriptor directly, a little at a time whenever poll() says
+    the reader has made room, so histstat never blocks inside a write: a reader that
+    stops reading (a paused pager) holds histstat between two writes, where it waits as
+    long as ``give_up_at`` allows. That is forever, until the run is ending (SIGTERM,
+    Ctrl-C): then rows keep going out until that time; past it no row is started, the
+    row being written is finished only while the reader keeps making room, and a reader
+    that stalls gets stdout abandoned for good. A row cut short is never followed by
+    another one.
+    """
 
     def __init__(self, stream: BinaryIO, encoding: str, newline: str = "\n") -> None:
         self._stream = stream
         self._encoding = encoding
         self._newline = newline
         self._abandoned = False
+        self._fd = _descriptor(stream)
+        self._buffer = bytearray()
+        self._row_ends: list = []  # where each row in the buffer ends
+        self._write_size = _write_size(self._fd) if self._fd is not None else 0
+        self._room: Any = None
+        if self._fd is not None:
+            self._room = _poll()
+            self._room.register(self._fd, select.POLLOUT)
+        # The monotonic time past which a reader that does not read is given up on; the
+        # runner points it at the end of the grace a signal leaves.
+        self.give_up_at: Callable[[], float] = lambda: math.inf
 
-    def _set_blocking(self, blocking: bool) -> None:
-        try:
-            os.set_blocking(self._stream.fileno(), blocking)
-        except (OSError, ValueError, AttributeError):
-            pass
-
-    def stop_blocking(self) -> None:
-        """At the end of a run, a reader that stopped reading must not hold histstat:
-        until ``finish``, a write that would block gives up on stdout (the log still
-        gets every row)."""
-        self._set_blocking(False)
-
-    def finish(self) -> None:
-        """Undo ``stop_blocking`` (the descriptor may be the shell's terminal too), and
-        discard what stdout could not take."""
-        self._set_blocking(True)
-        if self._abandoned:
-            self.discard()
+    @property
+    def abandoned(self) -> bool:
+        """stdout was given up on (its reader stopped reading while the run ended)."""
+        return self._abandoned
 
     def discard(self) -> None:
         """Give up on stdout: point it at the null device, so that the interpreter's
         final flush cannot fail on a closed pipe and print "Exception ignored" noise."""
         self._abandoned = True
+        self._buffer.clear()
+        self._row_ends.clear()
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())
@@ -60,8 +116,62 @@ class StdoutSink:
     def write(self, line: str) -> None:
         if self._abandoned:
             return
+        if not self._buffer and time.monotonic() >= self.give_up_at():
+            self._abandoned = True  # no row is in flight, and none is started any more
+            return
+        data = (line + self._newline).encode(self._encoding, "backslashreplace")
+        if self._fd is None:
+            self._write_stream(data)
+            return
+        self._buffer += data
+        self._row_ends.append(len(self._buffer))
+        if len(self._buffer) >= _STDOUT_BUFFER:
+            self._write_buffer()
+
+    def flush(self) -> None:
+        if self._abandoned:
+            return
+        if self._fd is None:
+            self._flush_stream()
+        else:
+            self._write_buffer()
+
+    def _write_buffer(self) -> None:
+        """Write the buffered rows out, waiting for room as ``give_up_at`` allows."""
+        assert self._fd is not None
+        buffer, self._buffer = self._buffer, bytearray()
+        ends, self._row_ends = self._row_ends, []
+        data = memoryview(buffer)
+        sent = 0
+        row = 0  # the row being written: it ends at ends[row]
         try:
-            self._stream.write((line + self._newline).encode(self._encoding, "backslashreplace"))
+            while sent < len(data):
+                while ends[row] <= sent:
+                    row += 1
+                late = time.monotonic() >= self.give_up_at()
+                if late and sent == (ends[row - 1] if row else 0):
+                    self._abandoned = True  # between two rows: nothing is cut
+                    return
+                if not self._room.poll((_STALLED if late else _WAIT_SLICE) * 1000):
+                    if late:
+                        self._abandoned = True  # a row cut short, and nothing after it
+                        return
+                    continue
+                end = min(sent + self._write_size, ends[row] if late else len(data))
+                try:
+                    sent += os.write(self._fd, data[sent:end])
+                except BlockingIOError:
+                    continue  # the descriptor was made non-blocking by someone else
+                except BrokenPipeError as exc:
+                    raise ReaderGone() from exc
+                except OSError as exc:
+                    raise SinkError(f"cannot write to stdout: {_describe(exc)}") from exc
+        finally:
+            data.release()
+
+    def _write_stream(self, data: bytes) -> None:
+        try:
+            self._stream.write(data)
         except BlockingIOError:
             self._abandoned = True
         except BrokenPipeError as exc:
@@ -69,9 +179,7 @@ class StdoutSink:
         except OSError as exc:
             raise SinkError(f"cannot write to stdout: {_describe(exc)}") from exc
 
-    def flush(self) -> None:
-        if self._abandoned:
-            return
+    def _flush_stream(self) -> None:
         try:
             self._stream.flush()
         except BlockingIOError:
@@ -86,6 +194,8 @@ class StdoutSink:
 
     def close(self) -> None:
         self.flush()
+        if self._abandoned:
+            self.discard()
 
 
 def warn_if_exposed(info: os.stat_result, what: str, warn: Callable[[str], None]) -> None:

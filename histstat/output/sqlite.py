@@ -11,7 +11,7 @@ from typing import Callable
 from urllib.parse import quote
 
 from histstat import __version__
-from histstat.output.base import SinkError
+from histstat.output.base import SinkBusy, SinkError
 from histstat.output.format import field_value, json_text
 from histstat.output.sinks import warn_if_exposed
 from histstat.records import Row
@@ -104,13 +104,30 @@ def row_values(row: Row) -> tuple:
     return tuple(values)
 
 
+# While capturing, a write waits this long (milliseconds) for another connection's lock
+# before the rows are held for a later try: the poll loop must never stall on it.
+BUSY_TIMEOUT_MS = 50
+
+# SQLite's primary result codes for a lock held elsewhere: SQLITE_BUSY, SQLITE_LOCKED.
+_LOCK_CODES = (5, 6)
+
+
+def is_locked(exc: sqlite3.Error) -> bool:
+    """True when SQLite refused because another connection holds a lock."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in _LOCK_CODES
+    return "locked" in str(exc)
+
+
 def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="microseconds")
 
 
 class SqliteSink:
     """Rows into a SQLite database in WAL mode, so it can be queried while histstat
-    writes; each batch is one transaction, committed on ``flush``.
+    writes; the rows written since the last ``flush`` are one transaction, committed by
+    it, or none of them when another connection holds the lock (``SinkBusy``).
 
     A new database and its -wal/-shm files are 0600 (SQLite gives the side files the
     database's mode). A file that is not a histstat database is refused, untouched.
@@ -122,7 +139,7 @@ class SqliteSink:
         self._warn = warn
         self._db: sqlite3.Connection | None = None
         self._run_id: int | None = None
-        self._in_batch = False
+        self._rows: list = []  # written since the last flush: at most a chunk
 
     def _fail(self, what: str, exc: BaseException) -> SinkError:
         return SinkError(f"{what} database {self.path!r}: {exc}")
@@ -148,6 +165,7 @@ class SqliteSink:
                 "INSERT INTO runs (started, host, version, arguments) VALUES (?, ?, ?, ?)",
                 (_now(), socket.gethostname(), __version__, json.dumps(self._arguments)),
             ).lastrowid
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except SinkError:
             self._abandon()
             raise
@@ -197,38 +215,56 @@ class SqliteSink:
             raise
 
     def write(self, values: tuple) -> None:
-        assert self._db is not None
-        try:
-            if not self._in_batch:
-                self._db.execute("BEGIN")
-                self._in_batch = True
-            self._db.execute(_INSERT, (self._run_id, *values))
-        except sqlite3.Error as exc:
-            raise self._fail("cannot write", exc) from exc
+        self._rows.append(values)
 
     def flush(self) -> None:
-        if self._db is None or not self._in_batch:
+        """Commit the rows written since the last flush in one transaction. The write
+        lock is taken first (BEGIN IMMEDIATE), waiting BUSY_TIMEOUT_MS at most: a lock
+        held elsewhere raises ``SinkBusy`` and the rows are forgotten, for the writer to
+        write again later."""
+        if self._db is None or not self._rows:
             return
+        rows, self._rows = self._rows, []
+        db, run_id = self._db, self._run_id
         try:
-            self._db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(_INSERT, ((run_id, *values) for values in rows))
+                db.execute("COMMIT")
+            except BaseException:
+                self._roll_back()
+                raise
         except sqlite3.Error as exc:
+            if is_locked(exc):
+                raise SinkBusy(
+                    f"database {self.path!r}", "is locked by another connection"
+                ) from exc
             raise self._fail("cannot write", exc) from exc
-        finally:
-            self._in_batch = False
+
+    def _roll_back(self) -> None:
+        assert self._db is not None
+        if self._db.in_transaction:  # some errors end the transaction themselves
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def reopen(self) -> None:
         pass  # a database is not rotated like a log
 
     def close(self) -> None:
+        """Commit what was written, record the run's end, let go of the database."""
         if self._db is None:
             return
-        db, self._db = self._db, None
         try:
-            if self._in_batch:
-                db.execute("COMMIT")
+            try:
+                self.flush()
+            except SinkBusy as exc:
+                raise self._fail("cannot write", exc.__cause__ or exc) from exc
             if self._run_id is not None:
-                db.execute("UPDATE runs SET ended = ? WHERE id = ?", (_now(), self._run_id))
+                self._db.execute("UPDATE runs SET ended = ? WHERE id = ?", (_now(), self._run_id))
         except sqlite3.Error as exc:
             raise self._fail("cannot write", exc) from exc
         finally:
+            db, self._db = self._db, None
             db.close()

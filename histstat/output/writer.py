@@ -1,82 +1,230 @@
-"""The ordered writer: rows to every sink in the order found, files before stdout."""
+"""The ordered writer: rows to every sink in the order found, in bounded chunks, files
+before the database before stdout."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
 from concurrent.futures import wait
+from typing import Any, Callable
+
+from histstat.output.base import SinkBusy, SinkError
+from histstat.pending import PendingRow
+from histstat.records import Row
+
+# A sink takes at most this many rows, or about this many characters of them, before it
+# is flushed (a database: committed) and the next sink gets them: what is held in memory
+# at once stays bounded whatever a process puts in its command line.
+CHUNK_ROWS = 256
+CHUNK_CHARS = 1 << 20
+
+# While a sink is busy (a database locked by another connection), the rows it has not
+# taken wait in memory, up to this many, or about this many characters of process text;
+# past that histstat stops with an error rather than grow without end.
+MAX_HELD_ROWS = 50_000
+MAX_HELD_CHARS = 128 << 20
+
+# How often rows waiting for their hashes check whether the run is ending.
+_WAIT_SLICE = 0.1
+
+
+def row_chars(row: Row) -> int:
+    """About how much text a row holds: what a process chooses (its name, command line,
+    executable path) plus the rest, which is small and bounded."""
+    return len(row.command or "") + len(row.pname or "") + len(row.exe or "") + 256
+
+
+def item_chars(item: Any) -> int:
+    """About how much text a sink's item holds: a line, or a database's values."""
+    if isinstance(item, str):
+        return len(item)
+    return sum(len(value) for value in item if isinstance(value, str))
+
+
+class _Busy:
+    """A sink that said it is busy: since when, and why."""
+
+    def __init__(self, error: SinkBusy) -> None:
+        self.error = error
+        self.since = time.monotonic()
 
 
 class OrderedWriter:
     """Writes rows in the order they were found, each once its hashes are known.
 
     ``outputs`` pairs a view (row → what its sink takes: a line, or values for a
-    database) with a sink, files first and stdout last. Ready rows go out as a batch,
-    one sink after the other, each sink flushed (a database committed) before the next
-    gets the batch: a row shown on stdout is already saved. A terminal's view may differ
-    from the log's (width, colour); sinks sharing a view share one formatted line. With
-    ``limit``, writing stops for good after that many rows.
+    database) with a sink, files first, then the database, stdout last. Rows go through
+    the sinks in chunks (``CHUNK_ROWS``, ``CHUNK_CHARS``): a sink gets a chunk only once
+    every sink before it has it flushed (a database: committed), so a row shown on stdout
+    is already in every file and the database, and only one chunk's formatted text is
+    held at a time. A busy sink (``SinkBusy``: a locked database) holds back the sinks
+    after it while those before it go on; the rows wait for it, at most
+    ``MAX_HELD_ROWS``. Sinks sharing a view share one formatted line. With ``limit``, no
+    row beyond that many is taken. ``notice`` tells the user when a sink gets busy and
+    free again; ``stopping`` cuts short a wait for hashes when the run is ending.
     """
 
-    def __init__(self, outputs: list, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        outputs: list,
+        limit: int | None = None,
+        notice: Callable[[str], None] | None = None,
+        stopping: Callable[[], bool] | None = None,
+    ) -> None:
         self._outputs = outputs
         self._limit = limit
-        self._queue: deque = deque()
-        self.written = 0
+        self._notice = notice or (lambda message: None)
+        self._stopping = stopping or (lambda: False)
+        views = [view for view, _ in outputs]
+        self._shared_views = {view for view in views if views.count(view) > 1}
+        self._queue: deque[PendingRow] = deque()  # found, not yet taken (waiting for hashes)
+        self._taken: list = []  # taken, in order; some sinks may not have them yet
+        self._reached = [0] * len(outputs)  # per sink: how many of _taken it has
+        self._taken_chars = 0
+        self._busy: dict[int, _Busy] = {}  # sink index → why it is busy
+        self.admitted = 0  # rows taken for writing (what ``limit`` counts)
+        self.written = 0  # rows every sink has
 
     @property
     def done(self) -> bool:
-        return self._limit is not None and self.written >= self._limit
+        """No more rows will be taken: ``limit`` is reached."""
+        return self._limit is not None and self.admitted >= self._limit
 
     def add(self, rows: list) -> None:
         self._queue.extend(rows)
 
+    def pending(self) -> int:
+        """Rows found that some sink does not have yet."""
+        return len(self._queue) + len(self._taken) - self._reached[-1] if self._outputs else 0
+
     def write_ready(self, deadline: float, final: bool = False) -> None:
         """Write queued rows in order, waiting for hashes until ``deadline`` (a monotonic
-        time). A row whose hashes took MAX_HASH_WAIT, or any row when ``final``, goes out
-        with what is known: nothing found is ever dropped."""
+        time) or until the run is ``stopping``. A row whose hashes took MAX_HASH_WAIT,
+        or any row when ``final``, goes out with what is known: nothing found is ever
+        dropped. A busy sink is tried once per call; raises ``SinkError`` when the rows
+        waiting for it are more than histstat keeps."""
+        self._write(deadline, final, self._stopping)
+
+    def write_the_rest(self, hash_deadline: float, busy_deadline: float) -> None:
+        """At the end of a run: write every row found, waiting for hashes until
+        ``hash_deadline`` and for a busy sink until ``busy_deadline``; raises
+        ``SinkError`` naming the rows a sink that stayed busy never got."""
+        self._write(hash_deadline, False, lambda: False)
+        self._write(time.monotonic(), True, lambda: False)  # still waiting: hashes unknown
+        while self._busy and time.monotonic() < busy_deadline:
+            self._write(time.monotonic(), True, lambda: False)  # each try waits a little
+        if self._busy:
+            index, busy = next(iter(self._busy.items()))
+            missing = len(self._taken) - self._reached[index]
+            raise SinkError(
+                f"{busy.error.what} still {busy.error.why}: {missing} rows found were not "
+                "saved to it, nor shown on stdout (a log, if any, has them)"
+            )
+
+    def _write(self, deadline: float, final: bool, stopping: Callable[[], bool]) -> None:
+        blocked: set = set()
         while True:
-            ready = self._ready_count(final)
-            if ready:
-                self._emit(ready)
-            if not self._queue or self.done or final:
-                return
+            self._take(final)
+            self._pump(blocked)
+            if not self._queue or self.done or final or stopping():
+                break
             awaited, give_up = self._queue[0].waiting()
             now = time.monotonic()
             if now >= give_up:
                 continue  # its wait is over: it goes out with those facts unknown
             if now >= deadline:
-                return  # the poll's time is up; the facts may still come
-            wait(awaited, timeout=min(deadline, give_up) - now)
+                break  # the poll's time is up; the facts may still come
+            wait(awaited, timeout=min(deadline, give_up, now + _WAIT_SLICE) - now)
+        self._check_held()
 
-    def _ready_count(self, final: bool) -> int:
-        """How many rows at the head of the queue may go out now."""
-        room = len(self._queue) if self._limit is None else self._limit - self.written
-        count = 0
+    def _take(self, final: bool) -> None:
+        """Take the rows at the head of the queue whose facts are known (all when
+        ``final``), up to ``limit``."""
         now = time.monotonic()
-        for pending in self._queue:
-            if count >= room:
-                break
-            if not (final or pending.ready(now)):
-                break
-            count += 1
-        return count
+        queue = self._queue
+        while queue and not self.done:
+            if not (final or queue[0].ready(now)):
+                return
+            row = queue.popleft().resolved()
+            self._taken.append(row)
+            self._taken_chars += row_chars(row)
+            self.admitted += 1
 
-    def _emit(self, count: int) -> None:
-        rows = [self._queue[i].resolved() for i in range(count)]
-        made: dict = {}
-        for view, sink in self._outputs:
-            items = made.get(view)
-            if items is None:
-                items = made[view] = [view(row) for row in rows]
-            for item in items:
-                sink.write(item)
+    def _pump(self, blocked: set) -> None:
+        """Move taken rows through the sinks chunk by chunk, each sink after the one
+        before it, until every sink that can take rows has them."""
+        moved = True
+        while moved:
+            moved = False
+            shared: dict = {}  # view → {row index: item}, for this round's chunks only
+            for index in range(len(self._outputs)):
+                if index not in blocked and self._write_chunk(index, shared, blocked):
+                    moved = True
+            self._release()
+
+    def _write_chunk(self, index: int, shared: dict, blocked: set) -> bool:
+        """Write the next chunk of rows to sink ``index`` and flush it; False when it
+        had nothing to take or was busy."""
+        view, sink = self._outputs[index]
+        start = self._reached[index]
+        end = len(self._taken) if index == 0 else self._reached[index - 1]
+        if start >= end:
+            return False
+        items = shared.setdefault(view, {}) if view in self._shared_views else None
+        position, chars = start, 0
+        while position < end and position - start < CHUNK_ROWS and chars < CHUNK_CHARS:
+            if getattr(sink, "abandoned", False):  # stdout given up on: spare the formatting
+                position = end
+                break
+            item = items.get(position) if items is not None else None
+            if item is None:
+                item = view(self._taken[position])
+                if items is not None:
+                    items[position] = item
+            sink.write(item)
+            chars += item_chars(item)
+            position += 1
+        try:
             sink.flush()
-        # Taken off the queue only once every sink has them: an interrupt mid-batch
-        # may repeat a row at the final write, never lose one.
-        for _ in range(count):
-            self._queue.popleft()
-        self.written += count
+        except SinkBusy as busy:
+            blocked.add(index)
+            if index not in self._busy:
+                self._busy[index] = _Busy(busy)
+                self._notice(
+                    f"{busy}: histstat keeps polling and holds rows for it (at most "
+                    f"{MAX_HELD_ROWS:,}); the outputs after it get them once it has them"
+                )
+            return False
+        was_busy = self._busy.pop(index, None)
+        if was_busy is not None:
+            self._notice(
+                f"{was_busy.error.what} is free again after "
+                f"{time.monotonic() - was_busy.since:.1f} s: the {end - start} rows that "
+                "waited for it are being written"
+            )
+        self._reached[index] = position
+        return True
 
-    def pending(self) -> int:
-        return len(self._queue)
+    def _release(self) -> None:
+        """Forget the rows every sink has."""
+        through = self._reached[-1] if self._outputs else len(self._taken)
+        if not through:
+            return
+        for row in self._taken[:through]:
+            self._taken_chars -= row_chars(row)
+        del self._taken[:through]
+        self._reached = [reached - through for reached in self._reached]
+        self.written += through
+
+    def _check_held(self) -> None:
+        if not self._busy:
+            return
+        held = len(self._taken)
+        if held <= MAX_HELD_ROWS and self._taken_chars <= MAX_HELD_CHARS:
+            return
+        busy = min(self._busy.values(), key=lambda b: b.since)
+        raise SinkError(
+            f"{busy.error.what} {busy.error.why} for {time.monotonic() - busy.since:.0f} s: "
+            f"{held:,} rows wait for it, more than histstat holds ({MAX_HELD_ROWS:,} rows "
+            f"or {MAX_HELD_CHARS >> 20} MiB of text); stopping"
+        )
