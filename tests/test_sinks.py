@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from histstat.output import sinks
 from histstat.output.base import ReaderGone, SinkError
 from histstat.output.sinks import LogSink, StdoutSink
 
@@ -126,9 +127,14 @@ def test_disk_full_mid_row_leaves_only_whole_rows(tmp_path):
 # --------------------------------------------------------------------------- stdout's end
 
 
-@pytest.fixture
-def small_pipe():
-    """A pipe that holds one page, as (read end, write end as a binary stream)."""
+@pytest.fixture(params=["nowait", "small-writes"])
+def small_pipe(request, monkeypatch):
+    """A pipe that holds one page, as (read end, write end as a binary stream); written
+    with RWF_NOWAIT, or as on a kernel without it (PIPE_BUF at a time, after poll)."""
+    if request.param == "small-writes":
+        monkeypatch.setattr(sinks, "_RWF_NOWAIT", None)
+    elif sinks._RWF_NOWAIT is None:
+        pytest.skip("this Python has no os.RWF_NOWAIT")
     read_end, write_end = os.pipe()
     fcntl.fcntl(read_end, F_SETPIPE_SZ, 4096)
     stream = os.fdopen(write_end, "wb")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -46,25 +47,37 @@ def _descriptor(stream: BinaryIO) -> int | None:
         return None
 
 
-def _write_size(fd: int) -> int:
-    """The most bytes written at once. Into a pipe, a socket or a terminal, a write no
-    larger than PIPE_BUF, made once poll() says there is room, does not block: so a
-    reader that stops reading can never hold histstat inside a write, where no signal
-    could be answered without cutting a row. Files take large writes."""
+# How a write to stdout is made so that it never blocks (see ``_write_mode``).
+_FILE, _NOWAIT, _SMALL = "file", "nowait", "small"
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14+, Python 3.7+
+
+
+def _write_mode(fd: int) -> str:
+    """How to write to ``fd`` without ever blocking inside the write, where a signal
+    could not be answered without cutting a row, and without making the descriptor
+    non-blocking, which the shell and other jobs sharing it would see.
+
+    Files and devices other than terminals do not wait for a reader: plain large
+    writes (_FILE). Pipes and sockets take RWF_NOWAIT on recent kernels: a write of
+    what fits (_NOWAIT, tried first, given up for _SMALL if refused). Otherwise, a
+    write no larger than PIPE_BUF, made once poll() says there is room, does not block
+    (_SMALL)."""
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
-        return _PIPE_BUF
+        return _SMALL
     if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)):
-        return 1 << 20
-    return _PIPE_BUF
+        return _FILE
+    if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) and _RWF_NOWAIT is not None:
+        return _NOWAIT
+    return _SMALL
 
 
 class StdoutSink:
     """Rows to stdout, in the terminal's encoding; undecodable text is escaped.
 
-    Rows are written to the descriptor directly, a little at a time whenever poll() says
-    the reader has made room, so histstat never blocks inside a write: a reader that
+    Rows are written to the descriptor directly, as much at a time as the reader has
+    made room for, so histstat never blocks inside a write (``_write_mode``): a reader that
     stops reading (a paused pager) holds histstat between two writes, where it waits as
     long as ``give_up_at`` allows. That is forever, until the run is ending (SIGTERM,
     Ctrl-C): then rows keep going out until that time; past it no row is started, the
@@ -81,7 +94,7 @@ class StdoutSink:
         self._fd = _descriptor(stream)
         self._buffer = bytearray()
         self._row_ends: list = []  # where each row in the buffer ends
-        self._write_size = _write_size(self._fd) if self._fd is not None else 0
+        self._mode = _write_mode(self._fd) if self._fd is not None else _FILE
         self._room: Any = None
         if self._fd is not None:
             self._room = _poll()
@@ -152,22 +165,42 @@ class StdoutSink:
                 if late and sent == (ends[row - 1] if row else 0):
                     self._abandoned = True  # between two rows: nothing is cut
                     return
+                # Past the deadline, only the rest of the row in flight.
+                written = self._write_some(data[sent : ends[row] if late else len(data)])
+                if written:
+                    sent += written
+                    continue
                 if not self._room.poll((_STALLED if late else _WAIT_SLICE) * 1000):
                     if late:
                         self._abandoned = True  # a row cut short, and nothing after it
                         return
-                    continue
-                end = min(sent + self._write_size, ends[row] if late else len(data))
-                try:
-                    sent += os.write(self._fd, data[sent:end])
-                except BlockingIOError:
-                    continue  # the descriptor was made non-blocking by someone else
-                except BrokenPipeError as exc:
-                    raise ReaderGone() from exc
-                except OSError as exc:
-                    raise SinkError(f"cannot write to stdout: {_describe(exc)}") from exc
         finally:
             data.release()
+
+    def _write_some(self, data: memoryview) -> int:
+        """Write what stdout takes now, without waiting: 0 when it has no room."""
+        assert self._fd is not None
+        try:
+            if self._mode == _FILE:
+                return os.write(self._fd, data)
+            if self._mode == _NOWAIT:
+                try:
+                    return os.pwritev(self._fd, [data], -1, _RWF_NOWAIT)
+                except BlockingIOError:
+                    return 0
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
+                        raise
+                    self._mode = _SMALL  # an older kernel: see _write_mode
+            if not self._room.poll(0):
+                return 0
+            return os.write(self._fd, data[:_PIPE_BUF])
+        except BlockingIOError:
+            return 0  # the descriptor was made non-blocking by someone else
+        except BrokenPipeError as exc:
+            raise ReaderGone() from exc
+        except OSError as exc:
+            raise SinkError(f"cannot write to stdout: {_describe(exc)}") from exc
 
     def _write_stream(self, data: bytes) -> None:
         try:
