@@ -22,7 +22,16 @@ setup(
     extras_require={
         "geoip": ["maxminddb>=2"],
         # the tests build their own small GeoIP databases with mmdb-writer
-        "test": ["pytest>=7", "hypothesis>=6", "maxminddb>=2", "mmdb-writer>=0.2"],
+        # and CI checks types and lint with the same install
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "maxminddb>=2",
+            "mmdb-writer>=0.2",
+            "mypy>=1.8",
+            "types-psutil",
+            "ruff>=0.4",
+        ],
     },
     entry_points={"console_scripts": ["histstat = histstat.runner:main"]},
     classifiers=[

@@ -1,3 +1,5 @@
 """histstat: history for netstat, network connections as they occur."""
 
-__version__ = "1.0.0"
+# The one place the version is written: setup.py, -v/--version, the SQLite runs table
+# and the benchmark report read it. 2.0.0 succeeds the histstat 1.2.x on the package index.
+__version__ = "2.0.0"

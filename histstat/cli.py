@@ -96,7 +96,7 @@ def get_parser() -> _Parser:
         prog="histstat",
         description="History for netstat: show network connections as they occur, "
         "with when each was first seen, its process, user and full command line.",
-        epilog="Text columns: proto laddr lport raddr rport status pid pname time date "
+        epilog="Plain and CSV columns: proto laddr lport raddr rport status pid pname time date "
         "user command ('-' unknown, '*' no remote end); --hash adds md5 and sha256 "
         "before command. Rows hold other users' command lines: logs are created 0600. "
         "Exit status: 0 normal end (Ctrl-C, SIGTERM, closed pipe), 1 runtime error, "
@@ -120,7 +120,11 @@ def get_parser() -> _Parser:
     )
     style = parser.add_mutually_exclusive_group()
     style.add_argument(
-        "-p", "--prettify", action="store_true", help="space-aligned columns, for a terminal"
+        "-p",
+        "--prettify",
+        action="store_true",
+        help="aligned columns for people: time proto local remote status pid pname user "
+        "command, with address:port joined; on a terminal the command is cut to fit",
     )
     style.add_argument("-j", "--json", action="store_true", help="NDJSON: one JSON object per line")
     style.add_argument(
@@ -178,7 +182,8 @@ def get_parser() -> _Parser:
         action="append",
         default=[],
         help="MaxMind database for country, asn and as_org of the remote address; "
-        "repeat for country and ASN files (needs: pip install 'histstat[geoip]')",
+        "repeat for country and ASN files (needs the maxminddb package: "
+        "pip install '.[geoip]' in histstat's checkout)",
     )
 
     shown = parser.add_argument_group("fields and formats")
@@ -208,6 +213,12 @@ def get_parser() -> _Parser:
     )
     _valued(parser, capture,
         "--duration", type=positive_seconds, metavar="SECONDS", help="stop after SECONDS"
+    )
+    capture.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="no rows, open or close, for the connections already there at the first poll: "
+        "only what happens from then on, a new state of one of them included (not with --once)",
     )
 
     narrow = parser.add_argument_group(
@@ -287,6 +298,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.error("argument --sqlite: needs a file name")
     if args.quiet and not (args.log or args.sqlite):
         parser.error("-q/--quiet needs a file to write to: add -l/--log FILE or --sqlite FILE")
+    if args.skip_existing and args.once:
+        parser.error("--skip-existing leaves out all that --once would show: use one of them")
     output = next(
         (name for name, on in (("json", args.json), ("pretty", args.prettify), ("csv", args.csv))
          if on),
@@ -322,6 +335,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         duration=args.duration,
         color=args.color,
         closed=args.closed,
+        skip_existing=args.skip_existing,
         resolve=args.resolve or bool(args.fields and "rhost" in args.fields),
         geoip=tuple(args.geoip),
         source=_source_name(parser, args.source, args.source not in SOURCE_NAMES),

@@ -23,6 +23,7 @@ class Config:
     duration: float | None = None
     color: str = "auto"
     closed: bool = False
+    skip_existing: bool = False  # no rows for what the first poll finds
     resolve: bool = False
     geoip: tuple[str, ...] = ()  # paths of MaxMind databases
     source: str = "psutil"  # psutil or linux

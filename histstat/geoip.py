@@ -9,7 +9,12 @@ from typing import Any, NamedTuple
 
 from histstat.addresses import parse_ip, unmapped
 
-MISSING_PACKAGE = "--geoip needs the maxminddb package: pip install 'histstat[geoip]'"
+# Installed from histstat's checkout: the package index's "histstat" is the old 1.2.x
+# tool, which naming it with the extra would fetch.
+MISSING_PACKAGE = (
+    "--geoip needs the maxminddb package: pip install '.[geoip]' in histstat's checkout"
+    " (or pip install 'maxminddb>=2')"
+)
 # Every MaxMind DB file ends with its metadata, which starts with this marker within
 # the last 128 KiB (the format's own rule).
 _METADATA_MARKER = b"\xab\xcd\xefMaxMind.com"

@@ -69,6 +69,11 @@ class Poller:
     poll, repeating their open row's facts. It fills ``direction`` from the listeners
     it remembers and attributes sockets the kernel keeps without a process to the
     process that held the same endpoint earlier.
+
+    With ``skip_existing`` the connections of the first poll get no rows, open or close,
+    yet teach the memories all the same: a listener that was already there still makes
+    later connections on its port "in", and a connection already there still lends its
+    process to its orphan.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class Poller:
         closed: bool = False,
         resolver: ReverseResolver | None = None,
         geoip: GeoIP | None = None,
+        skip_existing: bool = False,
     ) -> None:
         self._source = source
         self._tracker = tracker
@@ -91,12 +97,16 @@ class Poller:
         self._listeners = ListenerMemory()
         self._endpoints = EndpointMemory()
         self._shown: dict = {}  # with --closed: open rows shown, by connection
+        self._skip_existing = skip_existing
+        self._polled = False
 
     def poll(self) -> list:
         # Local time with its UTC offset, taken once: every row of a poll shares it.
         seen = datetime.datetime.now().astimezone()
         now = time.monotonic()
         new, gone = self._tracker.changes(self._source.snapshot(), now)
+        existing = self._skip_existing and not self._polled
+        self._polled = True
         rows = [self._close_row(conn, seen, now) for conn in gone]
         rows = [row for row in rows if row is not None]
         # A process's socket turns orphan in the kernel the moment it lets go, so an
@@ -114,7 +124,7 @@ class Poller:
             if conn.status == "LISTEN":
                 self._listeners.opened(conn)
         for conn in new:
-            row = self._open_row(conn, seen, now)
+            row = self._open_row(conn, seen, now, shown=not existing)
             if row is not None:
                 rows.append(row)
         self._endpoints.forget_expired(now)
@@ -159,7 +169,9 @@ class Poller:
             owner = owner._replace(facts=facts, hashes=self._processes.hashes(owner.pid, facts))
         return owner
 
-    def _open_row(self, conn: Connection, seen: datetime.datetime, now: float):
+    def _open_row(self, conn: Connection, seen: datetime.datetime, now: float, shown: bool = True):
+        """The open row of a new connection; None when the filters leave it out, or when
+        it is not ``shown`` (--skip-existing), learnt from then as if it were."""
         owner = self._owner(conn)
         pid = owner.pid if owner is not None else conn.pid
         if not self._filter.keeps_connection(conn if owner is None else conn._replace(pid=pid)):
@@ -172,6 +184,10 @@ class Poller:
         hashes = owner.hashes if owner is not None else self._processes.hashes(pid, facts)
         if owner is None and conn.pid is not None:
             self._endpoints.remember(conn, Owner(conn.pid, facts, hashes), now)
+        if not shown:
+            # Learnt from exactly as a shown row, facts and hashes included: its process
+            # may be gone by the time its orphan appears.
+            return None
         attribution = "earlier" if owner is not None else "socket" if pid is not None else None
         if facts.user is None and owner is None:
             facts = facts._replace(user=self._socket_user(conn))

@@ -366,6 +366,7 @@ def run(config: Config, env: Environment) -> int:
                 closed=config.closed,
                 resolver=resolver,
                 geoip=geoip,
+                skip_existing=config.skip_existing,
             )
             loop = PollLoop(config, env, poller, writer, opened, stdout, signals)
             try:

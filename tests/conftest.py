@@ -12,6 +12,7 @@ import pytest
 
 from support.children import SocketChild, child_argv
 from support.histstat import Histstat
+from support.waiting import END_TIMEOUT
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def run_histstat():
         if histstat.proc.poll() is None:
             histstat.proc.send_signal(signal.SIGTERM)
             try:
-                histstat.proc.wait(5)
+                histstat.proc.wait(END_TIMEOUT)
             except subprocess.TimeoutExpired:
                 pass
         histstat.kill()

@@ -1,20 +1,24 @@
 """Command-line behaviour around the rows: notices on stderr, module entry point."""
 
+import importlib.metadata
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 import histstat
 from histstat import runner
-from histstat.cli import parse_config
+from histstat.cli import get_parser, parse_config
 from histstat.environment import Environment
 from histstat.privileges import NOT_PRIVILEGED_NOTICE
+from support.contract import COLUMNS
 from support.histstat import histstat_command
 from support.waiting import STOP_TIMEOUT, read_line, wait_for
 
@@ -38,6 +42,94 @@ def test_flags_become_one_configuration():
         True,
         True,
     )
+
+
+# --------------------------------------------------------------------------- usage errors
+# In-process against the parser; test_e2e.py keeps one end-to-end smoke test.
+
+STATUSES = sorted(getattr(psutil, name) for name in dir(psutil) if name.startswith("CONN_"))
+# Fields -f must list when it refuses one: the original's columns and JSON's extras.
+FIELDS = (*COLUMNS, "exe", "md5", "sha256", "timestamp")
+
+# (argv, what the one error line must name, valid choices it must list). A value is named
+# as argparse quotes it; a misused option by its own spelling.
+USAGE_ERRORS = [
+    (["-i", "0"], ("-i/--interval", "'0'"), ()),
+    (["-i", "-1"], ("-i/--interval", "'-1'"), ()),
+    (["-i", "nan"], ("'nan'",), ()),
+    (["-i", "inf"], ("'inf'",), ()),
+    (["-i", "abc"], ("'abc'",), ()),
+    (["-p", "-j"], ("-p", "-j"), ()),
+    (["--csv", "-j"], ("--csv", "-j"), ()),
+    (["--csv", "-p"], ("--csv", "-p"), ()),
+    (["-q"], ("-q/--quiet", "-l/--log", "--sqlite"), ()),
+    (["-tulpn"], ("-tulpn",), ()),  # netstat habits must fail, never half-work
+    (["--inter", "1"], ("--inter",), ()),  # no abbreviated long options
+    (["--port", "70000"], ("'70000'",), ()),
+    (["--lport", "90-80"], ("'90-80'",), ()),
+    (["--rport", "http"], ("'http'",), ()),
+    (["--port", "22,,80"], ("'22,,80'",), ()),
+    (["--laddr", "10.0.0.0/33"], ("'10.0.0.0/33'",), ()),
+    (["--raddr", "::1/129"], ("'::1/129'",), ()),
+    (["--raddr", "300.1.2.3"], ("'300.1.2.3'",), ()),
+    (["--pid", "12a"], ("'12a'",), ()),
+    (["--status", "bogus"], ("'bogus'",), STATUSES),
+    (["--exclude-status", "LISTEN,OPEN"], ("'OPEN'",), STATUSES),
+    (["-f", "pid,bogus"], ("'bogus'",), FIELDS),
+    (["--fields", "nope"], ("'nope'",), FIELDS),
+    (["-f", "pid,country"], ("-f", "--geoip"), ()),
+    (["-c", "0"], ("'0'",), ()),
+    (["-c", "-1"], ("-c/--count", "'-1'"), ()),
+    (["--count=-1"], ("'-1'",), ()),
+    (["-c", "abc"], ("'abc'",), ()),
+    (["--count", "1.5"], ("'1.5'",), ()),
+    (["--duration", "0"], ("'0'",), ()),
+    (["--duration", "nan"], ("'nan'",), ()),
+    (["--duration", "inf"], ("'inf'",), ()),
+    (["--duration", "soon"], ("'soon'",), ()),
+    (["--color", "sometimes"], ("'sometimes'",), ("auto", "always", "never")),
+    (["--source", "bogus"], ("--source", "'bogus'"), ("auto", "psutil", "linux")),
+    (["-l", ""], ("-l/--log",), ()),
+    (["--sqlite", ""], ("--sqlite",), ()),
+    (["--geoip", ""], ("--geoip",), ()),
+    (["--once", "--skip-existing"], ("--skip-existing", "--once"), ()),
+    (["--skip-existing", "-j", "--once"], ("--skip-existing", "--once"), ()),
+]
+
+
+def usage_error(capsys, argv) -> str:
+    """The one line parse_config writes for a usage error, after checking that it exits
+    2 and writes nothing on stdout."""
+    with pytest.raises(SystemExit) as exited:
+        parse_config(argv)
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2, err
+    assert out == ""
+    assert len(err.splitlines()) == 1 and err.endswith("\n"), err
+    assert err.startswith("histstat: error: "), err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, named, choices", USAGE_ERRORS, ids=[" ".join(case[0]) for case in USAGE_ERRORS]
+)
+def test_usage_error_is_one_line_naming_the_mistake(capsys, argv, named, choices):
+    err = usage_error(capsys, argv)
+    for name in named:
+        assert name in err, f"the error does not name {name}: {err}"
+    for choice in choices:
+        assert re.search(rf"\b{re.escape(choice)}\b", err), f"{choice!r} not listed: {err}"
+
+
+def test_unknown_source_in_the_environment_is_a_usage_error(capsys, monkeypatch):
+    monkeypatch.setenv("HISTSTAT_SOURCE", "bogus")
+    err = usage_error(capsys, [])
+    assert "HISTSTAT_SOURCE" in err and "'bogus'" in err, err
+
+
+def test_skip_existing_is_off_unless_asked_for():
+    assert parse_config([]).skip_existing is False
+    assert parse_config(["--skip-existing"]).skip_existing is True
 
 
 LOOP_BEHIND = ("behind its", "longer than the")  # the two notices of a loop that lags
@@ -66,6 +158,25 @@ def test_python_dash_m_runs_the_same_tool():
         0,
         f"histstat {histstat.__version__}",
     )
+
+
+def test_version_is_the_packages_own_and_above_the_index_1_2_x(capsys):
+    """-v prints the version written once, in histstat/__init__.py, which the installed
+    metadata (setup.py) carries too; it numbers above the old histstat 1.2.x that the
+    package index serves."""
+    with pytest.raises(SystemExit) as exited:
+        parse_config(["-v"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"histstat {histstat.__version__}\n"
+    assert importlib.metadata.version("histstat") == histstat.__version__
+    assert tuple(int(part) for part in histstat.__version__.split(".")) >= (2, 0, 0)
+
+
+def test_install_hints_name_the_checkout_not_the_index_package():
+    """'histstat[geoip]' would fetch the old histstat 1.2.x from the package index."""
+    help_text = get_parser().format_help()
+    assert "pip install '.[geoip]'" in " ".join(help_text.split())
+    assert "histstat[" not in help_text
 
 
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

@@ -7,7 +7,6 @@ The machine has other sockets too, so each test looks at the rows of its own chi
 
 from __future__ import annotations
 
-import base64
 import csv
 import fcntl
 import hashlib
@@ -26,22 +25,24 @@ import sys
 import termios
 import time
 import unicodedata
-import uuid
 from dataclasses import dataclass
 
 import psutil
 import pytest
 
-from support.children import SocketChild, child_argv, new_marker
-from support.contract import COLUMNS
-from support.histstat import connection_key, histstat_command, locale_env, run_once
+from support.children import USER, SocketChild, child_argv, new_marker, new_tag, one_line_script
+from support.contract import COLUMNS, KEY_FIELDS, PRETTY_COLUMNS
+from support.histstat import (
+    ENDPOINT_COLUMNS,
+    INTERVAL,
+    UTF8_ENV,
+    connection_key,
+    histstat_command,
+    parse_pretty_line,
+    run_once,
+)
+from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT
 
-INTERVAL = ("-i", "0.1")
-USER = pwd.getpwuid(os.geteuid()).pw_name
-UTF8_ENV = locale_env("C.UTF-8")  # stdout and logs compared byte for byte: both UTF-8
-KEY_FIELDS = ("proto", "laddr", "lport", "raddr", "rport", "status")
-ALL_FIELDS = COLUMNS[:-1] + ("exe", "md5", "sha256", "command", "timestamp")
-STATUSES = sorted(getattr(psutil, name) for name in dir(psutil) if name.startswith("CONN_"))
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 ELLIPSIS = "\u2026"
 STYLES = {"plain": (), "pretty": ("-p",), "json": ("-j",), "csv": ("--csv",)}
@@ -121,7 +122,7 @@ def in_networks(address: str | None, *networks: str) -> bool:
     return False
 
 
-def hold_on_pty(args, cols: int, rows: int = 24, env: dict | None = None, timeout=15.0):
+def hold_on_pty(args, cols: int, rows: int = 24, env: dict | None = None, timeout=DEFAULT_TIMEOUT):
     """Run histstat to its end with stdout on a pseudo-terminal of ``rows`` x ``cols``;
     returns (exit status, what the terminal received with CRLF as LF, stderr)."""
     master, slave = pty.openpty()
@@ -161,7 +162,7 @@ def hold_on_pty(args, cols: int, rows: int = 24, env: dict | None = None, timeou
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(5)
+            proc.wait(END_TIMEOUT)
         proc.stderr.close()
         os.close(master)
     return rc, received.decode("utf-8", "replace").replace("\r\n", "\n"), err
@@ -221,7 +222,7 @@ def other_user() -> tuple | None:
 def kids():
     """Two children of this user with distinct names and ports, and (as root) a third
     child running as 'nobody'; they hold their sockets for the whole module."""
-    tag = uuid.uuid4().hex[:6]
+    tag = new_tag()
     started: list = []
     try:
         a = Kid(SocketChild(child_argv("alpha", comm=f"hsa-{tag}")), f"hsa-{tag}", USER)
@@ -514,8 +515,7 @@ sys.stdin.buffer.read()
 @pytest.fixture
 def mapped_child():
     """A child holding IPv6 sockets on the IPv4-mapped address ::ffff:127.0.0.1."""
-    encoded = base64.b64encode(MAPPED_SOURCE.encode()).decode()
-    script = f"import base64;exec(base64.b64decode('{encoded}').decode())"
+    script = one_line_script(MAPPED_SOURCE)
     child = SocketChild([sys.executable, "-c", script, new_marker(), "mapped"])
     yield child
     child.stop()
@@ -559,53 +559,7 @@ def test_ipv4_mapped_rows_match_their_ipv4_network(mapped_child, args, wanted):
 
 # --------------------------------------------------------------------------- 2. usage errors
 
-# (argv, text the one error line must name, valid choices it must list)
-MALFORMED = [
-    (["--port", "70000"], "70000", ()),
-    (["--lport", "90-80"], "90-80", ()),
-    (["--rport", "http"], "http", ()),
-    (["--port", "22,,80"], "22,,80", ()),
-    (["--laddr", "10.0.0.0/33"], "10.0.0.0/33", ()),
-    (["--raddr", "::1/129"], "::1/129", ()),
-    (["--raddr", "300.1.2.3"], "300.1.2.3", ()),
-    (["--pid", "12a"], "12a", ()),
-    (["--status", "bogus"], "bogus", STATUSES),
-    (["--exclude-status", "LISTEN,OPEN"], "OPEN", STATUSES),
-    (["-f", "pid,bogus"], "bogus", ALL_FIELDS),
-    (["--fields", "nope"], "nope", ALL_FIELDS),
-    (["-c", "0"], "0", ()),
-    (["-c", "-1"], "-1", ()),
-    (["--count=-1"], "-1", ()),
-    (["-c", "abc"], "abc", ()),
-    (["--count", "1.5"], "1.5", ()),
-    (["--duration", "0"], "0", ()),
-    (["--duration", "nan"], "nan", ()),
-    (["--duration", "inf"], "inf", ()),
-    (["--duration", "soon"], "soon", ()),
-    (["--color", "sometimes"], "sometimes", ("auto", "always", "never")),
-    (["--csv", "-j"], "-j", ()),
-    (["--csv", "-p"], "-p", ()),
-    (["-tulpn"], "-tulpn", ()),
-]
-
-
-@pytest.mark.parametrize(
-    "args, named, choices", MALFORMED, ids=[" ".join(case[0]) for case in MALFORMED]
-)
-def test_malformed_value_is_a_one_line_usage_error(args, named, choices):
-    done = run_once(args)
-    err = done.stderr.decode(errors="replace")
-    assert done.returncode == 2, (done.returncode, err)
-    assert done.stdout == b""
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.endswith("\n"), err
-    # A value is named as argparse quotes it; misused options by their own spelling.
-    shown = named if named.startswith("-") and named != "-1" else repr(named)
-    assert shown in err, f"the error does not name {shown}: {err}"
-    for choice in choices:
-        assert re.search(rf"\b{re.escape(choice)}\b", err), f"{choice!r} not listed: {err}"
-    if args[0] == "--csv":
-        assert "--csv" in err, err
+# In-process against the parser, with one end-to-end smoke test: see tests/test_cli.py.
 
 
 # --------------------------------------------------------------------------- 3. --once
@@ -662,7 +616,8 @@ def test_once_prints_the_table_once_in_every_format(spawn_child, style):
     mine = [line for line in lines if marker in line]
     assert len(mine) == len(child.connections())  # every socket once, none twice
     if style != "json":
-        assert lines[0].replace(",", " ").split() == list(COLUMNS)
+        header = PRETTY_COLUMNS if style == "pretty" else COLUMNS
+        assert lines[0].replace(",", " ").split() == list(header)
         assert sum(line == lines[0] for line in lines) == 1
 
 
@@ -684,7 +639,7 @@ def check_text_capture(style: str, data: bytes, rows: int) -> list:
         assert len(lines) == rows + 1
         header = text_of(lines[0])
         if style == "pretty":
-            assert header.split() == list(COLUMNS)
+            assert header.split() == list(PRETTY_COLUMNS)
         else:
             assert header == ("\t" if style == "plain" else ",").join(COLUMNS)
     return lines
@@ -710,7 +665,7 @@ def test_count_stops_after_n_rows_and_logs_them(spawn_child, run_histstat, tmp_p
 
 def test_count_spans_polls(run_histstat, spawn_child, tmp_path):
     """Rows found in later polls count too: it waits for them, then stops at N."""
-    tag = uuid.uuid4().hex[:6]
+    tag = new_tag()
     first = spawn_child(comm=f"hc{tag}a")
     n_first = len(first.connections())
     log = tmp_path / "capture.json"
@@ -782,9 +737,11 @@ def parse_capture(style: str, data: bytes, nfields: int) -> tuple:
     lines = text_of(data).splitlines()
     if style == "plain":
         return lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
-    # Pretty: cells are padded and two spaces apart; the children's values hold no
-    # double space, so this also splits a command that is not the last column.
-    return lines[0].split(), [re.split(" {2,}", line) for line in lines[1:]]
+    # Pretty: local and remote come back as the two fields each one joins.
+    columns = lines[0].split()
+    names = [name for column in columns for name in ENDPOINT_COLUMNS.get(column, (column,))]
+    rows = [parse_pretty_line(line, columns) for line in lines[1:]]
+    return names, [[row[name] for name in names] for row in rows]
 
 
 FIELD_CHOICES = [
@@ -811,6 +768,9 @@ def test_fields_choose_and_order_columns(kids, style, fields):
         times = [row["time"] for row in rows if "time" in fields]
     else:
         assert header == list(fields)
+        if style == "pretty" and {"raddr", "rport"} <= set(fields):
+            shown = text_of(done.stdout).splitlines()[0].split()
+            assert "remote" in shown and "raddr" not in shown, shown  # one joined column
         assert all(len(cells) == len(fields) for cells in rows), rows[:2]
         got = [tuple(c for c, f in zip(cells, fields) if f != "time") for cells in rows]
         want = [tuple(text_cell(row, f, style) for f in comparable) for row in expected]
@@ -903,13 +863,12 @@ def test_csv_round_trips_to_the_json_values(spawn_child, comm):
 LONG_ARG = "long-" + "x" * 400
 
 
-def child_rows_on_screen(text: str, fields: list, pid: int) -> list:
-    rows = []
-    for line in text.splitlines()[1:]:
-        cells = dict(zip(fields, ANSI.sub("", line).split(None, len(fields) - 1)))
-        if cells.get("pid") == str(pid):
-            rows.append(cells)
-    return rows
+def child_rows_on_screen(text: str, pid: int) -> list:
+    """The rows of ``pid`` in a pretty view, read with the columns its header names."""
+    lines = [ANSI.sub("", line) for line in text.splitlines()]
+    columns = lines[0].split()
+    rows = [parse_pretty_line(line, columns) for line in lines[1:]]
+    return [row for row in rows if row.get("pid") == str(pid)]
 
 
 @pytest.mark.parametrize(
@@ -919,16 +878,16 @@ def child_rows_on_screen(text: str, fields: list, pid: int) -> list:
 )
 def test_pretty_view_fits_the_terminal_width(spawn_child, cols, fields):
     child = spawn_child(LONG_ARG)
-    chosen = ["-f", fields] if fields else []
-    names = fields.split(",") if fields else list(COLUMNS)
-    rc, text, err = hold_on_pty(["-p", "--once", *chosen], cols=cols, env=no_color_env())
+    chosen = ["-f", fields, "--pid", child.pid] if fields else ["--pid", child.pid]
+    args = ["-p", "--once", *chosen]
+    rc, text, err = hold_on_pty(args, cols=cols, env=no_color_env())
     assert rc == 0, err
     lines = text.splitlines()
     too_wide = [line for line in lines if display_width(line) > cols]
     assert not too_wide, f"{len(too_wide)} of {len(lines)} lines exceed {cols} columns:\n" + (
         "\n".join(too_wide[:3])
     )
-    mine = child_rows_on_screen(text, names, child.pid)
+    mine = child_rows_on_screen(text, child.pid)
     assert len(mine) == len(child.connections())
     for cells in mine:
         # The command is cut first; when the columns before it fill the terminal, the
@@ -937,18 +896,44 @@ def test_pretty_view_fits_the_terminal_width(spawn_child, cols, fields):
         if "command" in cells:
             assert child.command.startswith(cells["command"][:-1])
     # The same run through a pipe carries every character of the command.
-    piped = clean_run(["-p", "--once", "--pid", child.pid, *chosen])
-    piped_rows = child_rows_on_screen(text_of(piped.stdout), names, child.pid)
+    piped = clean_run(args)
+    piped_rows = child_rows_on_screen(text_of(piped.stdout), child.pid)
     assert len(piped_rows) == len(child.connections())
     assert all(cells["command"] == child.command for cells in piped_rows)
     assert ELLIPSIS not in text_of(piped.stdout)
 
 
+@pytest.mark.parametrize("closed", [False, True], ids=["default", "closed"])
+def test_100_columns_show_pid_user_and_the_start_of_the_command(spawn_child, closed):
+    """What ss does not show fits a 100-column terminal: each row of the child has its
+    joined endpoints, pid, process name, user and the start of its command line."""
+    child = spawn_child(LONG_ARG)
+    story = ["--closed"] if closed else []
+    args = ["-p", "--once", *story, "--pid", child.pid]
+    rc, text, err = hold_on_pty(args, cols=100, env=no_color_env())
+    assert rc == 0, err
+    lines = text.splitlines()
+    assert all(display_width(line) <= 100 for line in lines), text
+    event = ["event"] if closed else []
+    assert lines[0].split() == [PRETTY_COLUMNS[0], *event, *PRETTY_COLUMNS[1:]]
+    mine = child_rows_on_screen(text, child.pid)
+    assert sorted(map(connection_key, mine), key=str) == sorted(child.connections(), key=str)
+    pname = psutil.Process(child.pid).name()
+    for row in mine:
+        shown = row["pname"]
+        assert shown == pname or (shown.endswith(ELLIPSIS) and pname.startswith(shown[:-1]))
+        assert row["user"] == USER
+        command = row["command"]
+        assert command.endswith(ELLIPSIS) and len(command) >= 9, row
+        assert child.command.startswith(command[:-1]), row
+
+
 COLORED_STATUS = re.compile(r"\x1b\[[0-9;]+m(LISTEN|ESTABLISHED)\x1b\[0m")
 
 
-def assert_status_colored(text: str, style: str, pid: int, names=COLUMNS) -> None:
+def assert_status_colored(text: str, style: str, pid: int) -> None:
     """The child's TCP rows carry colour around their status, and only there."""
+    names = PRETTY_COLUMNS if style == "pretty" else COLUMNS
     tcp_rows = 0
     for line in text.splitlines()[1:]:
         if style == "plain":
@@ -1036,6 +1021,6 @@ def test_terminal_of_unknown_size_gets_whole_rows(spawn_child):
     child = spawn_child(LONG_ARG)
     rc, text, err = hold_on_pty(["-p", "--once", "--pid", child.pid], cols=0, rows=0)
     assert rc == 0, err
-    mine = child_rows_on_screen(text, list(COLUMNS), child.pid)
+    mine = child_rows_on_screen(text, child.pid)
     assert len(mine) == len(child.connections())
     assert all(cells["command"] == child.command for cells in mine)

@@ -6,11 +6,8 @@ import signal
 import sqlite3
 import stat
 
-from support.histstat import connection_key, locale_env, run_once
+from support.histstat import INTERVAL, UTF8_ENV, connection_key, run_once
 from support.waiting import wait_for
-
-INTERVAL = ("-i", "0.1")
-UTF8_ENV = locale_env("C.UTF-8")
 
 
 def db_rows(path, pid=None) -> list:

@@ -8,7 +8,6 @@ only PTR lookups are for 127.0.0.1, which /etc/hosts answers.
 
 from __future__ import annotations
 
-import base64
 import csv
 import datetime
 import os
@@ -22,20 +21,25 @@ import pytest
 from geoip_db import write_asn_db, write_country_db
 
 from histstat.privileges import NOT_PRIVILEGED_NOTICE
-from support.children import end_child, new_marker
-from support.contract import COLUMNS
-from support.histstat import connection_key, run_once
-from support.waiting import DEFAULT_TIMEOUT, read_line
+from support.children import end_child, new_marker, new_tag, one_line_script, require_wchan
+from support.contract import COLUMNS, KEY_FIELDS
+from support.histstat import (
+    INTERVAL,
+    INTERVAL_SECONDS,
+    assert_clean_end,
+    connection_key,
+    run_once,
+    sleeping_between_polls,
+)
+from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT, read_line
 
-INTERVAL_SECONDS = 0.1
-INTERVAL = ("-i", str(INTERVAL_SECONDS))
 # A poll may start late and take a while on a loaded machine: the slack, in seconds, for
 # everything the interval alone does not bound.
 SLACK = 1.0
 HOLD = 2.0  # seconds the child of the duration test keeps its connection at least
 HOST = "127.0.0.1"
 # The text columns with --closed: event first, duration right after status.
-CLOSED_COLUMNS = ("event", *COLUMNS[:6], "duration", *COLUMNS[6:])
+CLOSED_COLUMNS = ("event", *KEY_FIELDS, "duration", *COLUMNS[6:])
 PROCESS_FACTS = ("pid", "pname", "user", "command")
 
 # The story child: a TCP listener on 127.0.0.1, driven line by line on its stdin.
@@ -88,18 +92,14 @@ while True:
         accepted.close()
         say("closed", repr(time.monotonic() - started))
 """
-STORY_SCRIPT = (
-    "import base64;exec(base64.b64decode('"
-    + base64.b64encode(STORY_SOURCE.encode()).decode()
-    + "').decode())"
-)
 
 
 class StoryChild:
     """A process that opens and closes one loopback connection when told to."""
 
-    def __init__(self) -> None:
-        self.argv = [sys.executable, "-c", STORY_SCRIPT, new_marker()]
+    def __init__(self, comm: str | None = None) -> None:
+        """``comm`` names the process (at most 15 bytes), for a --name filter."""
+        self.argv = [sys.executable, "-c", one_line_script(STORY_SOURCE, comm), new_marker()]
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
@@ -147,7 +147,7 @@ class StoryChild:
     def server(self, status: str = "ESTABLISHED") -> tuple:
         return ("tcp", HOST, self.lport, HOST, self.cport, status)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = END_TIMEOUT) -> None:
         end_child(self.proc, timeout)
 
 
@@ -155,8 +155,8 @@ class StoryChild:
 def spawn_story():
     children: list = []
 
-    def spawn() -> StoryChild:
-        child = StoryChild()
+    def spawn(comm: str | None = None) -> StoryChild:
+        child = StoryChild(comm)
         children.append(child)
         return child
 
@@ -222,12 +222,6 @@ def stamp(row: dict) -> datetime.datetime:
     return datetime.datetime.fromisoformat(row["timestamp"])
 
 
-def assert_clean_end(histstat) -> None:
-    result = histstat.stop()
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def duration_bounds(lifetime: float) -> tuple:
     """What a close row may say of a connection that lived ``lifetime`` seconds.
 
@@ -254,8 +248,8 @@ def test_closed_reports_open_and_close_rows_with_the_lifetime(spawn_story, run_h
     lifetime = child.close(hold=HOLD, rename="story-renamed")
     closed = wait_for_keys(js, both, event="close", pid=child.pid)
     plain_closed = wait_for_keys(plain, both, "plain", event="close", pid=child.pid)
-    assert_clean_end(js)
-    assert_clean_end(plain)
+    assert_clean_end(js.stop())
+    assert_clean_end(plain.stop())
 
     low, high = duration_bounds(lifetime)
     assert low >= HOLD - 1.5  # the bounds tell a lifetime apart from nothing
@@ -266,7 +260,7 @@ def test_closed_reports_open_and_close_rows_with_the_lifetime(spawn_story, run_h
         assert open_row["pname"] != "story-renamed"
         assert open_row["attribution"] == "socket"
         assert open_row["duration"] is None and open_row["duration_from_start"] is None
-        for name in ("proto", "laddr", "lport", "raddr", "rport", "status", *PROCESS_FACTS):
+        for name in (*KEY_FIELDS, *PROCESS_FACTS):
             assert close_row[name] == open_row[name], name
         assert close_row["direction"] == open_row["direction"]
         assert close_row["attribution"] == open_row["attribution"]
@@ -305,7 +299,7 @@ def test_closed_marks_a_connection_older_than_histstat(spawn_story, run_histstat
     closed = {out: wait_for_keys(hs, both, out, event="close") for out, hs in outputs.items()}
     headers = {out: header_of(hs) for out, hs in outputs.items() if out != "json"}
     for histstat in outputs.values():
-        assert_clean_end(histstat)
+        assert_clean_end(histstat.stop())
 
     limit = lifetime + 2 * INTERVAL_SECONDS + SLACK
     for key in both:
@@ -341,7 +335,7 @@ def test_time_wait_is_attributed_to_the_client_that_closed_first(spawn_story, ru
     client = one(wait_for_keys(js, [child.client()], pid=child.pid)[child.client()])
     child.close()  # the client first: its end goes TIME_WAIT, which no process holds
     waiting = one(wait_for_keys(js, [child.client("TIME_WAIT")])[child.client("TIME_WAIT")])
-    assert_clean_end(js)
+    assert_clean_end(js.stop())
 
     assert client["pid"] == child.pid and client["attribution"] == "socket"
     assert waiting["pid"] == child.pid
@@ -355,7 +349,7 @@ def test_time_wait_is_attributed_to_the_client_that_closed_first(spawn_story, ru
 # --------------------------------------------------------------------------- 4. direction
 
 
-DIRECTION_FIELDS = ("direction", "proto", "laddr", "lport", "raddr", "rport", "status", "pid")
+DIRECTION_FIELDS = ("direction", *KEY_FIELDS, "pid")
 
 
 def expected_directions(child) -> dict:
@@ -386,7 +380,7 @@ def test_direction_in_json_and_in_text(spawn_child, run_histstat):
     picked.wait_for_rows(lambda row: row.get("pid") == child.pid, count=len(expected))
     header = header_of(text)
     for histstat in (js, text, picked):
-        assert_clean_end(histstat)
+        assert_clean_end(histstat.stop())
     json_rows, text_rows = js.result.rows_of(child.pid), text.result.rows_of(child.pid)
     picked_rows = picked.result.rows_of(child.pid)
 
@@ -425,7 +419,7 @@ def test_resolve_names_the_remote_address(spawn_child, run_histstat):
     text_rows = wait_for_keys(text, both, "plain")
     header = header_of(text)
     for histstat in (js, text):
-        assert_clean_end(histstat)
+        assert_clean_end(histstat.stop())
 
     assert header == [*COLUMNS[:5], "rhost", *COLUMNS[5:]]
     for key in both:
@@ -457,7 +451,7 @@ def test_geoip_places_the_remote_address(spawn_child, run_histstat, geoip_files)
     rows = js.wait_for_child(child)
     header = header_of(text)
     for histstat in (js, text):
-        assert_clean_end(histstat)
+        assert_clean_end(histstat.stop())
 
     assert header == [*COLUMNS[:5], "country", "asn", "as_org", *COLUMNS[5:]]
     remote = [row for row in rows if row["raddr"] is not None]
@@ -524,7 +518,7 @@ def test_without_closed_there_are_no_close_rows(spawn_story, run_histstat):
         wait_for_keys(histstat, [child.client("TIME_WAIT")], output)
     header = header_of(text)
     for histstat in (js, text):
-        assert_clean_end(histstat)
+        assert_clean_end(histstat.stop())
 
     json_rows = js.result.rows
     assert {row["event"] for row in json_rows} == {"open"}
@@ -546,3 +540,44 @@ def test_unusable_geoip_database_leaves_no_header_log_or_database(tmp_path):
     assert done.stdout == b""  # not even the header
     assert len(done.stderr.decode().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == []
+
+
+# --------------------------------------------------------------------------- 8. --skip-existing
+
+
+def test_skip_existing_shows_only_what_happens_after_the_start(spawn_story, run_histstat):
+    """A child's listener and connection from before histstat get no rows, not even close
+    rows, yet they teach it: the TIME_WAIT the old connection leaves is attributed to the
+    child, and a connection accepted later on the old listener is "in". A child started
+    after the first poll is shown whole."""
+    tag = new_tag()
+    before = spawn_story(comm=f"hs{tag}a")
+    require_wchan(before)
+    before.connect()
+    old = {before.listener, before.client(), before.server()}
+    js = run_histstat("-j", "--closed", "--skip-existing", *INTERVAL, "--name", f"hs{tag}*")
+    js.until(lambda: sleeping_between_polls(js.proc.pid), what="the end of the first poll")
+
+    after = spawn_story(comm=f"hs{tag}b")
+    after.connect()
+    new = [after.listener, after.client(), after.server()]
+    opened = wait_for_keys(js, new, pid=after.pid)
+    assert {row["pid"] for row in js.rows()} == {after.pid}, js.describe()
+
+    time_wait = before.client("TIME_WAIT")
+    before.close()  # the client first: its end goes TIME_WAIT, which no process holds
+    waiting = one(wait_for_keys(js, [time_wait])[time_wait])
+    before.connect()  # accepted on the listener that predates histstat
+    accepted = wait_for_keys(js, [before.server(), before.client()], pid=before.pid)
+    after.close()  # a connection shown gets its close rows, as ever
+    wait_for_keys(js, new[1:], event="close", pid=after.pid)
+    assert_clean_end(js.stop())
+
+    assert [row for row in js.result.rows if connection_key(row) in old] == []
+    assert one(opened[after.listener])["direction"] == "listen"
+    assert one(opened[after.server()])["direction"] == "in"
+    assert one(opened[after.client()])["direction"] == "out"
+    assert (waiting["pid"], waiting["attribution"]) == (before.pid, "earlier")
+    assert (waiting["pname"], waiting["command"]) == (f"hs{tag}a", before.command)
+    assert one(accepted[before.server()])["direction"] == "in"
+    assert one(accepted[before.client()])["direction"] == "out"

@@ -504,3 +504,49 @@ def test_an_abandoned_sink_is_spared_the_formatting():
     writer.write_ready(time.monotonic())
     assert written_ports(log) == [1, 2] and formatted == [] and stdout.lines == []
     assert writer.written == 2
+
+
+def test_skip_existing_leaves_out_the_first_poll_and_its_close_rows():
+    later = CLIENT._replace(lport=50001, pid=30)
+    cache = CountingCache()
+    poller = Poller(
+        StaticSource(frozenset({SERVER, CLIENT}), frozenset({SERVER, later}), frozenset({SERVER})),
+        ConnectionTracker(),
+        cache,
+        closed=True,
+        skip_existing=True,
+    )
+    assert rows_of(poller) == []
+    (opened,) = rows_of(poller)  # CLIENT went: no close row for it
+    assert (opened.event, opened.lport, opened.pid) == ("open", 50001, 30)
+    (closed,) = rows_of(poller)  # a connection shown gets its close row as ever
+    assert (closed.event, closed.lport, closed.duration_from_start) == ("close", 50001, False)
+
+
+def test_a_skipped_listener_still_makes_later_accepted_connections_in():
+    poller = Poller(
+        StaticSource(frozenset({SERVER}), frozenset({SERVER, ACCEPTED, CLIENT})),
+        ConnectionTracker(),
+        CountingCache(),
+        skip_existing=True,
+    )
+    assert rows_of(poller) == []
+    direction = {row.lport: row.direction for row in rows_of(poller)}
+    assert direction == {8000: "in", 50000: "out"}
+
+
+def test_a_skipped_connection_still_attributes_its_orphan_with_facts_read_at_start():
+    cache = CountingCache()
+    poller = Poller(
+        StaticSource(frozenset({CLIENT}), frozenset({ORPHAN})),
+        ConnectionTracker(),
+        cache,
+        skip_existing=True,
+    )
+    assert rows_of(poller) == []
+    # Read while the process surely lives: it may be gone when its orphan appears.
+    assert cache.looked_up == [20]
+    (orphan,) = rows_of(poller)
+    assert (orphan.status, orphan.pid, orphan.pname) == ("TIME_WAIT", 20, "proc20")
+    assert orphan.attribution == "earlier"
+    assert cache.looked_up == [20]

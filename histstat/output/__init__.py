@@ -9,17 +9,15 @@ from histstat.config import Config
 from histstat.environment import Environment
 from histstat.output.base import ReaderGone, Sink, SinkError
 from histstat.output.format import (
-    Screen,
     csv_header,
     format_csv_row,
     format_json_row,
     format_plain_row,
-    format_pretty_row,
     json_fields,
     plain_header,
-    pretty_header,
     text_fields,
 )
+from histstat.output.pretty import PrettyView, format_pretty_row, pretty_fields, pretty_header
 from histstat.output.sinks import LogSink, StdoutSink
 from histstat.output.sqlite import SqliteSink, row_values
 from histstat.records import Row
@@ -28,7 +26,9 @@ __all__ = ["FORMATS", "Output", "OutputFormat", "ReaderGone", "Sink", "SinkError
 
 
 class OutputFormat(NamedTuple):
-    """One of the formats a row can be written in."""
+    """One of the formats a row can be written in. The pretty format's rows depend on
+    the rows before them (its widths grow): build_outputs gives each stream its own
+    ``PrettyView``, and its ``format_row`` here shows a row as a new view would."""
 
     format_row: Callable[..., str]  # (row, fields) -> one line
     header: Callable[..., str] | None  # (fields) -> the header line; None: no header
@@ -39,7 +39,7 @@ class OutputFormat(NamedTuple):
 
 FORMATS = {
     "plain": OutputFormat(format_plain_row, plain_header, text_fields, "\n", True),
-    "pretty": OutputFormat(format_pretty_row, pretty_header, text_fields, "\n", True),
+    "pretty": OutputFormat(format_pretty_row, pretty_header, pretty_fields, "\n", True),
     "json": OutputFormat(format_json_row, None, json_fields, "\n", False),
     "csv": OutputFormat(format_csv_row, csv_header, text_fields, "\r\n", False),  # RFC 4180
 }
@@ -67,11 +67,19 @@ def build_outputs(config: Config, env: Environment) -> tuple[list[Output], Stdou
     """
     chosen = FORMATS[config.output]
     fields = config.fields
-    plain_view = functools.partial(chosen.format_row, fields=fields)
-    header = chosen.header(fields) if chosen.header else None
+    pretty = config.output == "pretty"
+    file_view: Callable[[Row], Any]
+    header: str | None
+    if pretty:
+        # A pretty view remembers the widths seen so far: each stream owns one.
+        file_pretty = PrettyView(fields)
+        file_view, header = file_pretty.format_row, file_pretty.header()
+    else:
+        file_view = functools.partial(chosen.format_row, fields=fields)
+        header = chosen.header(fields) if chosen.header else None
     outputs: list[Output] = []
     if config.log:
-        outputs.append(Output(plain_view, LogSink(config.log, env.notice, chosen.newline), header))
+        outputs.append(Output(file_view, LogSink(config.log, env.notice, chosen.newline), header))
     if config.sqlite:
         database = SqliteSink(config.sqlite, list(config.arguments), env.notice)
         outputs.append(Output(row_values, database, None))
@@ -83,20 +91,22 @@ def build_outputs(config: Config, env: Environment) -> tuple[list[Output], Stdou
         # imports read nothing else; text for people follows the terminal.
         encoding = "utf-8" if config.output in ("json", "csv") else env.stdout_encoding
         stdout = StdoutSink(env.stdout, encoding, chosen.newline)
-        view: Callable[[Row], Any] = plain_view
+        view: Callable[[Row], Any] = file_view
         stdout_header = header
         color = use_color(config, env)
-        if config.output == "pretty" and env.stdout_isatty:
+        if pretty and (env.stdout_isatty or color or encoding != "utf-8"):
+            stdout_pretty = PrettyView(fields, encoding)
+            if env.stdout_isatty:
 
-            def screen() -> Screen | None:
-                width = env.terminal_width()  # asked each time: terminals are resized
-                return Screen(width, encoding) if width else None
+                def fitted(row: Row) -> str:
+                    # Asked each time: terminals are resized. None: a size never set.
+                    return stdout_pretty.format_row(row, env.terminal_width(), color)
 
-            def fitted(row: Row) -> str:
-                return format_pretty_row(row, fields, screen(), color)
-
-            view = fitted
-            stdout_header = pretty_header(fields, screen())
+                view = fitted
+                stdout_header = stdout_pretty.header(env.terminal_width())
+            else:
+                view = functools.partial(stdout_pretty.format_row, color=color)
+                stdout_header = stdout_pretty.header()
         elif color:
             view = functools.partial(chosen.format_row, fields=fields, color=True)
         outputs.append(Output(view, stdout, stdout_header))

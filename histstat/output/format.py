@@ -7,7 +7,7 @@ import io
 import json
 import unicodedata
 from collections.abc import Sequence
-from typing import Callable, NamedTuple
+from typing import Callable
 
 from histstat.records import Row
 
@@ -28,17 +28,6 @@ ALL_FIELDS = (
 
 UNKNOWN = "-"
 NO_REMOTE = "*"
-
-# Minimum widths of the pretty view; a longer value widens its own line only, because
-# a stream cannot know the widest value ahead. Only a terminal's view is ever cut.
-PRETTY_WIDTHS = {
-    "proto": 5, "laddr": 15, "lport": 5, "raddr": 15, "rport": 5, "status": 11,
-    "pid": 7, "pname": 15, "time": 8, "date": 8, "user": 10, "exe": 20,
-    "md5": 32, "sha256": 64, "event": 5, "duration": 9, "direction": 6, "attribution": 7,
-    "rhost": 20, "country": 2, "asn": 6, "as_org": 15,
-}  # fmt: skip
-PRETTY_GAP = "  "
-ELLIPSIS = "\u2026"
 
 # ANSI colours of the status column (--color): the states an analyst looks for first.
 _STATUS_COLORS = {
@@ -176,7 +165,7 @@ def text_value(row: Row, field: str) -> str:
     return _text_of(value, field, row)
 
 
-def _colored(cell: str, field: str, status: str | None) -> str:
+def color_cell(cell: str, field: str, status: str | None) -> str:
     """The status cell (padding included) in its colour; other cells unchanged."""
     code = _STATUS_COLORS.get(status or "") if field == "status" else None
     if code is None:
@@ -193,119 +182,8 @@ def format_plain_row(row: Row, fields: Sequence[str], color: bool = False) -> st
     """Tab-separated; tabs inside values are escaped, so columns never shift."""
     cells = (text_value(row, field) for field in fields)
     if color:
-        cells = (_colored(cell, field, row.status) for cell, field in zip(cells, fields))
+        cells = (color_cell(cell, field, row.status) for cell, field in zip(cells, fields))
     return "\t".join(cells)
-
-
-class Screen(NamedTuple):
-    """What a terminal shows: its width in columns and the encoding it reads."""
-
-    width: int
-    encoding: str = "utf-8"
-
-
-def display_width(text: str) -> int:
-    """Columns ``text`` takes on a terminal: wide (East Asian) characters take two,
-    combining marks none."""
-    if text.isascii():
-        return len(text)
-    return sum(_char_width(char) for char in text)
-
-
-def _char_width(char: str) -> int:
-    if unicodedata.combining(char):
-        return 0
-    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
-
-
-def _prefix_within(text: str, columns: int) -> str:
-    """The longest start of ``text`` that fits ``columns``."""
-    if text.isascii():
-        return text[: max(columns, 0)]
-    used = 0
-    for end, char in enumerate(text):
-        used += _char_width(char)
-        if used > columns:
-            return text[:end]
-    return text
-
-
-def _as_shown(cell: str, encoding: str) -> str:
-    """The cell as the stdout writer will send it: what the terminal's encoding cannot
-    carry becomes an escape, which takes more columns."""
-    if cell.isascii():
-        return cell
-    return cell.encode(encoding, "backslashreplace").decode(encoding)
-
-
-def _ellipsis(encoding: str) -> str:
-    try:
-        ELLIPSIS.encode(encoding)
-    except (UnicodeError, LookupError):
-        return "..."
-    return ELLIPSIS
-
-
-def _cut_line(cells: list, width: int, ellipsis: str) -> list:
-    """The cells that fit ``width`` once joined, the last one ending in ``ellipsis``."""
-    fitted: list = []
-    used = 0
-    mark = display_width(ellipsis)
-    for cell in cells:
-        gap = len(PRETTY_GAP) if fitted else 0
-        cell_width = display_width(cell)
-        if used + gap + cell_width <= width:
-            fitted.append(cell)
-            used += gap + cell_width
-            continue
-        room = width - used - gap
-        if room >= mark:
-            fitted.append(_prefix_within(cell, room - mark) + ellipsis)
-        elif fitted:  # the mark goes at the end of the previous cell instead
-            last = fitted[-1]
-            fitted[-1] = _prefix_within(last, display_width(last) + gap + room - mark) + ellipsis
-        break
-    return fitted
-
-
-def _fit_screen(cells: list, fields: Sequence[str], screen: Screen) -> list:
-    """Fit a terminal: shorten the command column first; when the other columns alone
-    are too wide, cut the line at the terminal's edge."""
-    cells = [_as_shown(cell, screen.encoding) for cell in cells]
-    ellipsis = _ellipsis(screen.encoding)
-    excess = display_width(PRETTY_GAP.join(cells)) - screen.width
-    if excess > 0 and "command" in fields:
-        at = list(fields).index("command")
-        command = cells[at]
-        keep = display_width(command) - excess - display_width(ellipsis)
-        cells[at] = _prefix_within(command, max(keep, 0)) + ellipsis
-    fitted = _cut_line(cells, screen.width, ellipsis)
-    if display_width(PRETTY_GAP.join(fitted)) > screen.width:  # narrower than any mark
-        return [_prefix_within(PRETTY_GAP.join(fitted), screen.width)]
-    return fitted
-
-
-def _pretty_cells(cells: Sequence[str], fields: Sequence[str], screen: Screen | None) -> list:
-    """Cells padded to their columns (the last never padded), fitted to ``screen`` (a
-    terminal) when one is given."""
-    padded = [cell.ljust(PRETTY_WIDTHS.get(field, 0)) for cell, field in zip(cells, fields)]
-    padded[-1] = cells[-1]
-    return padded if screen is None else _fit_screen(padded, fields, screen)
-
-
-def pretty_header(fields: Sequence[str], screen: Screen | None = None) -> str:
-    return PRETTY_GAP.join(_pretty_cells(list(fields), fields, screen))
-
-
-def format_pretty_row(
-    row: Row, fields: Sequence[str], screen: Screen | None = None, color: bool = False
-) -> str:
-    """Space-aligned columns. Every character is kept unless ``screen`` is given, which
-    only a terminal's view does; logs and pipes always get the whole row."""
-    cells = _pretty_cells([text_value(row, field) for field in fields], fields, screen)
-    if color:
-        cells = [_colored(cell, field, row.status) for cell, field in zip(cells, fields)]
-    return PRETTY_GAP.join(cells)
 
 
 def _csv_cell(row: Row, field: str) -> str:

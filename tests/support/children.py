@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import pwd
 import select
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import uuid
 
 import pytest
 
-from support.waiting import POLL_STEP, read_line
+from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT, POLL_STEP, read_line
+
+USER = pwd.getpwuid(os.geteuid()).pw_name  # whom the tests' children run as
 
 # The socket child: a TCP listener on loopback, a client connected to it, the accepted
 # end and a bound UDP socket, for 127.0.0.1 and (when it can be bound) ::1. It prints one
@@ -49,21 +52,22 @@ except OSError:
 print(*ports, flush=True)
 sys.stdin.buffer.read()
 """
-# Passed to -c as one printable line, so the child's command line holds no character that
-# histstat has to escape: its expected text is exactly " ".join(argv).
 
 
-def child_script(comm: str | None = None) -> str:
-    """The child's -c argument; ``comm`` first renames the process (Linux /proc/PID/comm,
-    at most 15 bytes), which is what psutil reports as its name."""
-    source = CHILD_SOURCE
+def one_line_script(source: str, comm: str | None = None) -> str:
+    """``source`` as one printable line for ``python -c``, so that the child's command
+    line holds no character that histstat has to escape: its expected text is exactly
+    " ".join(argv). ``comm`` first renames the process (Linux /proc/PID/comm, at most 15
+    bytes), which is what psutil reports as its name."""
     if comm is not None:
         source = f"open('/proc/self/comm', 'w').write({comm!r})\n" + source
     encoded = base64.b64encode(source.encode()).decode()
     return f"import base64;exec(base64.b64decode('{encoded}').decode())"
 
 
-CHILD_SCRIPT = child_script()
+def child_script(comm: str | None = None) -> str:
+    """The socket child's -c argument, renamed to ``comm`` when given."""
+    return one_line_script(CHILD_SOURCE, comm)
 
 
 def new_marker() -> str:
@@ -71,10 +75,16 @@ def new_marker() -> str:
     return f"histstat-e2e-{uuid.uuid4().hex}"
 
 
+def new_tag() -> str:
+    """A short distinctive part for the process names (comm) of one test's children,
+    which the tests then select with a --name glob."""
+    return uuid.uuid4().hex[:6]
+
+
 class SocketChild:
     """A child process that holds a loopback listener and both ends of a connection."""
 
-    def __init__(self, argv: list, env: dict | None = None, timeout: float = 10.0):
+    def __init__(self, argv: list, env: dict | None = None, timeout: float = DEFAULT_TIMEOUT):
         self.argv = list(argv)
         self.proc = subprocess.Popen(
             self.argv,
@@ -111,11 +121,11 @@ class SocketChild:
             found |= _socket_keys("6", "::1", self.lport6, self.cport6, self.uport6)
         return found
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = END_TIMEOUT) -> None:
         end_child(self.proc, timeout)
 
 
-def end_child(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+def end_child(proc: subprocess.Popen, timeout: float = END_TIMEOUT) -> None:
     """End a child that runs until its stdin closes (killed if it does not), and close
     its pipes."""
     if proc.poll() is None:

@@ -8,3 +8,9 @@ COLUMNS = (
     "pid", "pname", "time", "date", "user", "command",
 )  # fmt: skip
 HASH_COLUMNS = COLUMNS[:-1] + ("md5", "sha256") + COLUMNS[-1:]
+# A connection's identity in a row: the first six columns.
+KEY_FIELDS = COLUMNS[:6]
+# The pretty view (-p): time first, endpoints joined (laddr:lport, raddr:rport), no date.
+PRETTY_COLUMNS = (
+    "time", "proto", "local", "remote", "status", "pid", "pname", "user", "command",
+)  # fmt: skip

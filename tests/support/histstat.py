@@ -14,8 +14,12 @@ from typing import Callable
 
 import pytest
 
-from support.children import SocketChild
+from support.children import SocketChild, wchan
 from support.waiting import DEFAULT_TIMEOUT, STOP_TIMEOUT, wait_for
+
+# The tests poll fast, so that what they wait for comes soon.
+INTERVAL_SECONDS = 0.1
+INTERVAL = ("-i", str(INTERVAL_SECONDS))
 
 
 def histstat_command() -> str:
@@ -57,21 +61,55 @@ def output_of(args) -> str:
     return "plain"
 
 
+# The pretty view's joined columns and the fields they hold.
+ENDPOINT_COLUMNS = {"local": ("laddr", "lport"), "remote": ("raddr", "rport")}
+
+
+def split_endpoint(text: str) -> tuple:
+    """(address, port) of the pretty view's ``address:port``, ``[v6]:port`` or ``*:*``."""
+    if text.startswith("["):
+        address, _, port = text[1:].rpartition("]:")
+    else:
+        address, _, port = text.rpartition(":")
+    return address, port
+
+
+def _pretty_cells(line: str, columns: list) -> list:
+    """The cells of a pretty line, one space or more apart; only the command may hold
+    spaces, so the columns before it are read from the left and those after it from
+    the right."""
+    if "command" not in columns:
+        return line.split()
+    at = columns.index("command")
+    cells = line.split(None, at)
+    after = len(columns) - at - 1
+    rest = cells.pop() if len(cells) > at else ""
+    return cells + (rest.rsplit(None, after) if after else [rest])
+
+
+def parse_pretty_line(line: str, columns: list) -> dict:
+    """The fields of one pretty line; local and remote give back laddr, lport, raddr
+    and rport (as text, ``*`` for none)."""
+    row = {}
+    for column, cell in zip(columns, _pretty_cells(line, columns)):
+        if column in ENDPOINT_COLUMNS:
+            row.update(zip(ENDPOINT_COLUMNS[column], split_endpoint(cell)))
+        else:
+            row[column] = cell
+    return row
+
+
 def parse_lines(lines: list, output: str) -> list:
     """Rows (dicts) of histstat's output lines; the text formats start with a header."""
     if output == "json":
         return [json.loads(line) for line in lines if line]
     if not lines:
         return []
-    fields = lines[0].split("\t") if output == "plain" else lines[0].split()
-    rows = []
-    for line in lines[1:]:
-        if output == "plain":
-            cells = line.split("\t")
-        else:  # pretty: the command is last and may hold spaces
-            cells = line.split(None, len(fields) - 1)
-        rows.append(dict(zip(fields, cells)))
-    return rows
+    if output == "pretty":
+        columns = lines[0].split()
+        return [parse_pretty_line(line, columns) for line in lines[1:]]
+    fields = lines[0].split("\t")
+    return [dict(zip(fields, line.split("\t"))) for line in lines[1:]]
 
 
 @dataclass
@@ -95,6 +133,11 @@ class Result:
 
     def rows_of(self, pid: int) -> list:
         return [row for row in self.rows if str(row.get("pid")) == str(pid)]
+
+
+def assert_clean_end(result: Result) -> None:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # Wrappers for Histstat(prefix=...): bash closes a descriptor, then becomes histstat.
@@ -265,6 +308,17 @@ def locale_env(lc_all: str) -> dict:
     }
     env["LC_ALL"] = lc_all
     return env
+
+
+# Logs are UTF-8; stdout follows the locale. Where the two are compared byte for byte,
+# stdout is pinned to UTF-8 so that other processes' non-ASCII text reads the same.
+UTF8_ENV = locale_env("C.UTF-8")
+
+
+def sleeping_between_polls(pid: int) -> bool:
+    """True while histstat's main thread sleeps between two polls (Linux wchan: check
+    ``support.children.require_wchan`` first)."""
+    return "nanosleep" in wchan(pid)
 
 
 def run_once(args, timeout: float = STOP_TIMEOUT, **kwargs) -> subprocess.CompletedProcess:

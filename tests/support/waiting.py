@@ -10,7 +10,8 @@ from typing import Callable
 import pytest
 
 DEFAULT_TIMEOUT = 15.0  # seconds; every wait below is bounded by a deadline
-STOP_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0  # for histstat to end once stopped, or a run to its end
+END_TIMEOUT = 5.0  # for a child told to end (stdin closed, killed), and for cleanups
 POLL_STEP = 0.02
 
 
