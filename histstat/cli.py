@@ -150,7 +150,7 @@ def get_parser() -> _Parser:
         "--sqlite",
         metavar="FILE",
         help="also write every row into the SQLite database FILE (created 0600, WAL mode, "
-        "one transaction per poll; schema in the README)",
+        "committed before stdout shows its rows; schema in the README)",
     )
 
     parser.add_argument(

@@ -228,7 +228,8 @@ class ShortageWatch:
 
     def __init__(self, say: Callable[[str], None]) -> None:
         self._notice = Notice(say)
-        self._failed = 0
+        self._failed = 0  # not told yet
+        self._told = False
 
     def check(self, now: float) -> None:
         failed, error = SHORTAGE.take()
@@ -236,15 +237,18 @@ class ShortageWatch:
             return
         self._failed += failed
         reason = (error.strerror if error is not None else None) or "Too many open files"
+        more = " more" if self._told else ""
+        since = " since the last notice" if self._told else ""
         self._notice.add(
             failed,
-            f"{self._failed} reads of process facts, socket owners or executables failed "
-            f"for lack of file descriptors ({reason}{_descriptor_limit()}): rows lack "
-            "their pid, process facts or hashes",
+            f"{self._failed}{more} reads of process facts, socket owners or executables "
+            f"failed{since} for lack of file descriptors ({reason}{_descriptor_limit()}): "
+            "rows lack their pid, process facts or hashes",
             now,
         )
         if not self._notice.count:  # told: count afresh
             self._failed = 0
+            self._told = True
 
     def tell_the_rest(self, now: float) -> None:
         self.check(now)

@@ -408,7 +408,7 @@ class EventSink:
     def flush(self):
         if self.busy:
             self.unflushed.clear()  # SinkBusy: what was written since the last flush is gone
-            raise SinkBusy(f"sink {self.name!r}", "is busy")
+            raise SinkBusy(f"sink {self.name!r}", "busy")
         self.lines += self.unflushed
         self.unflushed.clear()
         self.events.append((self.name, "flush", None))
@@ -472,9 +472,9 @@ def test_rows_held_beyond_the_bound_stop_histstat_with_the_reason(monkeypatch):
     writer.add([pending(4)])
     with pytest.raises(SinkError) as caught:
         writer.write_ready(time.monotonic())
-    assert "sink 'db' is busy" in str(caught.value) and "more than histstat holds" in str(
-        caught.value
-    )
+    message = str(caught.value)
+    assert "sink 'db' has been busy for" in message and "4 rows wait for it" in message
+    assert "more than histstat holds (3 rows" in message
     assert written_ports(log) == [1, 2, 3, 4]  # the log has every row all the same
 
 
@@ -483,7 +483,7 @@ def test_a_sink_busy_to_the_end_names_the_rows_it_never_got():
     log, database = EventSink("log", events), EventSink("db", events, busy=True)
     writer = OrderedWriter([(plain_view(False), log), (plain_view(False), database)])
     writer.add([pending(1), pending(2)])
-    with pytest.raises(SinkError, match="sink 'db' still is busy: 2 rows found were not saved"):
+    with pytest.raises(SinkError, match="sink 'db' is still busy: 2 rows found were not saved"):
         writer.write_the_rest(time.monotonic(), time.monotonic() + 0.05)
     assert written_ports(log) == [1, 2]
 

@@ -17,14 +17,14 @@ class SinkBusy(Exception):
     """A sink cannot take rows for now (a database locked by another connection): what
     was written to it since its last flush is forgotten, to be written again later.
 
-    ``what`` names the sink for the user ("database 'h.db'"), ``why`` says what holds
-    it ("is locked by another connection").
+    ``what`` names the sink for the user ("database 'h.db'"), ``state`` says what holds
+    it ("locked by another connection").
     """
 
-    def __init__(self, what: str, why: str) -> None:
-        super().__init__(f"{what} {why}")
+    def __init__(self, what: str, state: str) -> None:
+        super().__init__(f"{what} is {state}")
         self.what = what
-        self.why = why
+        self.state = state
 
 
 class Sink(Protocol):

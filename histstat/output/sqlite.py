@@ -236,9 +236,7 @@ class SqliteSink:
                 raise
         except sqlite3.Error as exc:
             if is_locked(exc):
-                raise SinkBusy(
-                    f"database {self.path!r}", "is locked by another connection"
-                ) from exc
+                raise SinkBusy(f"database {self.path!r}", "locked by another connection") from exc
             raise self._fail("cannot write", exc) from exc
 
     def _roll_back(self) -> None:

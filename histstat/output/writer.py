@@ -117,7 +117,7 @@ class OrderedWriter:
             index, busy = next(iter(self._busy.items()))
             missing = len(self._taken) - self._reached[index]
             raise SinkError(
-                f"{busy.error.what} still {busy.error.why}: {missing} rows found were not "
+                f"{busy.error.what} is still {busy.error.state}: {missing} rows found were not "
                 "saved to it, nor shown on stdout (a log, if any, has them)"
             )
 
@@ -190,9 +190,10 @@ class OrderedWriter:
             blocked.add(index)
             if index not in self._busy:
                 self._busy[index] = _Busy(busy)
+                later = " (stdout shows them only once it has them)" if self._after(index) else ""
                 self._notice(
-                    f"{busy}: histstat keeps polling and holds rows for it (at most "
-                    f"{MAX_HELD_ROWS:,}); the outputs after it get them once it has them"
+                    f"{busy}: histstat keeps polling and holds the rows for it, at most "
+                    f"{MAX_HELD_ROWS:,}{later}"
                 )
             return False
         was_busy = self._busy.pop(index, None)
@@ -204,6 +205,10 @@ class OrderedWriter:
             )
         self._reached[index] = position
         return True
+
+    def _after(self, index: int) -> bool:
+        """Whether sinks come after sink ``index`` (stdout, after the database)."""
+        return index < len(self._outputs) - 1
 
     def _release(self) -> None:
         """Forget the rows every sink has."""
@@ -224,7 +229,8 @@ class OrderedWriter:
             return
         busy = min(self._busy.values(), key=lambda b: b.since)
         raise SinkError(
-            f"{busy.error.what} {busy.error.why} for {time.monotonic() - busy.since:.0f} s: "
+            f"{busy.error.what} has been {busy.error.state} for "
+            f"{time.monotonic() - busy.since:.0f} s: "
             f"{held:,} rows wait for it, more than histstat holds ({MAX_HELD_ROWS:,} rows "
             f"or {MAX_HELD_CHARS >> 20} MiB of text); stopping"
         )
