@@ -241,7 +241,8 @@ class ShortageWatch:
         since = " since the last notice" if self._told else ""
         self._notice.add(
             failed,
-            f"{self._failed}{more} reads of process facts, socket owners or executables "
+            f"{self._failed}{more} {'read' if self._failed == 1 else 'reads'} of process "
+            "facts, socket owners or executables "
             f"failed{since} for lack of file descriptors ({reason}{_descriptor_limit()}): "
             "rows lack their pid, process facts or hashes",
             now,

@@ -458,7 +458,7 @@ def test_a_busy_sink_holds_rows_for_the_sinks_after_it_while_those_before_go_on(
     writer.add([pending(4)])
     writer.write_ready(time.monotonic())
     assert written_ports(log) == written_ports(database) == written_ports(stdout) == [1, 2, 3, 4]
-    assert len(notices) == 2 and "free again" in notices[1] and "the 3 rows" in notices[1]
+    assert len(notices) == 2 and "free again" in notices[1] and "writing the 3 rows" in notices[1]
     assert writer.pending() == 0
 
 

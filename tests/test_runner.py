@@ -97,7 +97,7 @@ def test_descriptor_shortage_is_counted_and_told_with_the_limit():
     assert len(said.lines) == 2
     assert said.lines[0].startswith("3 reads of process facts, socket owners or executables")
     assert "lack of file descriptors (Too many open files, ulimit -n is" in said.lines[0]
-    assert said.lines[1].startswith("1 more reads of process facts")
+    assert said.lines[1].startswith("1 more read of process facts")
     assert "failed since the last notice for lack of file descriptors" in said.lines[1]
 
 

@@ -28,6 +28,10 @@ MAX_HELD_CHARS = 128 << 20
 _WAIT_SLICE = 0.1
 
 
+def _rows(count: int) -> str:
+    return f"{count:,} row" if count == 1 else f"{count:,} rows"
+
+
 def row_chars(row: Row) -> int:
     """About how much text a row holds: what a process chooses (its name, command line,
     executable path) plus the rest, which is small and bounded."""
@@ -116,9 +120,11 @@ class OrderedWriter:
         if self._busy:
             index, busy = next(iter(self._busy.items()))
             missing = len(self._taken) - self._reached[index]
+            also = ", nor shown on stdout" if self._after(index) else ""
+            before = " (the log has them)" if index else ""
             raise SinkError(
-                f"{busy.error.what} is still {busy.error.state}: {missing} rows found were not "
-                "saved to it, nor shown on stdout (a log, if any, has them)"
+                f"{busy.error.what} is still {busy.error.state}: {_rows(missing)} found "
+                f"were not saved to it{also}{before}"
             )
 
     def _write(self, deadline: float, final: bool, stopping: Callable[[], bool]) -> None:
@@ -200,8 +206,8 @@ class OrderedWriter:
         if was_busy is not None:
             self._notice(
                 f"{was_busy.error.what} is free again after "
-                f"{time.monotonic() - was_busy.since:.1f} s: the {end - start} rows that "
-                "waited for it are being written"
+                f"{time.monotonic() - was_busy.since:.1f} s: writing the {_rows(end - start)} "
+                "that waited for it"
             )
         self._reached[index] = position
         return True
@@ -231,6 +237,6 @@ class OrderedWriter:
         raise SinkError(
             f"{busy.error.what} has been {busy.error.state} for "
             f"{time.monotonic() - busy.since:.0f} s: "
-            f"{held:,} rows wait for it, more than histstat holds ({MAX_HELD_ROWS:,} rows "
+            f"{_rows(held)} wait for it, more than histstat holds ({MAX_HELD_ROWS:,} rows "
             f"or {MAX_HELD_CHARS >> 20} MiB of text); stopping"
         )
