@@ -249,7 +249,7 @@ def test_a_lock_still_held_at_the_end_is_one_line_and_exit_1(spawn_child, run_hi
     assert "Traceback" not in result.stderr
     last = result.stderr.splitlines()[-1]
     assert "is still locked by another connection" in last, last
-    assert "were not saved to it (the log has them)" in last, last  # -q: no stdout
+    assert "were not saved to it (the log has every row)" in last, last  # -q: no stdout
     assert not [row for row in stored_rows(db) if row["pid"] == second.pid]
 
 

@@ -121,10 +121,10 @@ class OrderedWriter:
             index, busy = next(iter(self._busy.items()))
             missing = len(self._taken) - self._reached[index]
             also = ", nor shown on stdout" if self._after(index) else ""
-            before = " (the log has them)" if index else ""
+            before = " (the log has every row)" if index else ""
             raise SinkError(
                 f"{busy.error.what} is still {busy.error.state}: {_rows(missing)} found "
-                f"were not saved to it{also}{before}"
+                f"{'was' if missing == 1 else 'were'} not saved to it{also}{before}"
             )
 
     def _write(self, deadline: float, final: bool, stopping: Callable[[], bool]) -> None:
