@@ -136,6 +136,11 @@ class StdoutSink:
         if self._fd is None:
             self._write_stream(data)
             return
+        if len(data) >= _STDOUT_BUFFER:  # a long row goes out as it is, never copied
+            self._write_buffer()
+            if not self._abandoned:
+                self._send(data, [len(data)])
+            return
         self._buffer += data
         self._row_ends.append(len(self._buffer))
         if len(self._buffer) >= _STDOUT_BUFFER:
@@ -150,11 +155,16 @@ class StdoutSink:
             self._write_buffer()
 
     def _write_buffer(self) -> None:
-        """Write the buffered rows out, waiting for room as ``give_up_at`` allows."""
-        assert self._fd is not None
         buffer, self._buffer = self._buffer, bytearray()
         ends, self._row_ends = self._row_ends, []
-        data = memoryview(buffer)
+        if buffer:
+            self._send(buffer, ends)
+
+    def _send(self, rows: bytes | bytearray, ends: list) -> None:
+        """Write ``rows`` (each ending at an offset of ``ends``) out, waiting for room
+        as ``give_up_at`` allows."""
+        assert self._fd is not None
+        data = memoryview(rows)
         sent = 0
         row = 0  # the row being written: it ends at ends[row]
         try:
