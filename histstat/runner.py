@@ -24,7 +24,7 @@ from histstat.output.writer import OrderedWriter
 from histstat.poller import MAX_HASH_WAIT, Poller
 from histstat.privileges import NOT_PRIVILEGED_NOTICE, is_privileged
 from histstat.resolve import ReverseResolver
-from histstat.shortage import SHORTAGE
+from histstat.shortage import SHORTAGE, note_shortage
 from histstat.sources import SourceAccessDenied, make_source
 from histstat.tracker import ConnectionTracker
 
@@ -174,12 +174,18 @@ class LoopWatch:
             elsewhere = now - started - max(interval, work)  # past the planned wake-up
             self._stalls.add(behind, self._stall_message(behind, polling, writing, elsewhere), now)
         elif work > interval and not first:
-            self._slow.add(
-                work,
-                f"polling and writing took {work:.2f} s, longer than the {interval:g} s "
-                "interval: connections that lived between polls may be missed",
-                now,
-            )
+            if self._slow.count:  # told later than they happened: how many in all
+                what = (
+                    f"polling and writing took longer than the {interval:g} s interval "
+                    f"{self._slow.count + 1} more times since the last notice (the latest "
+                    f"{work:.2f} s)"
+                )
+            else:
+                what = (
+                    f"polling and writing took {work:.2f} s, longer than the {interval:g} s "
+                    "interval"
+                )
+            self._slow.add(work, f"{what}: connections that lived between polls may be missed", now)
 
     def _stall_message(self, behind: float, polling: float, writing: float, elsewhere: float):
         """What the notice says when this stall is told: it alone, or with the stalls
@@ -229,7 +235,11 @@ class ShortageWatch:
     def __init__(self, say: Callable[[str], None]) -> None:
         self._notice = Notice(say)
         self._failed = 0  # not told yet
+        self._skipped = 0  # polls that could not even read the socket table, not told yet
         self._told = False
+
+    def poll_skipped(self) -> None:
+        self._skipped += 1
 
     def check(self, now: float) -> None:
         failed, error = SHORTAGE.take()
@@ -239,16 +249,20 @@ class ShortageWatch:
         reason = (error.strerror if error is not None else None) or "Too many open files"
         more = " more" if self._told else ""
         since = " since the last notice" if self._told else ""
+        skipped = ""
+        if self._skipped:
+            polls = "poll" if self._skipped == 1 else "polls"
+            skipped = f"; {self._skipped} {polls} could not read the socket table at all"
         self._notice.add(
             failed,
             f"{self._failed}{more} {'read' if self._failed == 1 else 'reads'} of process "
             "facts, socket owners or executables "
             f"failed{since} for lack of file descriptors ({reason}{_descriptor_limit()}): "
-            "rows lack their pid, process facts or hashes",
+            f"rows lack their pid, process facts or hashes{skipped}",
             now,
         )
         if not self._notice.count:  # told: count afresh
-            self._failed = 0
+            self._failed = self._skipped = 0
             self._told = True
 
     def tell_the_rest(self, now: float) -> None:
@@ -300,8 +314,16 @@ class PollLoop:
                     sink.reopen()
             started = time.monotonic()
             self.watch.check(started)
-            with signals.interruptible():
-                rows = self.poller.poll()
+            try:
+                with signals.interruptible():
+                    rows = self.poller.poll()
+            except OSError as exc:
+                # No descriptor left to read the socket table with: this poll is lost,
+                # like a stall, and said so; the next one may find descriptors again.
+                if not note_shortage(exc):
+                    raise
+                self.shortage.poll_skipped()
+                rows = []
             polled = time.monotonic()
             self.writer.add(rows)
             if config.once:

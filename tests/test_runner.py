@@ -66,6 +66,8 @@ def test_a_loop_slower_than_its_interval_but_not_stalled_is_told_once_a_minute()
         now += 1.5
         watch.check(now)
     assert len(said.lines) == 1 and "took 1.50 s, longer than the 1 s interval" in said.lines[0]
+    watch.tell_the_rest(now)
+    assert len(said.lines) == 2 and "interval 8 more times since the last notice" in said.lines[1]
 
 
 def test_stalls_are_told_at_once_then_summed_up_at_most_once_a_minute():
