@@ -12,9 +12,10 @@ programs' sockets count too, and are printed: run it on an otherwise quiet machi
 
 It sets up every workload itself on 127.0.0.1 (helper processes started from this same
 file), measures side by side in one run and prints Markdown tables with ratios, to paste
-into the README. Every helper and histstat process is stopped at the end, on an error and
-on Ctrl-C; helpers also die with this process (stdin EOF, and PR_SET_PDEATHSIG on Linux).
-Sockets are closed with RST (SO_LINGER 0), so no TIME_WAIT piles up between workloads.
+into docs/performance.md. Every helper and histstat process is stopped at the end, on an
+error and on Ctrl-C; helpers also die with this process (stdin EOF, and PR_SET_PDEATHSIG
+on Linux). Sockets are closed with RST (SO_LINGER 0), so no TIME_WAIT piles up between
+workloads.
 
 Workloads:
 

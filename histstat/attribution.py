@@ -74,7 +74,7 @@ class ListenerMemory:
         return key in self._open or self._until.get(key, -math.inf) >= now
 
     def direction(self, conn: Connection, now: float) -> str | None:
-        """listen, in or out (a heuristic: see the README); None for UDP."""
+        """listen, in or out (a heuristic: see docs/story.md); None for UDP."""
         if conn.status == "LISTEN":
             return "listen"
         if not conn.proto.startswith("tcp"):

@@ -11,7 +11,9 @@ import sys
 from typing import Any, Callable, NoReturn
 
 from histstat import __version__
+from histstat.completions import FILE_COMPLETION, SCRIPTS, completion_script
 from histstat.config import Config
+from histstat.enrich import COMMAND_LIMIT, COMMAND_MARKER
 from histstat.filters import (
     STATUSES,
     FilterValueError,
@@ -49,22 +51,93 @@ def _valued(parser: _Parser, group: Any, *flags: str, **kwargs: Any) -> None:
         parser.value_types[flag] = ("/".join(flags), kwargs["type"])
 
 
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
+class _PrintCompletion(argparse.Action):
+    """--print-completion SHELL: print the completion script and exit, as --version does."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        try:
+            script = completion_script(values)
+        except OSError as exc:
+            parser.exit(1, f"{parser.prog}: cannot read the {values} completion script: {exc}\n")
+        if sys.stdout is not None:  # None: started with stdout closed, nobody to tell
+            try:
+                sys.stdout.write(script)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # The reader went away, a normal end as for rows; leave Python nothing to
+                # flush into the closed pipe at exit.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        parser.exit()
+
+
+def _completes_files(action: argparse.Action) -> None:
+    """Shell completion offers file names for this option's value."""
+    action.complete = FILE_COMPLETION  # type: ignore[attr-defined]
+
+
+# Numbers are ASCII decimal only: float() and int() also take "١" (Arabic-Indic digits),
+# "1_0", exponents ("1e-300") and surrounding spaces, which no one means on purpose.
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+_WHOLE = re.compile(r"[0-9]+")
+_MAX_DIGITS = 18  # past any sensible count, and within int()'s limit for text
+
+
+def _seconds(text: str) -> float:
+    """``text`` as seconds, if it is written in ASCII digits with an optional fraction."""
+    if not _DECIMAL.fullmatch(text):
         raise argparse.ArgumentTypeError(
-            f"must be a positive, finite number of seconds, not {text!r}"
+            f"not a decimal number of seconds (such as 0.5 or 10): {text!r}"
         )
+    value = float(text)
+    if not math.isfinite(value):  # 310 digits make inf
+        raise argparse.ArgumentTypeError(f"too many seconds: {text!r}")
+    return value
+
+
+def _whole(text: str) -> int | None:
+    """``text`` as a whole number if it is written in ASCII digits only."""
+    if not _WHOLE.fullmatch(text) or len(text.lstrip("0")) > _MAX_DIGITS:
+        return None
+    return int(text)
+
+
+MIN_INTERVAL = 0.01  # seconds: a shorter interval only busy-loops
+
+
+def interval_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value < MIN_INTERVAL:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_INTERVAL:g} seconds, not {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
     return value
 
 
 def positive_count(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) == 0:
+    value = _whole(text)
+    if not value:
         raise argparse.ArgumentTypeError(f"must be a whole number of rows above 0, not {text!r}")
-    return int(text)
+    return value
+
+
+def command_limit(text: str) -> int:
+    value = _whole(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of characters (0: no limit), not {text!r}"
+        )
+    return value
 
 
 def _list_of(parse):
@@ -106,18 +179,20 @@ def get_parser() -> _Parser:
     _valued(parser, parser,
         "-i",
         "--interval",
-        type=positive_seconds,
+        type=interval_seconds,
         default=1.0,
         metavar="SECONDS",
-        help="seconds between polls (default: 1); connections shorter than this may be missed",
+        help="seconds between polls, at least 0.01 (default: 1); connections shorter than "
+        "this may be missed",
     )
-    parser.add_argument(
+    log = parser.add_argument(
         "-l",
         "--log",
         metavar="FILE",
         help="also append every row to FILE, in the output format; created 0600, "
         "header only when empty, reopened on SIGHUP",
     )
+    _completes_files(log)
     style = parser.add_mutually_exclusive_group()
     style.add_argument(
         "-p",
@@ -141,17 +216,26 @@ def get_parser() -> _Parser:
         help="print the version and exit",
     )
     parser.add_argument(
+        "--print-completion",
+        action=_PrintCompletion,
+        choices=tuple(SCRIPTS),
+        metavar="SHELL",
+        help="print the completion script for SHELL (bash or zsh) and exit: "
+        "source <(histstat --print-completion bash)",
+    )
+    parser.add_argument(
         "--hash",
         action="store_true",
         help="add md5 and sha256 of each process's executable (JSON also gets exe)",
     )
 
-    parser.add_argument(
+    sqlite = parser.add_argument(
         "--sqlite",
         metavar="FILE",
         help="also write every row into the SQLite database FILE (created 0600, WAL mode, "
-        "committed before stdout shows its rows; schema in the README)",
+        "committed before stdout shows its rows; schema in docs/sqlite.md)",
     )
+    _completes_files(sqlite)
 
     parser.add_argument(
         "--source",
@@ -176,7 +260,7 @@ def get_parser() -> _Parser:
         help="reverse DNS of the remote address into rhost (sends PTR queries the remote "
         "network's owner can see; the address always stays in raddr)",
     )
-    story.add_argument(
+    geoip = story.add_argument(
         "--geoip",
         metavar="FILE",
         action="append",
@@ -185,6 +269,7 @@ def get_parser() -> _Parser:
         "repeat for country and ASN files (needs the maxminddb package: "
         "pip install '.[geoip]' in histstat's checkout)",
     )
+    _completes_files(geoip)
 
     shown = parser.add_argument_group("fields and formats")
     _valued(parser, shown,
@@ -196,6 +281,16 @@ def get_parser() -> _Parser:
         + ", ".join(ALL_FIELDS)
         + "; md5 or sha256 turn hashing on",
     )
+    _valued(parser, shown,
+        "--command-limit",
+        type=command_limit,
+        default=COMMAND_LIMIT,
+        metavar="CHARS",
+        help=f"cut command lines longer than CHARS characters (default: {COMMAND_LIMIT}; 0: "
+        f"never), in every format and sink; a cut one ends with "
+        f"'{COMMAND_MARKER.format(removed='N')}' (N characters left out), and "
+        "command_length (JSON, SQLite, -f) gives its whole length",
+    )  # fmt: skip
     shown.add_argument(
         "--color",
         choices=("auto", "always", "never"),
@@ -339,4 +434,5 @@ def parse_config(argv: list[str] | None = None) -> Config:
         resolve=args.resolve or bool(args.fields and "rhost" in args.fields),
         geoip=tuple(args.geoip),
         source=_source_name(parser, args.source, args.source not in SOURCE_NAMES),
+        command_limit=args.command_limit,
     )

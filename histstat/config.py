@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from histstat.enrich import COMMAND_LIMIT
 from histstat.filters import RowFilter
 
 
@@ -27,3 +28,4 @@ class Config:
     resolve: bool = False
     geoip: tuple[str, ...] = ()  # paths of MaxMind databases
     source: str = "psutil"  # psutil or linux
+    command_limit: int = COMMAND_LIMIT  # characters; 0: command lines are never cut

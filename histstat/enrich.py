@@ -46,6 +46,28 @@ def as_utf8(text: str | None) -> str | None:
     return raw.decode("utf-8", "surrogateescape")
 
 
+# The default of --command-limit: longer command lines are cut where they are read, so
+# every format and sink shows the same text, and one process cannot make histstat spend
+# its time and memory on megabytes per row (Linux allows about 6 MB of arguments).
+COMMAND_LIMIT = 65536
+
+
+# What ends a command cut by --command-limit: how many characters were left out.
+COMMAND_MARKER = "...[+{removed} chars]"
+
+
+def cut_command(command: str | None, limit: int) -> tuple[str | None, int | None]:
+    """(the command as shown, its full length in characters); ``limit`` 0 keeps it
+    whole. Only ``command_length`` tells a cut command apart from one that merely ends
+    like the marker."""
+    if command is None:
+        return None, None
+    length = len(command)
+    if limit and length > limit:
+        return command[:limit] + COMMAND_MARKER.format(removed=length - limit), length
+    return command, length
+
+
 def _command(proc: psutil.Process) -> str | None:
     args = proc.cmdline()
     return as_utf8(" ".join(args)) if args else None
@@ -74,14 +96,81 @@ def executable_to_hash(pid: int, exe: str | None) -> str | None:
     return exe
 
 
-def read_process_facts(proc: psutil.Process) -> ProcessFacts:
-    """Every fact independently: AccessDenied on one leaves the others intact."""
+def read_process_facts(proc: psutil.Process, command_limit: int = COMMAND_LIMIT) -> ProcessFacts:
+    """Every fact independently, through psutil: AccessDenied on one leaves the others
+    intact."""
+    command, length = cut_command(_field(lambda: _command(proc)), command_limit)
     return ProcessFacts(
-        name=as_utf8(_field(proc.name) or None),
+        name=as_utf8(_field(proc.name)),
         user=as_utf8(_field(proc.username) or None),
-        command=_field(lambda: _command(proc)),
+        command=command,
         exe=executable_path(proc),
+        command_length=length,
     )
+
+
+# The kernel keeps at most this many bytes of a process name (TASK_COMM_LEN - 1).
+_COMM_MAX = 15
+# No file name is longer (NAME_MAX): a longer first argument is not an executable's name.
+_NAME_MAX = 255
+
+
+def _proc_file(pid: int, name: str) -> bytes:
+    with open(f"/proc/{pid}/{name}", "rb", buffering=0) as handle:
+        return handle.read()
+
+
+def _linux_arguments(raw: bytes) -> tuple[bytes, bytes]:
+    """(the command line with arguments joined by spaces, the first argument) from the
+    bytes of /proc/<pid>/cmdline, split as psutil splits them.
+
+    Read as bytes, because psutil reads the file as text with universal newlines, which
+    turns CR and CRLF inside arguments into LF. Arguments end with NUL; a process that
+    rewrote them (setproctitle) may separate them with spaces instead.
+    """
+    separator = b"\0" if raw.endswith(b"\0") else b" "
+    if raw.endswith(separator):
+        raw = raw[:-1]
+    if separator == b" " or (b"\0" not in raw and b" " in raw):
+        return raw, raw.split(b" ", 1)[0]
+    return raw.replace(b"\0", b" "), raw.split(b"\0", 1)[0]
+
+
+def _linux_name(pid: int, first_argument: bytes | None) -> str:
+    """The process name, as psutil gives it: the kernel's name, cut at 15 bytes, or the
+    name of the first argument when it starts with those 15 bytes, but never a longer
+    name than a file can have (a process chooses its arguments)."""
+    comm = _proc_file(pid, "comm")
+    comm = comm[:-1] if comm.endswith(b"\n") else comm
+    if len(comm) >= _COMM_MAX and first_argument:
+        extended = os.path.basename(first_argument)
+        if extended.startswith(comm) and len(extended) <= _NAME_MAX:
+            comm = extended
+    return comm.decode("utf-8", "surrogateescape")
+
+
+def read_linux_process_facts(
+    proc: psutil.Process, command_limit: int = COMMAND_LIMIT
+) -> ProcessFacts:
+    """Like ``read_process_facts``, but the name and the command line come from /proc as
+    bytes: every byte as the process set it, decoded as UTF-8."""
+    raw = _field(lambda: _proc_file(proc.pid, "cmdline"))
+    command = first = None
+    if raw:  # empty for kernel threads and zombies
+        joined, first = _linux_arguments(raw)
+        command = joined.decode("utf-8", "surrogateescape")
+    command, length = cut_command(command, command_limit)
+    return ProcessFacts(
+        name=_field(lambda: _linux_name(proc.pid, first)),
+        user=as_utf8(_field(proc.username) or None),
+        command=command,
+        exe=executable_path(proc),
+        command_length=length,
+    )
+
+
+# Where the name and command line come from on this platform.
+PROCESS_FACTS = read_linux_process_facts if sys.platform.startswith("linux") else read_process_facts
 
 
 @functools.lru_cache(maxsize=1024)
@@ -106,9 +195,13 @@ class ProcessCache:
         self,
         hasher: ExecutableHasher | None = None,
         process: Callable = psutil.Process,
+        command_limit: int = COMMAND_LIMIT,
+        read: Callable[..., ProcessFacts] = PROCESS_FACTS,
     ) -> None:
         self._hasher = hasher
         self._process = process
+        self._command_limit = command_limit
+        self._read = read
         self._entries: dict = {}
 
     def lookup(self, pid: int | None) -> ProcessFacts:
@@ -124,7 +217,7 @@ class ProcessCache:
         cached = self._entries.get(pid)
         if cached is not None and created is not None and cached[0] == created:
             return cached[1]
-        facts = read_process_facts(proc)
+        facts = self._read(proc, self._command_limit)
         if created is not None:
             self._entries[pid] = [created, facts, None]
         return facts

@@ -32,8 +32,9 @@ def _items(text: str, what: str) -> list[str]:
 
 
 def _is_number(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also takes '²', which int() refuses."""
-    return text.isascii() and text.isdigit()
+    """ASCII digits only (str.isdigit() also takes '²', which int() refuses, and int()
+    takes '١' and '1_0'), and few enough for int() to read (it refuses 4,300)."""
+    return text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 20
 
 
 def _port_range(item: str) -> PortRange:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from histstat.records import Row
 
@@ -13,8 +13,8 @@ class Fill(NamedTuple):
     """A fact that arrives later (hashes, a name): its future, how it goes into the
     row, and how long the row may wait for it."""
 
-    future: Future
-    apply: Callable
+    future: Future[Any]
+    apply: Callable[[Row, Any], Row]
     max_wait: float
 
 
@@ -22,7 +22,7 @@ class PendingRow(NamedTuple):
     """A row and the facts it waits for."""
 
     row: Row
-    fills: tuple = ()
+    fills: tuple[Fill, ...] = ()
     queued: float = 0.0  # monotonic time it was found
 
     def ready(self, now: float | None = None) -> bool:
@@ -30,7 +30,7 @@ class PendingRow(NamedTuple):
         now = time.monotonic() if now is None else now
         return all(f.future.done() or now >= self.queued + f.max_wait for f in self.fills)
 
-    def waiting(self) -> tuple:
+    def waiting(self) -> tuple[list[Future[Any]], float]:
         """(futures still awaited, the monotonic time the row stops waiting for them)."""
         open_fills = [f for f in self.fills if not f.future.done()]
         give_up = max((self.queued + f.max_wait for f in open_fills), default=self.queued)

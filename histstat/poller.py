@@ -45,6 +45,7 @@ def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime, **m
         pname=facts.name,
         user=facts.user,
         command=facts.command,
+        command_length=facts.command_length,
         exe=facts.exe,
         md5=None,
         sha256=None,
@@ -58,7 +59,7 @@ class Owner(NamedTuple):
 
     pid: int
     facts: ProcessFacts | None  # None: its row was filtered out, facts never read
-    hashes: Future | None
+    hashes: Future[Hashes] | None
     seen: float = 0.0  # wall-clock time it was seen owned, to detect a reused pid
 
 
@@ -96,11 +97,11 @@ class Poller:
         self._geoip = geoip
         self._listeners = ListenerMemory()
         self._endpoints = EndpointMemory()
-        self._shown: dict = {}  # with --closed: open rows shown, by connection
+        self._shown: dict[Connection, PendingRow] = {}  # with --closed: open rows shown
         self._skip_existing = skip_existing
         self._polled = False
 
-    def poll(self) -> list:
+    def poll(self) -> list[PendingRow]:
         # Local time with its UTC offset, taken once: every row of a poll shares it.
         seen = datetime.datetime.now().astimezone()
         now = time.monotonic()
@@ -178,7 +179,11 @@ class Poller:
             if conn.pid is not None:  # its orphan may need it, at no process cost now
                 self._endpoints.remember(conn, Owner(conn.pid, None, None, time.time()), now)
             return None  # decided on socket fields: no process lookup spent on it
-        facts = owner.facts if owner is not None else self._processes.lookup(conn.pid)
+        if owner is not None:
+            assert owner.facts is not None  # _owner reads the facts of one filtered out
+            facts = owner.facts
+        else:
+            facts = self._processes.lookup(conn.pid)
         if not self._filter.keeps_process(facts):
             return None
         hashes = owner.hashes if owner is not None else self._processes.hashes(pid, facts)

@@ -23,8 +23,9 @@ class ProcessFacts(NamedTuple):
 
     name: str | None = None
     user: str | None = None
-    command: str | None = None
+    command: str | None = None  # cut at --command-limit, ending with the marker
     exe: str | None = None
+    command_length: int | None = None  # characters of the whole command line
 
 
 UNKNOWN_PROCESS = ProcessFacts()
@@ -56,6 +57,7 @@ class Row(NamedTuple):
     country: str | None = None  # --geoip
     asn: int | None = None
     as_org: str | None = None
+    command_length: int | None = None  # characters of the whole command line
 
 
 def sort_key(conn: Connection) -> tuple[str, str, int, str, int, str, int]:

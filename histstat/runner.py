@@ -388,7 +388,7 @@ def run(config: Config, env: Environment) -> int:
             poller = Poller(
                 source,
                 ConnectionTracker(),
-                ProcessCache(hasher),
+                ProcessCache(hasher, command_limit=config.command_limit),
                 config.row_filter,
                 closed=config.closed,
                 resolver=resolver,

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from support.children import SocketChild, child_argv
+from support.children import HoldingChild, SocketChild, child_argv
 from support.histstat import Histstat
 from support.waiting import END_TIMEOUT
 
@@ -22,13 +22,31 @@ def spawn_child():
     children: list = []
 
     def spawn(
-        *extra, executable: str | None = None, env: dict | None = None, comm: str | None = None
+        *extra,
+        executable: str | None = None,
+        env: dict | None = None,
+        comm: str | bytes | None = None,
     ):
         child = SocketChild(child_argv(*extra, executable=executable, comm=comm), env=env)
         children.append(child)
         return child
 
     yield spawn
+    for child in children:
+        child.stop()
+
+
+@pytest.fixture
+def hold_connections():
+    """Start children holding loopback connections: ``hold_connections(pairs, *extra,
+    comm=None, churn=0.0)`` (see support.children.HoldingChild)."""
+    children: list = []
+
+    def start(pairs: int, *extra, **kwargs) -> HoldingChild:
+        children.append(HoldingChild(pairs, *extra, **kwargs))
+        return children[-1]
+
+    yield start
     for child in children:
         child.stop()
 

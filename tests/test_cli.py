@@ -49,7 +49,7 @@ def test_flags_become_one_configuration():
 
 STATUSES = sorted(getattr(psutil, name) for name in dir(psutil) if name.startswith("CONN_"))
 # Fields -f must list when it refuses one: the original's columns and JSON's extras.
-FIELDS = (*COLUMNS, "exe", "md5", "sha256", "timestamp")
+FIELDS = (*COLUMNS, "exe", "md5", "sha256", "command_length", "timestamp")
 
 # (argv, what the one error line must name, valid choices it must list). A value is named
 # as argparse quotes it; a misused option by its own spelling.
@@ -87,6 +87,16 @@ USAGE_ERRORS = [
     (["--duration", "nan"], ("'nan'",), ()),
     (["--duration", "inf"], ("'inf'",), ()),
     (["--duration", "soon"], ("'soon'",), ()),
+    # Numbers are ASCII decimal only, and an interval is at least 0.01 s.
+    (["--duration", "1_0"], ("--duration", "'1_0'"), ()),
+    (["-i", "1e-300"], ("-i/--interval", "'1e-300'"), ()),
+    (["-i", "0.001"], ("-i/--interval", "0.01", "'0.001'"), ()),
+    (["-i", "\u0661"], ("-i/--interval", "'\u0661'"), ()),
+    (["-i", "1_0"], ("'1_0'",), ()),
+    (["-c", "\u0661"], ("-c/--count", "'\u0661'"), ()),
+    (["--command-limit", "-5"], ("--command-limit", "'-5'"), ()),
+    (["--command-limit", "64k"], ("--command-limit", "'64k'"), ()),
+    (["--port", "2\u0662"], ("--port", "'2\u0662'"), ()),
     (["--color", "sometimes"], ("'sometimes'",), ("auto", "always", "never")),
     (["--source", "bogus"], ("--source", "'bogus'"), ("auto", "psutil", "linux")),
     (["-l", ""], ("-l/--log",), ()),
@@ -135,12 +145,14 @@ def test_skip_existing_is_off_unless_asked_for():
 LOOP_BEHIND = ("behind its", "longer than the")  # the two notices of a loop that lags
 
 
-def test_a_loop_that_cannot_keep_up_is_reported_once(run_histstat, tmp_path):
-    # An interval far below one poll's cost: every iteration overruns. The notice comes
-    # once, then at most once a minute; at the end, what was not told yet is, in one.
+def test_a_loop_that_cannot_keep_up_is_reported_once(run_histstat, hold_connections, tmp_path):
+    # Polls slower than the shortest interval: the psutil source reads every process's
+    # descriptors, and a child holds 1,000 sockets. Every iteration overruns; the notice
+    # comes once, then at most once a minute, and at the end what was not told yet is,
+    # in one. Only the child's rows are formatted (--pid).
+    holder = hold_connections(500)
     log = tmp_path / "rows.log"
-    # --pid: no other process's rows are formatted (a hostile host's would be slow).
-    run = run_histstat("-i", "0.0001", "-q", "-l", log, "--pid", os.getpid())
+    run = run_histstat("--source", "psutil", "-i", "0.01", "--pid", holder.pid, "-q", "-l", log)
     wait_for(lambda: any(words in run.stderr() for words in LOOP_BEHIND), describe=run.describe)
     wait_for(lambda: log.stat().st_size > 0, describe=run.describe)
     result = run.stop()
@@ -208,9 +220,10 @@ def test_unprivileged_notice_goes_to_stderr_only(monkeypatch):
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        assert runner.main(["-j"], env=env) == 0
+        assert runner.main(["-j", "--port", str(port)], env=env) == 0
     rows = [json.loads(line) for line in stdout.getvalue().splitlines()]
-    assert any(row["lport"] == port for row in rows)
+    # Of this process: another may use the same port number (UDP, a TIME_WAIT).
+    assert [row["lport"] for row in rows if row["pid"] == os.getpid()] == [port]
     assert stderr.getvalue() == NOT_PRIVILEGED_NOTICE + "\n"
 
 
@@ -221,8 +234,9 @@ def test_unprivileged_run_prints_the_notice_on_stderr_only(tmp_path):
     with socket.socket() as listener:  # a row is sure to come, without a process
         listener.bind(("127.0.0.1", 0))
         listener.listen()
+        port = listener.getsockname()[1]
         proc = subprocess.Popen(
-            [*AS_NOBODY, histstat_command(), "-j", "-i", "1"],
+            [*AS_NOBODY, histstat_command(), "-j", "-i", "1", "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -237,3 +251,51 @@ def test_unprivileged_run_prints_the_notice_on_stderr_only(tmp_path):
     assert err.decode().strip() == NOT_PRIVILEGED_NOTICE
     assert NOT_PRIVILEGED_NOTICE.encode() not in first_row + out
     assert first_row.startswith(b"{")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("interval", "0.01", 0.01),
+        ("interval", "2", 2.0),
+        ("interval", ".5", 0.5),
+        ("interval", "10.", 10.0),
+        ("duration", "0.001", 0.001),
+        ("count", "010", 10),
+        ("command_limit", "0", 0),
+        ("command_limit", "300", 300),
+    ],
+)
+def test_numbers_in_ascii_decimal_are_taken(option, value, expected):
+    flag = {"interval": "-i", "duration": "--duration", "count": "-c"}.get(
+        option, "--command-limit"
+    )
+    assert getattr(parse_config([flag, value]), option) == expected
+
+
+def test_command_limit_is_65536_characters_by_default():
+    assert parse_config([]).command_limit == 65536
+
+
+@pytest.mark.parametrize("flag", ["-i", "--duration", "-c", "--command-limit"])
+@pytest.mark.parametrize(
+    "value",
+    ["\u0661", "1_0", "1e3", " 1", "1 ", "0x10", "+1", "1" + "0" * 400, "", "\uff11"],
+    ids=["arabic-indic", "underscore", "exponent", "space-before", "space-after", "hex",
+         "plus", "400-digits", "empty", "fullwidth"],
+)  # fmt: skip
+def test_numbers_not_in_ascii_decimal_are_usage_errors(capsys, flag, value):
+    with pytest.raises(SystemExit) as exited:
+        parse_config([flag, value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"histstat: error: argument {flag}")
+
+
+@pytest.mark.parametrize("value", ["0.009", "0", "0.0000001", "0.00999"])
+def test_interval_below_a_hundredth_of_a_second_is_a_usage_error(capsys, value):
+    with pytest.raises(SystemExit) as exited:
+        parse_config(["-i", value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "0.01" in err

@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from histstat import __version__
+from histstat.output import sqlite as sqlite_module
 from histstat.output.base import SinkError
 from histstat.output.sqlite import MIGRATIONS, ROW_COLUMNS, SCHEMA_VERSION, SqliteSink, row_values
 from histstat.records import Row
@@ -29,8 +30,11 @@ def open_sink(path, arguments=("--sqlite", "x.db")):
 
 
 def query(path, sql, *params):
-    with sqlite3.connect(path) as db:
+    db = sqlite3.connect(path)
+    try:  # closed at once: an open reader keeps SQLite from removing -wal and -shm
         return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
 
 
 def test_new_database_is_private_with_schema_and_run(tmp_path):
@@ -90,14 +94,6 @@ def test_every_row_field_has_a_column(tmp_path):
     assert columns == ["id", "run_id", *ROW_COLUMNS]
 
 
-def test_older_schema_is_migrated(tmp_path):
-    path = tmp_path / "h.db"
-    sqlite3.connect(path).close()  # an empty database: schema version 0
-    sink, _ = open_sink(path)
-    sink.close()
-    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-
-
 def unchanged_after_refusal(path, match):
     before = path.read_bytes()
     with pytest.raises(SinkError, match=match) as caught:
@@ -143,23 +139,87 @@ def test_existing_database_others_can_read_gets_a_warning(tmp_path):
     assert query(path, "SELECT count(*) FROM runs") == [(2,)]
 
 
-def test_version_1_database_is_migrated_keeping_its_rows(tmp_path):
+def make_database(path, version: int) -> None:
+    """A database as the histstat of schema ``version`` left it, with one run and one
+    row from then (version 0: an empty file)."""
+    with sqlite3.connect(path) as db:
+        for step in MIGRATIONS[:version]:
+            db.executescript(step)
+        db.execute(f"PRAGMA user_version = {version}")
+        if version:
+            db.execute(
+                "INSERT INTO runs (started, host, version, arguments) "
+                "VALUES ('t', 'h', '1.0.0', '[]')"
+            )
+            db.execute(
+                "INSERT INTO connections (run_id, timestamp, epoch, date, time, proto, laddr, "
+                "lport, command) VALUES (1, 't', 0, 'd', 't', 'tcp', '127.0.0.1', 22, 'sshd')"
+            )
+    db.close()
+
+
+def schema_of(path) -> list:
+    return query(path, "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name")
+
+
+@pytest.mark.parametrize("version", range(SCHEMA_VERSION))
+def test_every_older_schema_is_migrated_keeping_its_rows(tmp_path, version):
+    fresh = tmp_path / "fresh.db"
+    open_sink(fresh)[0].close()
     path = tmp_path / "h.db"
-    with sqlite3.connect(path) as db:  # a database as histstat 1.0 left it
-        db.executescript(MIGRATIONS[0])
-        db.execute("PRAGMA user_version = 1")
-        db.execute(
-            "INSERT INTO runs (started, host, version, arguments) VALUES ('t', 'h', '1.0.0', '[]')"
-        )
-        db.execute(
-            "INSERT INTO connections (run_id, timestamp, epoch, date, time, proto, laddr, lport)"
-            " VALUES (1, 't', 0, 'd', 't', 'tcp', '127.0.0.1', 22)"
-        )
+    make_database(path, version)
     sink, _ = open_sink(path)
-    sink.write(row_values(make_row()._replace(event="close", duration=2.5, direction="in")))
+    new_row = make_row(event="close", duration=2.5, direction="in", command_length=22)
+    sink.write(row_values(new_row))
     sink.close()
     assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-    assert query(path, "SELECT lport, event, duration, direction FROM connections ORDER BY id") == [
-        (22, "open", None, None),
-        (8000, "close", 2.5, "in"),
+    assert schema_of(path) == schema_of(fresh)  # the same tables, columns and indexes
+    old = [(22, "sshd", "open", None, None, None)] if version else []
+    assert query(
+        path,
+        "SELECT lport, command, event, duration, direction, command_length "
+        "FROM connections ORDER BY id",
+    ) == [*old, (8000, "python3 -m http.server", "close", 2.5, "in", 22)]
+
+
+def test_command_length_is_stored_as_an_integer(tmp_path):
+    path = tmp_path / "h.db"
+    sink, _ = open_sink(path)
+    sink.write(row_values(make_row(command="x" * 10 + "...[+90 chars]", command_length=100)))
+    sink.write(row_values(make_row(command=None, command_length=None)))
+    sink.close()
+    assert query(path, "SELECT command_length, typeof(command_length) FROM connections") == [
+        (100, "integer"),
+        (None, "null"),
     ]
+
+
+def test_trigger_is_refused_by_open_itself_leaving_no_side_files(tmp_path):
+    """open() checks again what check() saw: a database changed in between is refused."""
+    path = tmp_path / "h.db"
+    open_sink(path)[0].close()
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TRIGGER wipe AFTER INSERT ON runs BEGIN DELETE FROM runs; END")
+    db.close()
+    unchanged_after_refusal(path, "trigger 'wipe'")
+
+
+def test_a_new_schema_version_is_checked_from_its_migrations(tmp_path, monkeypatch):
+    """The expected schema comes from MIGRATIONS: adding a version needs no other list."""
+    path = tmp_path / "h.db"
+    open_sink(path)[0].close()  # a database of today's version
+    extra = (
+        "ALTER TABLE connections ADD COLUMN later TEXT; CREATE INDEX c_later ON connections(later)"
+    )
+    monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*MIGRATIONS, extra))
+    monkeypatch.setattr(sqlite_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    sink, _ = open_sink(path)  # migrated, then accepted as the next version
+    sink.close()
+    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]
+    open_sink(path)[0].close()  # and accepted again as it is
+    with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX c_later")
+    db.close()
+    unchanged_after_refusal(
+        path, f"lacks the index 'c_later' of schema version {SCHEMA_VERSION + 1}"
+    )

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import uuid
 
 import psutil
 import pytest
@@ -93,7 +94,7 @@ def check_json_rows(rows, child, started: datetime.datetime) -> None:
 def test_json_reports_listener_and_both_ends_ipv4(spawn_child, run_histstat):
     started = datetime.datetime.now().astimezone()
     child = spawn_child()
-    hs = run_histstat("-j", *INTERVAL)
+    hs = run_histstat("-j", *INTERVAL, "--pid", child.pid)
     rows = hs.wait_for_child(child, v6=False)
     result = hs.stop()
     assert_clean_end(result)
@@ -104,7 +105,7 @@ def test_json_reports_listener_and_both_ends_ipv4(spawn_child, run_histstat):
     # The original's columns, with the connection's story around them (JSON schema).
     story = ["status", "direction", "attribution"]
     with_story = [key for column in COLUMNS for key in (story if column == "status" else [column])]
-    assert list(v4_rows[0]) == ["event", *with_story, "timestamp"]
+    assert list(v4_rows[0]) == ["event", *with_story, "command_length", "timestamp"]
     assert {row["event"] for row in v4_rows} == {"open"}
     assert {row["attribution"] for row in v4_rows} == {"socket"}
 
@@ -114,7 +115,7 @@ def test_json_reports_listener_and_both_ends_ipv6(spawn_child, run_histstat):
     child = spawn_child()
     if not child.has_v6:
         pytest.skip("::1 cannot be bound here")
-    hs = run_histstat("-j", *INTERVAL)
+    hs = run_histstat("-j", *INTERVAL, "--pid", child.pid)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -143,7 +144,7 @@ def check_text_rows(rows, child) -> None:
 
 def test_plain_output(spawn_child, run_histstat):
     child = spawn_child()
-    hs = run_histstat(*INTERVAL)
+    hs = run_histstat(*INTERVAL, "--pid", child.pid)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -155,7 +156,7 @@ def test_plain_output(spawn_child, run_histstat):
 
 def test_pretty_output(spawn_child, run_histstat):
     child = spawn_child()
-    hs = run_histstat("-p", *INTERVAL)
+    hs = run_histstat("-p", *INTERVAL, "--pid", child.pid)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -181,7 +182,7 @@ HOSTILE_SHOWN = "a\\nb\\x1bc"
 @pytest.mark.parametrize("style", [(), ("-p",)], ids=["plain", "pretty"])
 def test_control_characters_are_escaped_in_text(spawn_child, run_histstat, style):
     child = spawn_child(HOSTILE)
-    hs = run_histstat(*style, *INTERVAL)
+    hs = run_histstat(*style, *INTERVAL, "--pid", child.pid)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -201,7 +202,7 @@ def test_control_characters_are_escaped_in_text(spawn_child, run_histstat, style
 
 def test_control_characters_keep_true_text_in_json(spawn_child, run_histstat):
     child = spawn_child(HOSTILE)
-    hs = run_histstat("-j", *INTERVAL)
+    hs = run_histstat("-j", *INTERVAL, "--pid", child.pid)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -227,7 +228,7 @@ RAW_FORMAT_BYTES = (b"\xe2\x80\xae", b"\xc2\x85", b"\xe2\x80\x8b", b"\xe2\x80\xa
 def test_hostile_process_name_and_format_characters(spawn_child, run_histstat, style):
     child = spawn_child(*FORMAT_CHARS, comm=HOSTILE_NAME)
     assert psutil.Process(child.pid).name() == HOSTILE_NAME
-    hs = run_histstat(*style, *INTERVAL)
+    hs = run_histstat(*style, *INTERVAL, "--pid", child.pid)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -261,7 +262,7 @@ LOCALES = [
 )
 def test_undecodable_argv_byte_under_locales(spawn_child, run_histstat, lc_all, extra):
     child = spawn_child(b"bad-\xff-byte")
-    hs = run_histstat(*INTERVAL, env={**locale_env(lc_all), **extra})
+    hs = run_histstat(*INTERVAL, "--pid", child.pid, env={**locale_env(lc_all), **extra})
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -280,7 +281,7 @@ def test_undecodable_argv_byte_under_locales(spawn_child, run_histstat, lc_all, 
 def test_valid_utf8_stays_text_in_json_under_every_locale(spawn_child, run_histstat, lc_all, extra):
     """Only bytes that are not UTF-8 become \\xNN; JSON is UTF-8 whatever the locale."""
     child = spawn_child("caf\u00e9-\U0001f600".encode(), b"bad-\xff")
-    hs = run_histstat("-j", *INTERVAL, env={**locale_env(lc_all), **extra})
+    hs = run_histstat("-j", *INTERVAL, "--pid", child.pid, env={**locale_env(lc_all), **extra})
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -293,7 +294,8 @@ def test_valid_utf8_stays_text_in_json_under_every_locale(spawn_child, run_hists
 
 def test_json_stays_utf8_when_stdout_encoding_is_not(spawn_child, run_histstat):
     child = spawn_child("caf\u00e9".encode())
-    hs = run_histstat("-j", *INTERVAL, env={**locale_env("C.UTF-8"), "PYTHONIOENCODING": "latin-1"})
+    env = {**locale_env("C.UTF-8"), "PYTHONIOENCODING": "latin-1"}
+    hs = run_histstat("-j", *INTERVAL, "--pid", child.pid, env=env)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -303,7 +305,7 @@ def test_json_stays_utf8_when_stdout_encoding_is_not(spawn_child, run_histstat):
 
 def test_undecodable_argv_byte_in_json(spawn_child, run_histstat):
     child = spawn_child(b"bad-\xff-byte")
-    hs = run_histstat("-j", *INTERVAL)
+    hs = run_histstat("-j", *INTERVAL, "--pid", child.pid)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -321,7 +323,7 @@ def test_plain_log_matches_stdout_and_appends_without_second_header(
 ):
     log = tmp_path / "capture.log"
     first_child = spawn_child()
-    hs = run_histstat(*INTERVAL, "-l", log, env=UTF8_ENV)
+    hs = run_histstat(*INTERVAL, "--pid", first_child.pid, "-l", log, env=UTF8_ENV)
     hs.wait_for_child(first_child)
     first = hs.stop()
     assert_clean_end(first)
@@ -332,7 +334,7 @@ def test_plain_log_matches_stdout_and_appends_without_second_header(
     assert first_log[0] == "\t".join(COLUMNS)
 
     second_child = spawn_child()
-    hs = run_histstat(*INTERVAL, "-l", log, env=UTF8_ENV)
+    hs = run_histstat(*INTERVAL, "--pid", second_child.pid, "-l", log, env=UTF8_ENV)
     hs.wait_for_child(second_child)
     second = hs.stop()
     assert_clean_end(second)
@@ -346,7 +348,7 @@ def test_plain_log_matches_stdout_and_appends_without_second_header(
 def test_json_log_matches_stdout(spawn_child, run_histstat, tmp_path):
     log = tmp_path / "capture.json"
     child = spawn_child()
-    hs = run_histstat("-j", *INTERVAL, "-l", log)
+    hs = run_histstat("-j", *INTERVAL, "--pid", child.pid, "-l", log)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -362,8 +364,9 @@ def test_sighup_reopens_rotated_log(spawn_child, run_histstat, tmp_path):
     log = tmp_path / "capture.log"
     rotated = tmp_path / "capture.log.1"
     header = "\t".join(COLUMNS)
-    before = spawn_child()
-    hs = run_histstat(*INTERVAL, "-l", log, env=UTF8_ENV)
+    tag = uuid.uuid4().hex[:8]  # the children's names: the one after SIGHUP comes later
+    before = spawn_child(comm=f"hup{tag}b")
+    hs = run_histstat(*INTERVAL, "--name", f"hup{tag}?", "-l", log, env=UTF8_ENV)
     hs.wait_for_child(before)
     os.rename(log, rotated)
     hs.send(signal.SIGHUP)
@@ -376,7 +379,7 @@ def test_sighup_reopens_rotated_log(spawn_child, run_histstat, tmp_path):
         return lines[:1] == [header]
 
     hs.until(reopened, what="the log reopened with a header after SIGHUP")
-    after = spawn_child()
+    after = spawn_child(comm=f"hup{tag}a")
 
     def after_logged():
         rows = [r for r in parse_log(log) if r["pid"] == str(after.pid)]
@@ -413,7 +416,7 @@ def test_existing_readable_log_warns_once(spawn_child, run_histstat, tmp_path):
     log.write_text("")
     os.chmod(log, 0o644)
     child = spawn_child()
-    hs = run_histstat(*INTERVAL, "-l", log, env=UTF8_ENV)
+    hs = run_histstat(*INTERVAL, "--pid", child.pid, "-l", log, env=UTF8_ENV)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -426,7 +429,7 @@ def test_existing_readable_log_warns_once(spawn_child, run_histstat, tmp_path):
 def test_quiet_writes_only_the_log(spawn_child, run_histstat, tmp_path):
     log = tmp_path / "quiet.json"
     child = spawn_child()
-    hs = run_histstat("-q", "-j", *INTERVAL, "-l", log)
+    hs = run_histstat("-q", "-j", *INTERVAL, "--pid", child.pid, "-l", log)
 
     def logged():
         if not log.exists():
@@ -451,7 +454,7 @@ def test_quiet_writes_only_the_log(spawn_child, run_histstat, tmp_path):
 def test_sigterm_exits_zero_with_log_complete(spawn_child, run_histstat, tmp_path, hashes):
     log = tmp_path / "term.json"
     child = spawn_child()
-    hs = run_histstat("-j", *hashes, *INTERVAL, "-l", log, env=UTF8_ENV)
+    hs = run_histstat("-j", *hashes, *INTERVAL, "--pid", child.pid, "-l", log, env=UTF8_ENV)
     hs.wait_for_child(child)
     result = hs.stop()
     assert result.returncode == 0
@@ -506,7 +509,7 @@ def test_quiet_log_works_with_stdout_closed(spawn_child, run_histstat, tmp_path)
     """-q needs no stdout: a daemon started with stdout closed must still log."""
     log = tmp_path / "daemon.json"
     child = spawn_child()
-    hs = run_histstat("-q", "-j", *INTERVAL, "-l", log, prefix=CLOSED_STDOUT)
+    hs = run_histstat("-q", "-j", *INTERVAL, "--pid", child.pid, "-l", log, prefix=CLOSED_STDOUT)
 
     def logged():
         if not log.exists():
@@ -535,7 +538,7 @@ def test_notices_stay_off_stdout_when_stderr_is_closed(spawn_child, run_histstat
     os.chmod(log, 0o644)  # histstat has a warning to give
     child = spawn_child()
     marker = child.argv[3]
-    hs = run_histstat("-j", *INTERVAL, "-l", log, prefix=CLOSED_STDERR)
+    hs = run_histstat("-j", *INTERVAL, "--pid", child.pid, "-l", log, prefix=CLOSED_STDERR)
     hs.until(
         lambda: sum(marker in line for line in hs.lines()) >= len(child.connections()),
         what="the child's rows on stdout",
@@ -556,10 +559,11 @@ def test_notices_stay_off_stdout_when_stderr_is_closed(spawn_child, run_histstat
 
 def test_head_closing_the_pipe_ends_histstat(tmp_path):
     err = tmp_path / "stderr.txt"
-    script = '"$0" -i 0.1 2>"$1" | head -n 1; exit "${PIPESTATUS[0]}"'
+    # --pid of this test, which holds no socket: only the header to write.
+    script = '"$0" -i 0.1 --pid "$2" 2>"$1" | head -n 1; exit "${PIPESTATUS[0]}"'
     started = time.monotonic()
     proc = subprocess.Popen(
-        ["bash", "-c", script, histstat_command(), str(err)],
+        ["bash", "-c", script, histstat_command(), str(err), str(os.getpid())],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         start_new_session=True,
@@ -584,7 +588,7 @@ def test_reader_gone_between_polls_ends_histstat(spawn_child, tmp_path):
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "wb") as err:
         proc = subprocess.Popen(
-            [histstat_command(), "-j", "-i", "0.5"],
+            [histstat_command(), "-j", "-i", "0.5", "--pid", str(child.pid)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -643,13 +647,13 @@ def test_usage_error_exits_2_with_one_line_and_no_traceback():
     assert err.startswith("histstat: error: ") and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("interval", ["1e10", "1e300"])
+@pytest.mark.parametrize("interval", ["10000000000", "1" + "0" * 300], ids=["1e10", "1e300"])
 def test_huge_interval_is_refused_or_honoured(spawn_child, run_histstat, interval):
     """A finite interval too long for the platform's sleep: a usage error or a long wait,
     never a crash after the first poll."""
     child = spawn_child()
     require_wchan(child)
-    hs = run_histstat("-j", "-i", interval)
+    hs = run_histstat("-j", "-i", interval, "--pid", child.pid)
     hs.until(
         lambda: hs.proc.poll() is not None or sleeping_between_polls(hs.proc.pid),
         what="histstat to end or to sleep after its first poll",
@@ -684,8 +688,8 @@ def test_log_is_a_directory_exits_1(tmp_path):
 
 @pytest.mark.parametrize("style", [(), ("-j",)], ids=["plain", "json"])
 def test_log_on_full_device_exits_1(spawn_child, style):
-    spawn_child()  # a row to write even where there is no header
-    done = run_once([*style, "-i", "0.1", "-l", "/dev/full"])
+    child = spawn_child()  # a row to write even where there is no header
+    done = run_once([*style, "-i", "0.1", "--pid", child.pid, "-l", "/dev/full"])
     assert done.returncode == 1, done
     err = done.stderr.decode()
     assert len(err.splitlines()) == 1, err
@@ -708,21 +712,21 @@ def test_hash_json_has_exe_and_hashes(spawn_child, run_histstat):
     exe = os.readlink(f"/proc/{child.pid}/exe")
     assert exe == os.path.realpath(sys.executable)
     md5, sha256 = file_hashes(exe)
-    hs = run_histstat("-j", "--hash", *INTERVAL)
+    hs = run_histstat("-j", "--hash", *INTERVAL, "--pid", child.pid)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
     rows = result.rows_of(child.pid)
     assert_exactly_child_connections(rows, child)
     for row in rows:
-        assert list(row)[-5:] == ["exe", "md5", "sha256", "command", "timestamp"]
+        assert list(row)[-6:] == ["exe", "md5", "sha256", "command", "command_length", "timestamp"]
         assert (row["exe"], row["md5"], row["sha256"]) == (exe, md5, sha256)
 
 
 def test_hash_text_columns(spawn_child, run_histstat):
     child = spawn_child()
     md5, sha256 = file_hashes(f"/proc/{child.pid}/exe")
-    hs = run_histstat("--hash", *INTERVAL)
+    hs = run_histstat("--hash", *INTERVAL, "--pid", child.pid)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -753,7 +757,7 @@ def test_hash_of_deleted_executable(spawn_child, run_histstat, tmp_path):
     md5, sha256 = file_hashes(copy)
     os.unlink(copy)
     assert os.readlink(f"/proc/{child.pid}/exe") == copy + " (deleted)"
-    hs = run_histstat("-j", "--hash", *INTERVAL)
+    hs = run_histstat("-j", "--hash", *INTERVAL, "--pid", child.pid)
     hs.wait_for_child(child)
     result = hs.stop()
     assert_clean_end(result)
@@ -775,7 +779,7 @@ def test_huge_executable_cannot_hold_back_rows_or_exit(spawn_child, run_histstat
     os.chmod(huge, 0o755)
     slow = spawn_child(executable=huge, env=copied_interpreter_env())
     normal = spawn_child()
-    hs = run_histstat("-j", "--hash", *INTERVAL)
+    hs = run_histstat("-j", "--hash", *INTERVAL, "--pid", f"{slow.pid},{normal.pid}")
     slow_rows = hs.wait_for_child(slow, timeout=MAX_HASH_WAIT + 10)
     hs.wait_for_child(normal)
     assert all(row["md5"] is None and row["sha256"] is None for row in slow_rows)

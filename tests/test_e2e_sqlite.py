@@ -5,6 +5,7 @@ import os
 import signal
 import sqlite3
 import stat
+import uuid
 
 from support.histstat import INTERVAL, UTF8_ENV, connection_key, run_once
 from support.waiting import wait_for
@@ -31,7 +32,7 @@ def _db_rows(path, pid=None) -> list:
 def test_database_holds_the_same_values_as_json(spawn_child, run_histstat, tmp_path):
     db = tmp_path / "h.db"
     child = spawn_child()
-    hs = run_histstat("-j", "--hash", *INTERVAL, "--sqlite", db, env=UTF8_ENV)
+    hs = run_histstat("-j", "--hash", *INTERVAL, "--pid", child.pid, "--sqlite", db, env=UTF8_ENV)
     hs.wait_for_child(child)
     result = hs.stop()
     assert result.returncode == 0, result.stderr
@@ -49,7 +50,7 @@ def test_database_holds_the_same_values_as_json(spawn_child, run_histstat, tmp_p
 def test_quiet_database_alone_and_private_side_files(spawn_child, run_histstat, tmp_path):
     db = tmp_path / "h.db"
     child = spawn_child()
-    hs = run_histstat("-q", *INTERVAL, "--sqlite", db)
+    hs = run_histstat("-q", *INTERVAL, "--pid", child.pid, "--sqlite", db)
     wait_for(lambda: db.exists() and len(db_rows(db, child.pid)) == len(child.connections()))
     side_files = [tmp_path / "h.db-wal", tmp_path / "h.db-shm"]
     wait_for(lambda: all(path.exists() for path in side_files))
@@ -61,12 +62,14 @@ def test_quiet_database_alone_and_private_side_files(spawn_child, run_histstat, 
 
 def test_a_reader_can_query_while_histstat_writes(spawn_child, run_histstat, tmp_path):
     db = tmp_path / "h.db"
-    hs = run_histstat("-q", *INTERVAL, "--sqlite", db)
-    wait_for(lambda: db.exists() and db_rows(db))
+    tag = uuid.uuid4().hex[:8]  # the children's names: all but the first come later
+    first = spawn_child(comm=f"rd{tag}0")
+    hs = run_histstat("-q", *INTERVAL, "--name", f"rd{tag}?", "--sqlite", db)
+    wait_for(lambda: db.exists() and len(db_rows(db, first.pid)) == len(first.connections()))
     reader = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0)  # never waits a lock
     try:
         counts = [reader.execute("SELECT count(*) FROM connections").fetchone()[0]]
-        children = [spawn_child() for _ in range(3)]
+        children = [spawn_child(comm=f"rd{tag}{n}") for n in range(1, 4)]
         for child in children:
             wait_for(lambda c=child: len(db_rows(db, c.pid)) == len(c.connections()))
             counts.append(reader.execute("SELECT count(*) FROM connections").fetchone()[0])
@@ -78,10 +81,11 @@ def test_a_reader_can_query_while_histstat_writes(spawn_child, run_histstat, tmp
 
 def test_sigkill_leaves_a_sound_database_with_every_row_shown(spawn_child, run_histstat, tmp_path):
     db = tmp_path / "h.db"
-    first = spawn_child()
-    hs = run_histstat("-j", *INTERVAL, "--sqlite", db, env=UTF8_ENV)
+    tag = uuid.uuid4().hex[:8]
+    first = spawn_child(comm=f"kill{tag}a")
+    hs = run_histstat("-j", *INTERVAL, "--name", f"kill{tag}?", "--sqlite", db, env=UTF8_ENV)
     hs.wait_for_child(first)
-    second = spawn_child()
+    second = spawn_child(comm=f"kill{tag}b")
     hs.wait_for_child(second)
     hs.proc.send_signal(signal.SIGKILL)
     result = hs.wait()
@@ -120,9 +124,10 @@ def test_bad_database_paths_exit_1_with_one_line_and_touch_nothing(tmp_path):
 
 def test_runs_table_records_the_run(run_histstat, tmp_path):
     db = tmp_path / "h.db"
-    hs = run_histstat("-q", "--sqlite", db, "--duration", "0.3")
+    mine = str(os.getpid())  # this test holds no socket: nothing else to write
+    hs = run_histstat("-q", "--pid", mine, "--sqlite", db, "--duration", "0.3")
     assert hs.wait().returncode == 0
     with sqlite3.connect(db) as check:
         ((started, ended, arguments),) = check.execute("SELECT started, ended, arguments FROM runs")
-    assert json.loads(arguments) == ["-q", "--sqlite", str(db), "--duration", "0.3"]
+    assert json.loads(arguments) == ["-q", "--pid", mine, "--sqlite", str(db), "--duration", "0.3"]
     assert ended is not None and ended > started

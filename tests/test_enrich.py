@@ -2,12 +2,24 @@
 
 import os
 import pwd
+import subprocess
+import sys
 
 import psutil
 import pytest
 
-from histstat.enrich import ProcessCache, as_utf8
+from histstat.enrich import (
+    COMMAND_MARKER,
+    ProcessCache,
+    _linux_arguments,
+    as_utf8,
+    cut_command,
+    read_linux_process_facts,
+    read_process_facts,
+)
 from histstat.records import UNKNOWN_PROCESS, ProcessFacts
+from support.children import end_child
+from support.waiting import read_line
 
 # Above the kernel's pid_max, so /proc/<pid> can never exist for these fakes.
 FAKE_PID = 99_999_999
@@ -60,12 +72,18 @@ def factory(*processes):
     return make
 
 
+def fake_cache(process) -> ProcessCache:
+    """A cache over fake processes, read through psutil's interface (the Linux reader
+    reads /proc, where the fakes do not exist)."""
+    return ProcessCache(process=process, read=read_process_facts)
+
+
 def test_no_pid_gives_unknown_facts():
-    assert ProcessCache(process=factory(FakeProcess(FAKE_PID))).lookup(None) == UNKNOWN_PROCESS
+    assert fake_cache(factory(FakeProcess(FAKE_PID))).lookup(None) == UNKNOWN_PROCESS
 
 
 def test_process_gone_before_lookup_gives_unknown_facts():
-    cache = ProcessCache(process=factory(psutil.NoSuchProcess(FAKE_PID)))
+    cache = fake_cache(factory(psutil.NoSuchProcess(FAKE_PID)))
     assert cache.lookup(FAKE_PID) == UNKNOWN_PROCESS
 
 
@@ -80,7 +98,7 @@ def test_process_gone_before_lookup_gives_unknown_facts():
 )
 def test_one_refused_field_leaves_the_others_intact(error):
     proc = FakeProcess(FAKE_PID, fail={"cmdline": error})
-    facts = ProcessCache(process=factory(proc)).lookup(FAKE_PID)
+    facts = fake_cache(factory(proc)).lookup(FAKE_PID)
     assert facts.name == "worker"
     assert facts.user == "bob"
     assert facts.command is None
@@ -88,18 +106,18 @@ def test_one_refused_field_leaves_the_others_intact(error):
 
 def test_command_joins_arguments_with_single_spaces():
     proc = FakeProcess(FAKE_PID, cmdline=["sh", "-c", "echo  two  spaces"])
-    facts = ProcessCache(process=factory(proc)).lookup(FAKE_PID)
+    facts = fake_cache(factory(proc)).lookup(FAKE_PID)
     assert facts.command == "sh -c echo  two  spaces"
 
 
 def test_empty_command_line_is_unknown():
-    facts = ProcessCache(process=factory(FakeProcess(FAKE_PID, cmdline=[]))).lookup(FAKE_PID)
+    facts = fake_cache(factory(FakeProcess(FAKE_PID, cmdline=[]))).lookup(FAKE_PID)
     assert facts.command is None
 
 
 def test_same_process_is_read_once():
     FakeProcess.reads = 0
-    cache = ProcessCache(process=factory(FakeProcess(FAKE_PID)))
+    cache = fake_cache(factory(FakeProcess(FAKE_PID)))
     first = cache.lookup(FAKE_PID)
     second = cache.lookup(FAKE_PID)
     assert first == second
@@ -109,7 +127,7 @@ def test_same_process_is_read_once():
 def test_reused_pid_with_another_create_time_is_a_new_process():
     old = FakeProcess(FAKE_PID, created=1000.0, name="old")
     new = FakeProcess(FAKE_PID, created=2000.0, name="new")
-    cache = ProcessCache(process=factory(old, new))
+    cache = fake_cache(factory(old, new))
     assert cache.lookup(FAKE_PID).name == "old"
     assert cache.lookup(FAKE_PID).name == "new"
 
@@ -117,14 +135,14 @@ def test_reused_pid_with_another_create_time_is_a_new_process():
 def test_unreadable_create_time_is_never_cached():
     hidden = FakeProcess(FAKE_PID, name="first", fail={"create_time": psutil.AccessDenied()})
     later = FakeProcess(FAKE_PID, name="second", fail={"create_time": psutil.AccessDenied()})
-    cache = ProcessCache(process=factory(hidden, later))
+    cache = fake_cache(factory(hidden, later))
     assert cache.lookup(FAKE_PID).name == "first"
     assert cache.lookup(FAKE_PID).name == "second"
     assert len(cache) == 0
 
 
 def test_processes_without_sockets_are_forgotten():
-    cache = ProcessCache(process=lambda pid: FakeProcess(pid))
+    cache = fake_cache(lambda pid: FakeProcess(pid))
     for pid in (FAKE_PID, FAKE_PID + 1, FAKE_PID + 2):
         cache.lookup(pid)
     cache.retain({FAKE_PID + 1})
@@ -152,3 +170,118 @@ def test_text_decoded_as_ascii_is_read_again_as_utf8():
     as_ascii = b"caf\xc3\xa9 \xf0\x9f\x98\x80 \xff".decode("ascii", "surrogateescape")
     assert as_utf8(as_ascii) == "café \U0001f600 \udcff"  # only the bad byte stays escaped
     assert as_utf8("plain") == "plain" and as_utf8(None) is None
+
+
+def test_command_longer_than_the_limit_is_cut_with_a_marker_and_its_length():
+    proc = FakeProcess(FAKE_PID, cmdline=["x" * 60, "y" * 39])  # 100 characters
+    cut = ProcessCache(process=factory(proc), read=read_process_facts, command_limit=10)
+    facts = cut.lookup(FAKE_PID)
+    assert facts.command == "x" * 10 + COMMAND_MARKER.format(removed=90)
+    assert facts.command == "xxxxxxxxxx...[+90 chars]"
+    assert facts.command_length == 100
+    whole = ProcessCache(process=factory(proc), read=read_process_facts, command_limit=0)
+    assert whole.lookup(FAKE_PID)[2:] == (proc.cmdline()[0] + " " + "y" * 39, None, 100)
+    exact = ProcessCache(process=factory(proc), read=read_process_facts, command_limit=100)
+    assert exact.lookup(FAKE_PID).command == " ".join(proc.cmdline())
+
+
+def test_cut_counts_characters_not_bytes():
+    command = "\u00e9" * 8 + "\udcff" * 4  # 16 + 4 bytes of command line, 12 characters
+    assert cut_command(command, 10) == ("\u00e9" * 8 + "\udcff" * 2 + "...[+2 chars]", 12)
+    assert cut_command(command, 12) == (command, 12)
+    assert cut_command(None, 10) == (None, None)
+
+
+def test_empty_process_name_is_kept_apart_from_unknown():
+    assert fake_cache(factory(FakeProcess(FAKE_PID, name=""))).lookup(FAKE_PID).name == ""
+    hidden = FakeProcess(FAKE_PID, fail={"name": psutil.AccessDenied(FAKE_PID)})
+    assert fake_cache(factory(hidden)).lookup(FAKE_PID).name is None
+
+
+def start_sleeper(argv: list, comm: bytes | None = None, executable=None) -> subprocess.Popen:
+    """A child that renames itself to ``comm``, says so, and waits for its stdin to close."""
+    rename = "" if comm is None else (
+        f"fd = os.open('/proc/self/comm', os.O_WRONLY); os.write(fd, {comm!r}); os.close(fd)\n"
+    )  # fmt: skip
+    script = f"import os, sys\n{rename}print('ready', flush=True)\nsys.stdin.read()\n"
+    proc = subprocess.Popen(
+        [argv[0], "-c", script, *argv[1:]],
+        executable=executable or sys.executable,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert read_line(proc.stdout) == b"ready\n"
+    return proc
+
+
+@pytest.fixture
+def sleepers():
+    started: list = []
+
+    def start(*args, **kwargs) -> subprocess.Popen:
+        started.append(start_sleeper(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        end_child(proc)
+
+
+def require_linux() -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.fail("this test reads /proc: it needs Linux")
+
+
+def test_linux_reader_keeps_carriage_returns_that_psutil_turns_into_newlines(sleepers):
+    require_linux()
+    proc = sleepers([sys.executable, "cr\rhere", "crlf\r\nthere", b"bad-\xff", "caf\u00e9"])
+    facts = read_linux_process_facts(psutil.Process(proc.pid))
+    with open(f"/proc/{proc.pid}/cmdline", "rb") as handle:
+        raw = handle.read()
+    assert facts.command == raw[:-1].replace(b"\0", b" ").decode("utf-8", "surrogateescape")
+    assert facts.command.endswith(" cr\rhere crlf\r\nthere bad-\udcff caf\u00e9")
+    assert facts.command_length == len(facts.command)
+    through_psutil = read_process_facts(psutil.Process(proc.pid))
+    assert through_psutil.command.endswith(" cr\nhere crlf\nthere bad-\udcff caf\u00e9")
+
+
+def test_linux_reader_names_processes_as_psutil_does(sleepers):
+    require_linux()
+    short = sleepers([sys.executable], comm=b"worker")
+    long_name = b"a-fifteen-bytes"
+    extended = sleepers([f"/opt/{long_name.decode()}-daemon"], comm=long_name)
+    for proc, name in ((short, "worker"), (extended, "a-fifteen-bytes-daemon")):
+        facts = read_linux_process_facts(psutil.Process(proc.pid))
+        assert facts.name == name == psutil.Process(proc.pid).name()
+        assert facts.command == " ".join(psutil.Process(proc.pid).cmdline())
+
+
+def test_a_first_argument_longer_than_any_file_name_is_not_taken_as_the_name(sleepers):
+    require_linux()
+    long_name = b"a-fifteen-bytes"
+    proc = sleepers(["/opt/" + long_name.decode() + "x" * 1000], comm=long_name)
+    assert len(psutil.Process(proc.pid).name()) > 1000  # psutil would take it
+    assert read_linux_process_facts(psutil.Process(proc.pid)).name == long_name.decode()
+
+
+def test_linux_reader_keeps_an_empty_name_and_undecodable_bytes(sleepers):
+    require_linux()
+    empty = sleepers([sys.executable], comm=b"")
+    assert read_linux_process_facts(psutil.Process(empty.pid)).name == ""
+    bad = sleepers([sys.executable], comm=b"x\xffy")
+    assert read_linux_process_facts(psutil.Process(bad.pid)).name == "x\udcffy"
+
+
+@pytest.mark.parametrize(
+    ("raw", "joined", "first"),
+    [
+        (b"ls\0-l\0", b"ls -l", b"ls"),
+        (b"ls\0\0", b"ls ", b"ls"),  # an empty argument
+        (b"nginx: master process\0", b"nginx: master process", b"nginx:"),  # setproctitle
+        (b"chrome --type=renderer", b"chrome --type=renderer", b"chrome"),
+        (b"a b \0c", b"a b \0c", b"a"),  # not NUL-terminated: NUL is not a separator
+        (b"\0", b"", b""),
+    ],
+)
+def test_arguments_split_as_psutil_splits_them(raw, joined, first):
+    assert _linux_arguments(raw) == (joined, first)

@@ -32,8 +32,10 @@ def test_port_lists_and_ranges():
 
 
 @pytest.mark.parametrize(
-    "bad", ["70000", "90-80", "http", "", "22,", "-5", "1-2-3", "1.5", "\u00b2", "\u0661"]
-)
+    "bad",
+    ["70000", "90-80", "http", "", "22,", "-5", "1-2-3", "1.5", "\u00b2", "\u0661", "2_2",
+     "8\u0660-90", "9" * 5000],
+)  # fmt: skip
 def test_malformed_ports_name_the_value(bad):
     with pytest.raises(FilterValueError) as caught:
         parse_ports(bad)
@@ -57,7 +59,7 @@ def test_statuses_are_case_insensitive():
     assert parse_statuses("listen,Time_Wait,none") == {"LISTEN", "TIME_WAIT", "NONE"}
 
 
-@pytest.mark.parametrize("bad", ["12a", "\u00b2"])
+@pytest.mark.parametrize("bad", ["12a", "\u00b2", "\u0661\u0662", "1_2", "9" * 5000])
 def test_bad_pid_is_refused(bad):
     with pytest.raises(FilterValueError, match=repr(bad)):
         parse_pids(f"1,{bad}")

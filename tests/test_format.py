@@ -3,6 +3,7 @@
 import csv
 import datetime
 import json
+import sys
 import unicodedata
 
 import pytest
@@ -11,8 +12,11 @@ from hypothesis import strategies as st
 
 from histstat.output.format import (
     ALL_FIELDS,
+    HIDDEN_RANGES,
+    _Memo,
     csv_header,
     escape_text,
+    field_value,
     format_csv_row,
     format_json_row,
     format_plain_row,
@@ -43,6 +47,7 @@ def make_row(**changes) -> Row:
         md5=None,
         sha256=None,
         timestamp=SEEN,
+        command_length=27,
     )
     return row._replace(**changes)
 
@@ -54,10 +59,20 @@ FORMATTERS = [
 ]
 
 HIDDEN = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+# Default_Ignorable_Code_Point, as listed in Unicode's DerivedCoreProperties.txt (14.0 to
+# 17.0: 4,174 code points): invisible characters, most of them outside Cf.
+DEFAULT_IGNORABLE = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+    (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+    (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)  # fmt: skip
+IGNORABLE = frozenset(code for first, last in DEFAULT_IGNORABLE for code in range(first, last + 1))
 
 
 def hidden_chars(line: str) -> list:
-    return [c for c in line if unicodedata.category(c) in HIDDEN]
+    return [c for c in line if unicodedata.category(c) in HIDDEN or ord(c) in IGNORABLE]
 
 
 def test_plain_row_is_tab_separated_in_the_original_column_order():
@@ -92,7 +107,8 @@ def test_json_has_real_types_and_null_for_unknown():
     obj = json.loads(format_json_row(row, json_fields(False)))
     assert list(obj) == [
         "event", "proto", "laddr", "lport", "raddr", "rport", "status", "direction",
-        "attribution", "pid", "pname", "time", "date", "user", "command", "timestamp",
+        "attribution", "pid", "pname", "time", "date", "user", "command", "command_length",
+        "timestamp",
     ]  # fmt: skip
     assert obj["event"] == "open"
     assert obj["lport"] == 8000 and obj["pid"] == 4242
@@ -105,6 +121,7 @@ def test_json_has_real_types_and_null_for_unknown():
 def test_json_with_hashes_carries_exe_md5_sha256():
     row = make_row(md5="a" * 32, sha256="b" * 64)
     obj = json.loads(format_json_row(row, json_fields(True)))
+    assert list(obj)[-6:] == ["exe", "md5", "sha256", "command", "command_length", "timestamp"]
     assert (obj["exe"], obj["md5"], obj["sha256"]) == (
         "/usr/bin/python3.11",
         "a" * 32,
@@ -128,6 +145,13 @@ def test_json_with_hashes_carries_exe_md5_sha256():
         ("bad\udcffbyte", "bad\\xffbyte"),
         ("tag\U000e0001", "tag\\U000e0001"),
         ("café 日本", "café 日本"),
+        # Invisible, but not Cf: a name holding them looks like another.
+        ("ss\u034fhd", "ss\\u034fhd"),
+        ("s\u3164shd", "s\\u3164shd"),
+        ("\u115f\u1160\uffa0", "\\u115f\\u1160\\uffa0"),
+        ("vs\ufe0f\U000e0100", "vs\\ufe0f\\U000e0100"),
+        ("mongol\u180b\u180f", "mongol\\u180b\\u180f"),
+        ("\u2065\u17b4", "\\u2065\\u17b4"),
     ],
 )
 def test_escape_text_shows_hidden_characters(raw, shown):
@@ -162,6 +186,7 @@ hostile_text = st.text(
     alphabet=st.one_of(
         st.characters(codec=None),
         st.sampled_from("\n\r\t\x1b\x7f\x85\x9b\u2028\u2029\u202e\u200b\ufeff"),
+        st.sampled_from("\u034f\u3164\u115f\u1160\uffa0\u180b\ufe0f\U000e0100\u2065"),
         st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF),
     ),
     max_size=40,
@@ -267,7 +292,8 @@ def test_color_marks_only_the_status_cell_of_plain_rows():
 def test_every_known_field_has_a_value():
     row = make_row(md5="a" * 32, sha256="b" * 64, event="close", duration=1.5,
                    duration_from_start=False, direction="in", attribution="socket",
-                   rhost="localhost", country="DE", asn=64496, as_org="Example")  # fmt: skip
+                   rhost="localhost", country="DE", asn=64496, as_org="Example",
+                   command_length=27)  # fmt: skip
     obj = json.loads(format_json_row(row, ALL_FIELDS))
     assert list(obj) == list(ALL_FIELDS)
     assert None not in obj.values()
@@ -282,7 +308,7 @@ def test_layouts_of_the_connection_story():
         "rhost", "country", "asn", "as_org",
     )  # fmt: skip
     keys = json_fields(True, closed=True)
-    assert keys[0] == "event" and keys[-1] == "timestamp"
+    assert keys[0] == "event" and keys[-3:] == ("command", "command_length", "timestamp")
     assert keys[keys.index("status") + 1 :][:4] == (
         "duration", "duration_from_start", "direction", "attribution",
     )  # fmt: skip
@@ -304,3 +330,105 @@ def test_duration_shows_a_lower_bound_with_a_mark():
     assert cells == ["close", ">12.346"]
     obj = json.loads(format_json_row(since_start, ("duration", "duration_from_start")))
     assert obj == {"duration": 12.3456, "duration_from_start": True}
+
+
+def test_hidden_table_holds_every_control_format_and_invisible_character():
+    """The embedded table against this Python's unicodedata and Unicode's list of default
+    ignorable code points: all of them escaped, and nothing visible besides."""
+    table = {code for first, last in HIDDEN_RANGES for code in range(first, last + 1)}
+    by_category = {code for code in range(0x110000) if unicodedata.category(chr(code)) in HIDDEN}
+    assert len(IGNORABLE) == 4174  # "Total code points" in DerivedCoreProperties.txt
+    assert by_category <= table
+    assert IGNORABLE <= table
+    # Beyond those, only what this Python's Unicode has not assigned yet (Cf added later).
+    extra = table - by_category - IGNORABLE
+    assert all(unicodedata.category(chr(code)) == "Cn" for code in extra), sorted(extra)
+    assert escape_text("".join(chr(code) for code in sorted(table))).isascii()
+
+
+def json_reference(row: Row, fields) -> str:
+    """format_json_row's line, made the slow way: json.dumps of the whole object, then
+    every hidden character escaped in JSON's syntax, one by one."""
+    obj = {}
+    for field in fields:
+        value = field_value(row, field)
+        obj[field] = json_text(value) if isinstance(value, str) else value
+    line = json.dumps(obj, ensure_ascii=False)
+
+    def escaped(char: str) -> str:
+        code = ord(char)
+        if code <= 0xFFFF:
+            return f"\\u{code:04x}"
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+    return "".join(escaped(c) if hidden_chars(c) else c for c in line)
+
+
+@given(row=rows())
+def test_json_row_is_what_json_dumps_writes_with_hidden_characters_escaped(row):
+    row = row._replace(duration=1.25, duration_from_start=False, asn=64496)
+    assert format_json_row(row, ALL_FIELDS) == json_reference(row, ALL_FIELDS)
+
+
+def test_a_process_text_is_escaped_once_for_all_its_rows():
+    calls = []
+
+    def escape(value: str) -> str:
+        calls.append(value)
+        return value.upper()
+
+    def size(text: str) -> int:
+        return 2 * sys.getsizeof(text)  # the text and its result, as the memo counts
+
+    memo = _Memo(escape, budget=5 * size("x" * 20))
+    command = "x" * 20
+    assert [memo(command) for _ in range(5)] == ["X" * 20] * 5
+    assert calls == [command]
+    big = "y" * 1000  # more than the whole budget with its result: never kept
+    assert memo(big) == memo(big) == "Y" * 1000 and calls.count(big) == 2
+    for n in range(10):  # the oldest give way: five of this size fit at a time
+        memo(str(n % 10) * 20)
+    assert len(calls) == 13
+    assert memo("9" * 20) == "9" * 20 and len(calls) == 13  # among the last five
+    assert memo(command) == "X" * 20 and len(calls) == 14  # given way
+
+
+def test_escaped_text_comes_from_the_memo_unchanged():
+    command = "evil\x01\u202e\u034f" * 1000
+    first = escape_text(command)
+    assert escape_text(command) is first
+    equal = "".join(list(command))  # another string with the same text
+    assert equal is not command
+    assert escape_text(equal) == first == "evil\\x01\\u202e\\u034f" * 1000
+    row = make_row(command=command)
+    assert format_json_row(row, json_fields(False)) == json_reference(row, json_fields(False))
+
+
+def test_empty_text_is_shown_apart_from_unknown():
+    empty, unknown = make_row(pname="", command=""), make_row(pname=None, command=None)
+    fields = ("pid", "pname", "command")
+    assert format_plain_row(empty, fields) == '4242\t""\t""'
+    assert format_plain_row(unknown, fields) == "4242\t-\t-"
+    assert format_pretty_row(empty, fields).split() == ["4242", '""', '""']
+    (cells,) = csv.reader([format_csv_row(empty, fields)])
+    assert cells == ["4242", '""', '""']
+    (cells,) = csv.reader([format_csv_row(unknown, fields)])
+    assert cells == ["4242", "", ""]
+    assert json.loads(format_json_row(empty, fields)) == {"pid": 4242, "pname": "", "command": ""}
+    assert json.loads(format_json_row(unknown, fields))["pname"] is None
+
+
+def test_command_length_is_a_field_of_every_format():
+    row = make_row(command="ab...[+3 chars]", command_length=5)
+    fields = ("command", "command_length")
+    assert format_plain_row(row, fields) == "ab...[+3 chars]\t5"
+    (cells,) = csv.reader([format_csv_row(row, fields)])
+    assert cells == ["ab...[+3 chars]", "5"]
+    assert json.loads(format_json_row(row, fields)) == {
+        "command": "ab...[+3 chars]",
+        "command_length": 5,
+    }
+    unknown = make_row(command=None, command_length=None)
+    assert format_plain_row(unknown, fields) == "-\t-"
+    assert json.loads(format_json_row(unknown, fields))["command_length"] is None

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from histstat.output.format import ALL_FIELDS
+from histstat.output.format import ALL_FIELDS, escape_text
 from histstat.output.pretty import (
     COMMAND_ROOM,
+    ELLIPSIS,
     WIDTHS,
     PrettyView,
     display_width,
@@ -350,3 +351,40 @@ def test_a_terminal_line_never_exceeds_the_terminal(names, width):
         line = view.format_row(make_row(pname=pname, user=user, command=command), width)
         assert display_width(line) <= width, line
         assert "\n" not in line and "\x1b" not in line
+
+
+# A command line may be 64K characters long (--command-limit): a view measures a cell
+# only as far as it can show it.
+HUGE = [
+    pytest.param("\u6f22" * 65536, id="wide"),
+    pytest.param("x" * 65536, id="ascii"),
+    pytest.param("\x01" * 65536, id="escaped"),
+    pytest.param("a\u0301" * 32768, id="combining"),
+]
+
+
+@pytest.mark.parametrize("command", HUGE)
+def test_a_huge_command_on_a_terminal_shows_as_its_start_would(command):
+    fields = pretty_fields(False)
+    huge, start = make_row(command=command), make_row(command=command[:2000])
+    for width in (60, 100, 200):
+        assert format_pretty_row(huge, fields, width) == format_pretty_row(start, fields, width)
+
+
+@pytest.mark.parametrize("command", HUGE)
+def test_a_huge_command_in_a_pipe_keeps_every_character_and_the_alignment(command):
+    view = PrettyView(("pid", "command", "user"))
+    shown = escape_text(command)
+    line = view.format_row(make_row(command=command))
+    assert line == f"4242    {shown} alice"
+    assert view.widths == [7, 40, 8]  # the command column grew to its cap, no further
+    assert view.format_row(make_row(command="ls")).split() == ["4242", "ls", "alice"]
+
+
+def test_combining_marks_beyond_what_a_terminal_can_show_are_cut():
+    row = make_row(command="a" + "\u0301" * 65536)
+    line = format_pretty_row(row, ("pid", "command"), 100)
+    assert line.endswith(ELLIPSIS) and display_width(line) <= 100
+    assert len(line) <= len("4242    ") + 4 * 100 + 1  # measured no further
+    few = make_row(command="a\u0301" * 5)
+    assert format_pretty_row(few, ("pid", "command"), 100) == "4242    " + "a\u0301" * 5

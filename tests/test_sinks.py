@@ -96,15 +96,26 @@ def test_stdout_escapes_what_its_encoding_cannot_carry():
     assert stream.getvalue() == b"caf\\xe9\n"
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
-def test_log_owned_by_another_user_gets_a_warning(tmp_path):
+def test_log_owned_by_another_user_is_refused_as_root(tmp_path):
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.fail("this test needs root: it gives a file to another user")
     path = tmp_path / "planted.log"
     path.write_text("")
     path.chmod(0o600)
     os.chown(path, 65534, 65534)
-    sink, warnings = open_log(path)
-    sink.close()
-    assert len(warnings) == 1 and "another user" in warnings[0]
+    with pytest.raises(SinkError, match="belongs to another user .uid 65534.") as caught:
+        open_log(path)
+    assert "\n" not in str(caught.value)
+    assert path.read_text() == ""
+
+
+def test_check_refuses_what_open_would_and_creates_nothing(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(SinkError, match="FIFO"):
+        LogSink(str(fifo), lambda message: None).check()
+    LogSink(str(tmp_path / "new.log"), lambda message: None).check()
+    assert os.listdir(tmp_path) == ["fifo"]
 
 
 def test_disk_full_mid_row_leaves_only_whole_rows(tmp_path):

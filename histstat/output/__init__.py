@@ -60,7 +60,8 @@ def use_color(config: Config, env: Environment) -> bool:
 
 
 def build_outputs(config: Config, env: Environment) -> tuple[list[Output], StdoutSink | None]:
-    """(the outputs with files first, the stdout sink or None).
+    """(the outputs with files first, the stdout sink or None), each file checked
+    (``Sink.check``) before the caller opens any.
 
     Files always get the whole line without colour; only a terminal's view is fitted
     to its width and coloured.
@@ -78,11 +79,15 @@ def build_outputs(config: Config, env: Environment) -> tuple[list[Output], Stdou
         file_view = functools.partial(chosen.format_row, fields=fields)
         header = chosen.header(fields) if chosen.header else None
     outputs: list[Output] = []
-    if config.log:
-        outputs.append(Output(file_view, LogSink(config.log, env.notice, chosen.newline), header))
+    # The database first: it is refused for its contents only once open, and must then
+    # leave no log header behind.
     if config.sqlite:
         database = SqliteSink(config.sqlite, list(config.arguments), env.notice)
         outputs.append(Output(row_values, database, None))
+    if config.log:
+        outputs.append(Output(file_view, LogSink(config.log, env.notice, chosen.newline), header))
+    for output in outputs:
+        output.sink.check()  # every file checked before any is made
     stdout = None
     if not config.quiet:
         if env.stdout is None:

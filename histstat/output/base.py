@@ -36,6 +36,11 @@ class Sink(Protocol):
     so with a true ``abandoned`` attribute, and is then spared the rows' formatting.
     """
 
+    def check(self) -> None:
+        """Refuse, with one line and creating nothing, what ``open`` would refuse: every
+        output is checked before any is made, so a refusal leaves nothing behind."""
+        ...
+
     def open(self, header: str | None) -> None: ...
 
     def write(self, item: Any) -> None: ...

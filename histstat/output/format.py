@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import unicodedata
+import re
+import sys
 from collections.abc import Sequence
 from typing import Callable
 
@@ -22,12 +23,13 @@ GEO_FIELDS = ("country", "asn", "as_org")
 ALL_FIELDS = (
     "event", "proto", "laddr", "lport", "raddr", "rport", "rhost", *GEO_FIELDS, "status",
     "duration", "duration_from_start", "direction", "attribution", "pid", "pname", "time",
-    "date", "user", "exe", "md5", "sha256", "command", "timestamp",
+    "date", "user", "exe", "md5", "sha256", "command", "command_length", "timestamp",
 )  # fmt: skip
 
 
 UNKNOWN = "-"
 NO_REMOTE = "*"
+EMPTY = '""'  # an empty text (a process may name itself ""), never shown like unknown
 
 # ANSI colours of the status column (--color): the states an analyst looks for first.
 _STATUS_COLORS = {
@@ -40,14 +42,34 @@ _RESET = "\x1b[0m"
 # A spreadsheet runs a cell that starts with one of these as a formula (OWASP).
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
-# Unicode categories never written raw: controls, format characters (bidi overrides,
-# zero-width), surrogates (undecodable bytes) and the line/paragraph separators.
-_HIDDEN_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
+# What is never written raw: controls (Cc), format characters (Cf: bidi overrides,
+# zero-width), surrogates (Cs: undecodable bytes), the line and paragraph separators
+# (Zl, Zp), and the Default_Ignorable_Code_Point characters, which are invisible although
+# most are not Cf (U+034F, the Hangul fillers U+115F, U+1160, U+3164, U+FFA0, the variation
+# selectors): a name holding them looks like another. As (first, last) code points, from
+# Unicode 17.0's DerivedGeneralCategory.txt (Cc, Cf, Cs, Zl, Zp) and
+# DerivedCoreProperties.txt (Default_Ignorable_Code_Point, 4,174 code points, unchanged
+# since Unicode 14.0). Embedded because unicodedata has no Default_Ignorable property, and
+# scanning every code point at start-up costs 0.2 s; a test checks the table against the
+# running Python's unicodedata.
+HIDDEN_RANGES = (
+    (0x0000, 0x001F), (0x007F, 0x009F), (0x00AD, 0x00AD), (0x034F, 0x034F),
+    (0x0600, 0x0605), (0x061C, 0x061C), (0x06DD, 0x06DD), (0x070F, 0x070F),
+    (0x0890, 0x0891), (0x08E2, 0x08E2), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x2028, 0x202E), (0x2060, 0x206F),
+    (0x3164, 0x3164), (0xD800, 0xDFFF), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0), (0xFFF0, 0xFFFB), (0x110BD, 0x110BD), (0x110CD, 0x110CD),
+    (0x13430, 0x1343F), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)  # fmt: skip
+_HIDDEN_RUN = re.compile(
+    "[" + "".join(f"\\U{first:08x}-\\U{last:08x}" for first, last in HIDDEN_RANGES) + "]+"
+)
 _NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 _SURROGATE_ESCAPES = range(0xDC80, 0xDD00)  # how Python carries bytes that are not UTF-8
+_UNDECODABLE_RUN = re.compile("[\\udc80-\\udcff]+")
 
 
-def _remote(fields: list, resolve: bool, geoip: bool) -> list:
+def _remote(fields: list[str], resolve: bool, geoip: bool) -> list[str]:
     """rhost (-r) and the GeoIP fields go right after rport."""
     at = fields.index("rport") + 1
     return (
@@ -60,7 +82,7 @@ def _remote(fields: list, resolve: bool, geoip: bool) -> list:
 
 def text_fields(
     with_hashes: bool, closed: bool = False, resolve: bool = False, geoip: bool = False
-) -> tuple:
+) -> tuple[str, ...]:
     """The text columns in order. The original's by default; hashes go just before the
     command; with --closed, event comes first and duration follows status."""
     fields = _remote(list(TEXT_FIELDS), resolve, geoip)
@@ -74,25 +96,21 @@ def text_fields(
 
 def json_fields(
     with_hashes: bool, closed: bool = False, resolve: bool = False, geoip: bool = False
-) -> tuple:
+) -> tuple[str, ...]:
     """The JSON keys in order: event, the text columns with direction and attribution
     after status (duration and duration_from_start too, with --closed), exe and hashes
-    with --hash, and the timestamp."""
+    with --hash, command_length after the command, and the timestamp."""
     fields = _remote(list(TEXT_FIELDS), resolve, geoip)
     after_status = fields.index("status") + 1
     lifecycle = ["duration", "duration_from_start"] if closed else []
     fields[after_status:after_status] = [*lifecycle, "direction", "attribution"]
     if with_hashes:
         fields[-1:-1] = JSON_HASH_FIELDS
-    return ("event", *fields, "timestamp")
+    return ("event", *fields, "command_length", "timestamp")
 
 
-def _hidden(char: str) -> bool:
-    return unicodedata.category(char) in _HIDDEN_CATEGORIES
-
-
-def _escape_char(char: str) -> str:
-    code = ord(char)
+def _text_escape(code: int) -> str:
+    char = chr(code)
     if char in _NAMED_ESCAPES:
         return _NAMED_ESCAPES[char]
     if code < 0x100:
@@ -104,38 +122,111 @@ def _escape_char(char: str) -> str:
     return f"\\U{code:08x}"
 
 
-def escape_text(value: str) -> str:
-    """Show every control, format and undecodable character as a visible escape."""
-    if value.isascii() and value.isprintable():
-        return value
-    return "".join(_escape_char(c) if _hidden(c) else c for c in value)
-
-
-def json_text(value: str) -> str:
-    """The true text for JSON, except undecodable bytes, which become ``\\xNN`` text."""
-    if value.isascii() or not any(ord(c) in _SURROGATE_ESCAPES for c in value):
-        return value
-    return "".join(
-        f"\\x{ord(c) - 0xDC00:02x}" if ord(c) in _SURROGATE_ESCAPES else c for c in value
-    )
-
-
-def _json_escape_char(char: str) -> str:
-    code = ord(char)
+def _json_escape(code: int) -> str:
     if code <= 0xFFFF:
         return f"\\u{code:04x}"
     code -= 0x10000
     return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
+class _Escapes(dict[int, str]):
+    """A str.translate table that makes each character's escape the first time it is
+    asked for: only hidden characters reach it, so it holds a few thousand at most."""
+
+    def __init__(self, escape: Callable[[int], str]) -> None:
+        super().__init__()
+        self._escape = escape
+
+    def __missing__(self, code: int) -> str:
+        escaped = self[code] = self._escape(code)
+        return escaped
+
+
+_TEXT_ESCAPES = _Escapes(_text_escape)
+_JSON_ESCAPES = _Escapes(_json_escape)
+_BYTE_ESCAPES = _Escapes(lambda code: f"\\x{code - 0xDC00:02x}")
+
+
+def _in_text(run: re.Match[str]) -> str:
+    return run.group().translate(_TEXT_ESCAPES)
+
+
+def _in_json(run: re.Match[str]) -> str:
+    return run.group().translate(_JSON_ESCAPES)
+
+
+def _as_bytes(run: re.Match[str]) -> str:
+    return run.group().translate(_BYTE_ESCAPES)
+
+
+class _Memo:
+    """The last results of a costly function of a string, kept while they fit a budget
+    of bytes: rows of one process repeat the same name and command (the same string
+    object, whose hash Python keeps), so each is escaped once, not once per row."""
+
+    def __init__(self, function: Callable[[str], str], budget: int) -> None:
+        self._function = function
+        self._budget = budget
+        self._used = 0
+        self._results: dict[str, str] = {}
+
+    def __call__(self, value: str) -> str:
+        result = self._results.get(value)
+        if result is None:
+            result = self._function(value)
+            cost = sys.getsizeof(value) + sys.getsizeof(result)
+            if cost <= self._budget:
+                while self._used + cost > self._budget:  # oldest first
+                    old = next(iter(self._results))
+                    self._used -= sys.getsizeof(old) + sys.getsizeof(self._results.pop(old))
+                self._results[value] = result
+                self._used += cost
+        return result
+
+
+# Bytes each memo may hold: a hundred processes' commands at the default --command-limit,
+# each escaped to four times its length.
+_MEMO_BUDGET = 32 << 20
+
+
+def _escape_text(value: str) -> str:
+    return _HIDDEN_RUN.sub(_in_text, value)
+
+
+_escape_text_memo = _Memo(_escape_text, _MEMO_BUDGET)
+
+
+def escape_text(value: str) -> str:
+    """Show every control, format, invisible and undecodable character as a visible
+    escape."""
+    if value.isascii() and value.isprintable():
+        return value
+    return _escape_text_memo(value)
+
+
+def json_text(value: str) -> str:
+    """The true text for JSON, except undecodable bytes, which become ``\\xNN`` text."""
+    if value.isascii():
+        return value
+    return _UNDECODABLE_RUN.sub(_as_bytes, value)
+
+
 def _escape_json_line(line: str) -> str:
-    """Escape, in JSON's own syntax, what json.dumps leaves raw: DEL, C1, Cf, Zl, Zp."""
+    """Escape, in JSON's own syntax, what json.dumps leaves raw: DEL, C1, Cf, Cs, Zl, Zp
+    and the invisible (default ignorable) characters."""
     if line.isascii() and "\x7f" not in line:
         return line
-    return "".join(_json_escape_char(c) if _hidden(c) else c for c in line)
+    return _HIDDEN_RUN.sub(_in_json, line)
 
 
-_VALUE_OF: dict = {
+def _json_string(value: str) -> str:
+    return _escape_json_line(json.dumps(json_text(value), ensure_ascii=False))
+
+
+_json_string_memo = _Memo(_json_string, _MEMO_BUDGET)
+
+
+_VALUE_OF: dict[str, Callable[[Row], str]] = {
     "time": lambda row: row.timestamp.strftime("%H:%M:%S"),
     "date": lambda row: row.timestamp.strftime("%y-%m-%d"),
     "timestamp": lambda row: row.timestamp.isoformat(timespec="microseconds"),
@@ -144,7 +235,7 @@ _VALUE_OF: dict = {
 
 def field_value(row: Row, field: str):
     """The typed value of one field; None when unknown or absent."""
-    read: Callable | None = _VALUE_OF.get(field)
+    read = _VALUE_OF.get(field)
     return read(row) if read is not None else getattr(row, field)
 
 
@@ -154,11 +245,14 @@ def _text_of(value, field: str, row: Row) -> str:
         return (">" if row.duration_from_start else "") + f"{value:.3f}"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return escape_text(value) if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        return escape_text(value) if value else EMPTY
+    return str(value)
 
 
 def text_value(row: Row, field: str) -> str:
-    """One field as safe text: ``*`` for no remote end, ``-`` for unknown."""
+    """One field as safe text: ``*`` for no remote end, ``-`` for unknown, ``""`` for
+    empty."""
     value = field_value(row, field)
     if value is None:
         return NO_REMOTE if field in ("raddr", "rport") else UNKNOWN
@@ -187,7 +281,8 @@ def format_plain_row(row: Row, fields: Sequence[str], color: bool = False) -> st
 
 
 def _csv_cell(row: Row, field: str) -> str:
-    """Escaped text, empty when unknown, and never a spreadsheet formula."""
+    """Escaped text, an empty cell when unknown (``""`` when empty), and never a
+    spreadsheet formula."""
     value = field_value(row, field)
     if value is None:
         return ""
@@ -210,10 +305,37 @@ def format_csv_row(row: Row, fields: Sequence[str]) -> str:
     return _csv_line([_csv_cell(row, field) for field in fields])
 
 
+def _json_value(value: object) -> str:
+    """One value in JSON, as json.dumps writes it (floats through their repr)."""
+    if isinstance(value, str):
+        return _json_string_memo(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    return json.dumps(value)
+
+
+_JSON_KEYS: dict[str, str] = {}
+
+
+def _json_key(field: str) -> str:
+    key = _JSON_KEYS.get(field)
+    if key is None:
+        key = _JSON_KEYS[field] = json.dumps(field) + ": "
+    return key
+
+
 def format_json_row(row: Row, fields: Sequence[str]) -> str:
-    """One NDJSON object: real types, null for unknown, no raw control character."""
-    obj = {}
-    for field in fields:
-        value = field_value(row, field)
-        obj[field] = json_text(value) if isinstance(value, str) else value
-    return _escape_json_line(json.dumps(obj, ensure_ascii=False))
+    """One NDJSON object: real types, null for unknown, no raw control character.
+
+    Built value by value, so that a process's name and command, repeated on each of its
+    rows, are encoded once (``_json_string_memo``); the line is what json.dumps would
+    write, with hidden characters escaped."""
+    return (
+        "{"
+        + ", ".join(_json_key(field) + _json_value(field_value(row, field)) for field in fields)
+        + "}"
+    )

@@ -46,6 +46,7 @@ WIDTHS = {
     "pid": Width(7, 10), "pname": Width(8, 15), "user": Width(8, 12), "exe": Width(20, 40),
     "md5": Width(32, 32), "sha256": Width(64, 64),
     "command": Width(7, 40),  # only where it is not the last column
+    "command_length": Width(14, 14),
 }  # fmt: skip
 
 # Endpoints are shown as ss shows them, address and port in one column.
@@ -121,6 +122,32 @@ def display_width(text: str) -> int:
     return sum(_char_width(char) for char in text)
 
 
+# Characters measured per column at most: a cell is measured only as far as a column can
+# show it, since a command may be 64K characters long and measuring is per character
+# (44 ms a row for 64K wide characters). Beyond four a column, a text is mostly
+# combining marks, which take no column: a hostile one, shown cut on a terminal.
+_MEASURED_PER_COLUMN = 4
+
+
+def _width_up_to(text: str, limit: int) -> int:
+    """``display_width(text)``, or ``limit`` when it is at least that."""
+    if text.isascii():
+        return min(len(text), limit)
+    used = 0
+    for char in text[: _MEASURED_PER_COLUMN * limit]:
+        used += _char_width(char)
+        if used >= limit:
+            return limit
+    return used
+
+
+def _at_most(text: str, columns: int, mark: str) -> str:
+    """``text`` cut, with ``mark``, where it holds more characters than ``columns``
+    can show, so that fitting it measures no more."""
+    longest = _MEASURED_PER_COLUMN * columns
+    return text if len(text) <= longest else text[:longest] + mark
+
+
 def _char_width(char: str) -> int:
     if unicodedata.category(char) in ("Mn", "Me"):
         return 0
@@ -156,7 +183,7 @@ def _suffix_within(text: str, columns: int) -> str:
 
 
 def _padded(text: str, columns: int) -> str:
-    return text + " " * (columns - display_width(text))
+    return text + " " * (columns - _width_up_to(text, columns))
 
 
 def _cut(text: str, columns: int, mark: str, middle: bool = False) -> str:
@@ -243,7 +270,10 @@ class PrettyView:
 
     def format_row(self, row: Row, terminal_width: int | None = None, color: bool = False) -> str:
         """One row; fitted to ``terminal_width`` columns when given, whole otherwise."""
-        texts = [_as_shown(_cell_text(row, column), self._encoding) for column in self.columns]
+        texts = [_cell_text(row, column) for column in self.columns]
+        if terminal_width is not None:  # it shows at most a line: measure no further
+            texts = [_at_most(text, terminal_width, self._mark) for text in texts]
+        texts = [_as_shown(text, self._encoding) for text in texts]
         self._grow(texts, terminal_width)
         cells = self._cells(texts, terminal_width)
         if color:
@@ -260,7 +290,7 @@ class PrettyView:
 
     def _grow(self, texts: list[str], terminal_width: int | None) -> None:
         for at, (text, column) in enumerate(zip(texts, self.columns)):
-            wanted = min(display_width(text), column.width.cap)
+            wanted = _width_up_to(text, column.width.cap)
             if wanted <= self.widths[at]:
                 continue
             if terminal_width is not None and at != self._flexible:

@@ -10,6 +10,7 @@ import time
 from typing import Any, BinaryIO, Callable
 
 from histstat.output.base import ReaderGone, SinkError
+from histstat.output.files import LOG_KINDS, check_path, open_path
 
 try:
     import select
@@ -232,6 +233,9 @@ class StdoutSink:
         except OSError as exc:
             raise SinkError(f"cannot write to stdout: {_describe(exc)}") from exc
 
+    def check(self) -> None:
+        pass  # whether stdout is open at all is build_outputs' question
+
     def reopen(self) -> None:
         pass
 
@@ -258,8 +262,10 @@ class LogSink:
     """Rows appended to a file, written one by one so ``tail -f`` and a crash lose nothing.
 
     A new file is created 0600 (rows hold other users' command lines); the header goes in
-    only when the file is empty; ``reopen`` (on SIGHUP) follows a rotated log. Writes go
-    straight to the descriptor: no buffer can hold a row back, or fail again at close.
+    only when the file is empty; ``reopen`` (on SIGHUP) follows a rotated log, through the
+    same checks as the first open (``files.open_path``: no link, FIFO or socket, nothing
+    another user owns or can swap). Writes go straight to the descriptor: no buffer can
+    hold a row back, or fail again at close.
     """
 
     def __init__(self, path: str, warn: Callable[[str], None], newline: str = "\n") -> None:
@@ -270,15 +276,17 @@ class LogSink:
         self._header: str | None = None
         self._os_write = os.write  # tests replace it to simulate a disk filling up
 
+    def check(self) -> None:
+        check_path(self.path, self._what, LOG_KINDS)
+
+    @property
+    def _what(self) -> str:
+        return f"log {self.path!r}"
+
     def open(self, header: str | None) -> None:
         self._header = header
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
-        try:
-            self._fd = os.open(self.path, flags, 0o600)
-            info = os.fstat(self._fd)
-        except OSError as exc:
-            self.close()
-            raise SinkError(f"cannot open log {self.path!r}: {_describe(exc)}") from exc
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0)
+        self._fd, info = open_path(self.path, self._what, flags, LOG_KINDS)
         warn_if_exposed(info, f"log {self.path!r}", self._warn)
         if header is not None and info.st_size == 0:
             self.write(header)

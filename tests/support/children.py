@@ -54,18 +54,30 @@ sys.stdin.buffer.read()
 """
 
 
-def one_line_script(source: str, comm: str | None = None) -> str:
+def renaming(comm: str | bytes) -> str:
+    """Python source that renames its process (Linux /proc/PID/comm, at most 15 bytes),
+    which is what psutil reports as its name; bytes that are not UTF-8 and an empty name
+    too."""
+    raw = comm if isinstance(comm, bytes) else comm.encode()
+    return (
+        "import os as _os\n"
+        "_fd = _os.open('/proc/self/comm', _os.O_WRONLY)\n"
+        f"_os.write(_fd, {raw!r})\n"
+        "_os.close(_fd)\n"
+    )
+
+
+def one_line_script(source: str, comm: str | bytes | None = None) -> str:
     """``source`` as one printable line for ``python -c``, so that the child's command
     line holds no character that histstat has to escape: its expected text is exactly
-    " ".join(argv). ``comm`` first renames the process (Linux /proc/PID/comm, at most 15
-    bytes), which is what psutil reports as its name."""
+    " ".join(argv). ``comm`` first renames the process (see ``renaming``)."""
     if comm is not None:
-        source = f"open('/proc/self/comm', 'w').write({comm!r})\n" + source
+        source = renaming(comm) + source
     encoded = base64.b64encode(source.encode()).decode()
     return f"import base64;exec(base64.b64decode('{encoded}').decode())"
 
 
-def child_script(comm: str | None = None) -> str:
+def child_script(comm: str | bytes | None = None) -> str:
     """The socket child's -c argument, renamed to ``comm`` when given."""
     return one_line_script(CHILD_SOURCE, comm)
 
@@ -150,7 +162,7 @@ def _socket_keys(version: str, host: str, lport: int, cport: int, uport: int) ->
     }
 
 
-def child_argv(*extra, executable: str | None = None, comm: str | None = None) -> list:
+def child_argv(*extra, executable: str | None = None, comm: str | bytes | None = None) -> list:
     """argv of a socket child: interpreter, -c, the script, a marker and ``extra``."""
     return [executable or sys.executable, "-c", child_script(comm), new_marker(), *extra]
 
@@ -181,3 +193,80 @@ def require_wchan(child: SocketChild, timeout: float = 3.0) -> None:
         if time.monotonic() > deadline:
             pytest.skip("this kernel does not show where a process sleeps (wchan)")
         time.sleep(POLL_STEP)
+
+
+# A child that holds PAIRS loopback connections (both ends, one listener), each end
+# closed with RST so nothing lingers in TIME_WAIT. With CHURN above 0 it replaces its
+# oldest connection every CHURN seconds, so every poll finds new connections of it. It
+# prints "ready LISTENER_PORT", then runs until its stdin reaches EOF.
+HOLDER_SOURCE = """
+import collections, resource, socket, struct, sys, threading, time
+
+pairs, churn = int(sys.argv[1]), float(sys.argv[2])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft < 2 * pairs + 64:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2 * pairs + 64), hard))
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(128)
+held = collections.deque()
+
+def connect():
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    for end in (client, accepted):
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    held.append((client, accepted))
+
+for _ in range(pairs):
+    connect()
+print("ready", listener.getsockname()[1], flush=True)
+ended = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.buffer.read(), ended.set()), daemon=True).start()
+while not ended.wait(churn if churn > 0 else None):
+    for end in held.popleft():
+        end.close()
+    connect()
+"""
+
+
+class HoldingChild:
+    """A child holding ``pairs`` loopback connections, with ``extra`` arguments on its
+    command line (bytes allowed) and the name ``comm``; ``churn`` replaces one connection
+    every that many seconds."""
+
+    def __init__(
+        self, pairs: int, *extra, comm: str | bytes | None = None, churn: float = 0.0,
+        timeout: float = 30.0,
+    ):  # fmt: skip
+        script = one_line_script(HOLDER_SOURCE, comm)
+        self.argv = [sys.executable, "-c", script, str(pairs), str(churn), *extra]
+        self.pairs = pairs
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.pid = self.proc.pid
+        try:
+            words = read_line(self.proc.stdout, timeout).split()
+        except (TimeoutError, EOFError) as exc:
+            self.stop()
+            err = self.proc.stderr.read().decode(errors="replace")
+            pytest.fail(f"holding child did not get ready: {exc}\n{err}")
+        self.port = int(words[1])
+
+    @property
+    def command(self) -> str:
+        """The command line as the kernel holds it, decoded as histstat decodes it."""
+        return " ".join(
+            arg.decode("utf-8", "surrogateescape") if isinstance(arg, bytes) else arg
+            for arg in self.argv
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        end_child(self.proc, timeout)
+
+
+# The attacker of issue 14: a name with a byte that is not UTF-8, and a command line of
+# 9 arguments of 120,000 control characters (about 1 MB).
+ATTACKER_COMM = b"\xffsshd"
+ATTACKER_ARGUMENTS = [b"\x01" * 120_000] * 9
