@@ -19,7 +19,7 @@ from histstat.environment import Environment, reader_gone
 from histstat.geoip import GeoIP, GeoIPError
 from histstat.hashing import ExecutableHasher
 from histstat.output import Output, ReaderGone, Sink, SinkError, build_outputs
-from histstat.output.sinks import StdoutSink
+from histstat.output.sinks import LogSink, StdoutSink
 from histstat.output.writer import OrderedWriter
 from histstat.poller import MAX_HASH_WAIT, Poller
 from histstat.privileges import NOT_PRIVILEGED_NOTICE, is_privileged
@@ -371,7 +371,7 @@ def run(config: Config, env: Environment) -> int:
         if stdout is not None:
             stdout.give_up_at = signals.give_up_at
         writer = OrderedWriter(
-            [(out.view, out.sink) for out in outputs],
+            [(out.view, out.sink) for out in _writing_order(outputs, stdout)],
             config.count,
             notice=env.notice,
             stopping=lambda: signals.stopping,
@@ -428,6 +428,20 @@ def run(config: Config, env: Environment) -> int:
                 pass
         signals.restore()
     return ExitStatus.OK
+
+
+def _writing_order(outputs: list[Output], stdout: StdoutSink | None) -> list[Output]:
+    """The outputs in the order rows go to them (they are opened in another): logs
+    first, which never wait; then the database, which another connection may hold locked
+    (rows wait for it while the log goes on); stdout last, which shows only rows that
+    every file already has."""
+
+    def rank(output: Output) -> int:
+        if isinstance(output.sink, LogSink):
+            return 0
+        return 2 if output.sink is stdout else 1
+
+    return sorted(outputs, key=rank)
 
 
 def _write_the_rest(writer: OrderedWriter, signals: Signals) -> None:
