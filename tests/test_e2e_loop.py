@@ -79,7 +79,16 @@ def test_a_signal_during_a_stalled_write_never_glues_rows(spawn_child, tmp_path,
     try:
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(
-                [histstat_command(), "-j", *INTERVAL, "--pid", str(child.pid)],
+                # --command-limit 0: rows of 200 KB, each several times what a pipe holds
+                [
+                    histstat_command(),
+                    "-j",
+                    *INTERVAL,
+                    "--command-limit",
+                    "0",
+                    "--pid",
+                    str(child.pid),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=write_end,
                 stderr=err,
