@@ -76,19 +76,12 @@ def test_a_signal_during_a_stalled_write_never_glues_rows(spawn_child, tmp_path,
     read_end, write_end = os.pipe()
     probe = os.dup(write_end)  # tells when the pipe is full; closed before reading it
     err_path = tmp_path / "stderr.txt"
+    # --command-limit 0: rows of 200 KB, each several times what a pipe holds.
+    argv = [histstat_command(), "-j", *INTERVAL, "--command-limit", "0", "--pid", str(child.pid)]
     try:
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(
-                # --command-limit 0: rows of 200 KB, each several times what a pipe holds
-                [
-                    histstat_command(),
-                    "-j",
-                    *INTERVAL,
-                    "--command-limit",
-                    "0",
-                    "--pid",
-                    str(child.pid),
-                ],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=write_end,
                 stderr=err,
