@@ -153,7 +153,8 @@ class LoopWatch:
         self._interval = interval
         self._stalls = Notice(say)
         self._slow = Notice(say)
-        self._last: tuple | None = None  # (started, poll took, writing took, first)
+        # (started, poll took, writing took, first) of the iteration not judged yet
+        self._last: tuple[float, float, float, bool] | None = None
         self._first = True
 
     def iteration_done(self, started: float, polled: float, written: float) -> None:

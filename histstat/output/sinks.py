@@ -94,10 +94,10 @@ class StdoutSink:
         self._abandoned = False
         self._fd = _descriptor(stream)
         self._buffer = bytearray()
-        self._row_ends: list = []  # where each row in the buffer ends
+        self._row_ends: list[int] = []  # where each row in the buffer ends
         self._mode = _write_mode(self._fd) if self._fd is not None else _FILE
         self._room: Any = None
-        if self._fd is not None:
+        if self._fd is not None and _poll is not None:
             self._room = _poll()
             self._room.register(self._fd, select.POLLOUT)
         # The monotonic time past which a reader that does not read is given up on; the
@@ -161,7 +161,7 @@ class StdoutSink:
         if buffer:
             self._send(buffer, ends)
 
-    def _send(self, rows: bytes | bytearray, ends: list) -> None:
+    def _send(self, rows: bytes | bytearray, ends: list[int]) -> None:
         """Write ``rows`` (each ending at an offset of ``ends``) out, waiting for room
         as ``give_up_at`` allows."""
         assert self._fd is not None
@@ -194,7 +194,7 @@ class StdoutSink:
         try:
             if self._mode == _FILE:
                 return os.write(self._fd, data)
-            if self._mode == _NOWAIT:
+            if self._mode == _NOWAIT and _RWF_NOWAIT is not None:
                 try:
                     return os.pwritev(self._fd, [data], -1, _RWF_NOWAIT)
                 except BlockingIOError:

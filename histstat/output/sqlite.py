@@ -229,7 +229,7 @@ class SqliteSink:
         self._warn = warn
         self._db: sqlite3.Connection | None = None
         self._run_id: int | None = None
-        self._rows: list = []  # written since the last flush: at most a chunk
+        self._rows: list[tuple[object, ...]] = []  # written since the last flush: a chunk at most
         # SQLite is given this same absolute path that the checks walked.
         self._abspath = os.path.abspath(path)
         self._what = f"database {path!r}"
@@ -390,7 +390,7 @@ class SqliteSink:
             self._db.execute("ROLLBACK")
             raise
 
-    def write(self, values: tuple) -> None:
+    def write(self, values: tuple[object, ...]) -> None:
         self._rows.append(values)
 
     def flush(self) -> None:

@@ -8,7 +8,7 @@ from collections import deque
 from concurrent.futures import wait
 from typing import Any, Callable
 
-from histstat.output.base import SinkBusy, SinkError
+from histstat.output.base import Sink, SinkBusy, SinkError
 from histstat.pending import PendingRow
 from histstat.records import Row
 
@@ -70,7 +70,7 @@ class OrderedWriter:
 
     def __init__(
         self,
-        outputs: list,
+        outputs: list[tuple[Callable[[Row], Any], Sink]],
         limit: int | None = None,
         notice: Callable[[str], None] | None = None,
         stopping: Callable[[], bool] | None = None,
@@ -82,7 +82,7 @@ class OrderedWriter:
         views = [view for view, _ in outputs]
         self._shared_views = {view for view in views if views.count(view) > 1}
         self._queue: deque[PendingRow] = deque()  # found, not yet taken (waiting for hashes)
-        self._taken: list = []  # taken, in order; some sinks may not have them yet
+        self._taken: list[Row] = []  # taken, in order; some sinks may not have them yet
         self._reached = [0] * len(outputs)  # per sink: how many of _taken it has
         self._taken_chars = 0
         self._busy: dict[int, _Busy] = {}  # sink index → why it is busy
@@ -94,7 +94,7 @@ class OrderedWriter:
         """No more rows will be taken: ``limit`` is reached."""
         return self._limit is not None and self.admitted >= self._limit
 
-    def add(self, rows: list) -> None:
+    def add(self, rows: list[PendingRow]) -> None:
         self._queue.extend(rows)
 
     def pending(self) -> int:
@@ -128,7 +128,7 @@ class OrderedWriter:
             )
 
     def _write(self, deadline: float, final: bool, stopping: Callable[[], bool]) -> None:
-        blocked: set = set()
+        blocked: set[int] = set()
         while True:
             self._take(final)
             self._pump(blocked)
@@ -156,19 +156,21 @@ class OrderedWriter:
             self._taken_chars += row_chars(row)
             self.admitted += 1
 
-    def _pump(self, blocked: set) -> None:
+    def _pump(self, blocked: set[int]) -> None:
         """Move taken rows through the sinks chunk by chunk, each sink after the one
         before it, until every sink that can take rows has them."""
         moved = True
         while moved:
             moved = False
-            shared: dict = {}  # view → {row index: item}, for this round's chunks only
+            shared: dict[Any, dict[int, Any]] = {}  # view → {row index: item}, this round only
             for index in range(len(self._outputs)):
                 if index not in blocked and self._write_chunk(index, shared, blocked):
                     moved = True
             self._release()
 
-    def _write_chunk(self, index: int, shared: dict, blocked: set) -> bool:
+    def _write_chunk(
+        self, index: int, shared: dict[Any, dict[int, Any]], blocked: set[int]
+    ) -> bool:
         """Write the next chunk of rows to sink ``index`` and flush it; False when it
         had nothing to take or was busy."""
         view, sink = self._outputs[index]
