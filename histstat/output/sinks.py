@@ -305,7 +305,7 @@ class LogSink:
     def _take_back(self, count: int) -> None:
         """Remove the start of a row that could not be written whole (disk full), so the
         log ends with a complete row: JSON readers choke on half a line."""
-        if count:
+        if count and self._fd is not None:
             try:
                 os.ftruncate(self._fd, os.fstat(self._fd).st_size - count)
             except OSError:

@@ -8,7 +8,7 @@ import json
 import os
 import socket
 import sqlite3
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import quote
 
 from histstat import __version__
@@ -103,7 +103,7 @@ _INSERT = (
 )
 
 
-def _statements(script: str) -> list:
+def _statements(script: str) -> list[str]:
     """The SQL statements of a migration (executescript would commit first)."""
     return [part for part in script.split(";") if part.strip()]
 
@@ -177,10 +177,10 @@ def schema_difference(found: set[SchemaObject], version: int) -> str | None:
     return None
 
 
-def row_values(row: Row) -> tuple:
+def row_values(row: Row) -> tuple[Any, ...]:
     """The row as the connections table stores it: JSON's values (true text, bad bytes
     as \\\\xNN text), plus the epoch for range queries."""
-    values = []
+    values: list[Any] = []
     for column in ROW_COLUMNS:
         if column == "epoch":
             values.append(row.timestamp.timestamp())
@@ -223,7 +223,7 @@ class SqliteSink:
     or hostile database is refused, untouched.
     """
 
-    def __init__(self, path: str, arguments: list, warn: Callable[[str], None]) -> None:
+    def __init__(self, path: str, arguments: list[str], warn: Callable[[str], None]) -> None:
         self.path = path
         self._arguments = arguments
         self._warn = warn
