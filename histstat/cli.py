@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import math
 import os
 import re
 import sys
@@ -16,7 +14,6 @@ from histstat.config import Config
 from histstat.enrich import COMMAND_LIMIT, COMMAND_MARKER
 from histstat.filters import (
     STATUSES,
-    FilterValueError,
     RowFilter,
     parse_names,
     parse_networks,
@@ -24,6 +21,14 @@ from histstat.filters import (
     parse_ports,
     parse_statuses,
     protocols,
+)
+from histstat.option_values import (
+    command_limit,
+    interval_seconds,
+    list_of,
+    parse_fields,
+    positive_count,
+    positive_seconds,
 )
 from histstat.output import FORMATS
 from histstat.output.format import ALL_FIELDS, GEO_FIELDS, HASH_FIELDS
@@ -79,89 +84,6 @@ class _PrintCompletion(argparse.Action):
 def _completes_files(action: argparse.Action) -> None:
     """Shell completion offers file names for this option's value."""
     action.complete = FILE_COMPLETION  # type: ignore[attr-defined]
-
-
-# Numbers are ASCII decimal only: float() and int() also take "١" (Arabic-Indic digits),
-# "1_0", exponents ("1e-300") and surrounding spaces, which no one means on purpose.
-_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
-_WHOLE = re.compile(r"[0-9]+")
-_MAX_DIGITS = 18  # past any sensible count, and within int()'s limit for text
-
-
-def _seconds(text: str) -> float:
-    """``text`` as seconds, if it is written in ASCII digits with an optional fraction."""
-    if not _DECIMAL.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"not a decimal number of seconds (such as 0.5 or 10): {text!r}"
-        )
-    value = float(text)
-    if not math.isfinite(value):  # 310 digits make inf
-        raise argparse.ArgumentTypeError(f"too many seconds: {text!r}")
-    return value
-
-
-def _whole(text: str) -> int | None:
-    """``text`` as a whole number if it is written in ASCII digits only."""
-    if not _WHOLE.fullmatch(text) or len(text.lstrip("0")) > _MAX_DIGITS:
-        return None
-    return int(text)
-
-
-MIN_INTERVAL = 0.01  # seconds: a shorter interval only busy-loops
-
-
-def interval_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value < MIN_INTERVAL:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_INTERVAL:g} seconds, not {text!r}")
-    return value
-
-
-def positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
-    return value
-
-
-def positive_count(text: str) -> int:
-    value = _whole(text)
-    if not value:
-        raise argparse.ArgumentTypeError(f"must be a whole number of rows above 0, not {text!r}")
-    return value
-
-
-def command_limit(text: str) -> int:
-    value = _whole(text)
-    if value is None:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number of characters (0: no limit), not {text!r}"
-        )
-    return value
-
-
-def _list_of(parse):
-    """An argparse type from a filter parser: its message becomes the usage error."""
-
-    @functools.wraps(parse)
-    def parse_or_refuse(text: str):
-        try:
-            return parse(text)
-        except FilterValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse_or_refuse
-
-
-def parse_fields(text: str) -> tuple[str, ...]:
-    fields = tuple(item.strip() for item in text.split(","))
-    for field in fields:
-        if field not in ALL_FIELDS:
-            raise FilterValueError(f"unknown field {field!r} (choose from {', '.join(ALL_FIELDS)})")
-    repeated = sorted({field for field in fields if fields.count(field) > 1})
-    if repeated:
-        raise FilterValueError(f"field listed twice: {', '.join(repeated)}")
-    return fields
 
 
 def get_parser() -> _Parser:
@@ -275,7 +197,7 @@ def get_parser() -> _Parser:
     _valued(parser, shown,
         "-f",
         "--fields",
-        type=_list_of(parse_fields),
+        type=list_of(parse_fields),
         metavar="LIST",
         help="columns (text, CSV) or keys (JSON) to show, in order, from: "
         + ", ".join(ALL_FIELDS)
@@ -325,26 +247,26 @@ def get_parser() -> _Parser:
     narrow.add_argument("--udp", action="store_true", help="UDP only (with --tcp: both)")
     narrow.add_argument("-4", dest="ipv4", action="store_true", help="IPv4 only (with -6: both)")
     narrow.add_argument("-6", dest="ipv6", action="store_true", help="IPv6 only (with -4: both)")
-    ports = _list_of(parse_ports)
+    ports = list_of(parse_ports)
     _valued(parser, narrow,
         "--port", type=ports, metavar="LIST", help="local or remote port: 22,8000-8100"
     )
     _valued(parser, narrow, "--lport", type=ports, metavar="LIST", help="local port")
     _valued(parser, narrow, "--rport", type=ports, metavar="LIST", help="remote port")
-    networks = _list_of(parse_networks)
+    networks = list_of(parse_networks)
     _valued(parser, narrow,
         "--laddr", type=networks, metavar="LIST", help="local address or CIDR network, v4 or v6"
     )
     _valued(parser, narrow,
         "--raddr", type=networks, metavar="LIST", help="remote address or CIDR network"
     )
-    _valued(parser, narrow, "--pid", type=_list_of(parse_pids), metavar="LIST", help="process id")
+    _valued(parser, narrow, "--pid", type=list_of(parse_pids), metavar="LIST", help="process id")
     _valued(parser, narrow,
-        "--name", type=_list_of(parse_names), metavar="LIST",
+        "--name", type=list_of(parse_names), metavar="LIST",
         help="process name, exact or shell-style glob ('python*')",
     )  # fmt: skip
-    _valued(parser, narrow, "--user", type=_list_of(parse_names), metavar="LIST", help="user name")
-    statuses = _list_of(parse_statuses)
+    _valued(parser, narrow, "--user", type=list_of(parse_names), metavar="LIST", help="user name")
+    statuses = list_of(parse_statuses)
     status_help = f"TCP state, any case: {', '.join(STATUSES)} (NONE: stateless UDP)"
     _valued(parser, narrow, "--status", type=statuses, metavar="LIST", help=status_help)
     _valued(parser, narrow,
