@@ -221,8 +221,8 @@ def get_parser() -> _Parser:
     capture.add_argument(
         "--skip-existing",
         action="store_true",
-        help="no rows, open or close, for the connections already there at the first poll: "
-        "only what happens from then on, a new state of one of them included (not with --once)",
+        help="no rows, open or close, for the connections already there at the first poll, "
+        "nor for their later states: only what happens from then on (not with --once)",
     )
 
     narrow = parser.option_group(

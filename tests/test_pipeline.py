@@ -535,18 +535,24 @@ def test_a_skipped_listener_still_makes_later_accepted_connections_in():
     assert direction == {8000: "in", 50000: "out"}
 
 
-def test_a_skipped_connection_still_attributes_its_orphan_with_facts_read_at_start():
-    cache = CountingCache()
+def test_skipped_connections_later_states_stay_out_until_their_endpoint_is_gone():
+    """A CLOSE_WAIT or the TIME_WAIT a skipped connection leaves is the same story:
+    left out while the table holds its endpoint; a connection there after it is new."""
     poller = Poller(
-        StaticSource(frozenset({CLIENT}), frozenset({ORPHAN})),
+        StaticSource(
+            frozenset({CLIENT, SERVER}),
+            frozenset({ORPHAN, SERVER}),  # CLIENT's TIME_WAIT remainder
+            frozenset({SERVER}),
+            frozenset({SERVER, CLIENT}),  # the same endpoint, once the old one left
+        ),
         ConnectionTracker(),
-        cache,
+        CountingCache(),
+        closed=True,
         skip_existing=True,
     )
+    assert ORPHAN[:5] == CLIENT[:5]
     assert rows_of(poller) == []
-    # Read while the process surely lives: it may be gone when its orphan appears.
-    assert cache.looked_up == [20]
-    (orphan,) = rows_of(poller)
-    assert (orphan.status, orphan.pid, orphan.pname) == ("TIME_WAIT", 20, "proc20")
-    assert orphan.attribution == "earlier"
-    assert cache.looked_up == [20]
+    assert rows_of(poller) == []
+    assert rows_of(poller) == []
+    (opened,) = rows_of(poller)
+    assert (opened.event, opened.lport, opened.status) == ("open", CLIENT.lport, "ESTABLISHED")
