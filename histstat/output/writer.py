@@ -322,11 +322,14 @@ class OrderedWriter:
                 continue
             self._reached[index] += lacking
             busy.dropped += lacking
+            if busy.dropped > lacking:
+                continue  # told once a spell; the end of the spell says how many in all
             kept = ": the log and the database have them" if index else ""
             self._notice(
                 f"stdout has not been read for {time.monotonic() - busy.since:.0f} s: the "
                 f"{_rows(lacking)} held for it are more than histstat holds ({MAX_HELD_ROWS:,} "
                 f"rows or {MAX_HELD_CHARS >> 20} MiB of text) and are skipped on stdout{kept}; "
-                "stdout goes on with the rows found from now on"
+                "stdout goes on with the rows found from now on, skipping more while its "
+                "reader does not read"
             )
         self._release()
