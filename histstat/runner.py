@@ -354,7 +354,8 @@ class PollLoop:
                 return
             next_poll = min(started + config.interval, ends)
             if self.stdout is not None:  # a reader that does not read holds no poll back
-                self.stdout.wait_until = _until(next_poll)
+                # (and a little before the poll is due, so the loop stays on time)
+                self.stdout.wait_until = _until(min(started + 0.9 * config.interval, ends))
             self.writer.write_ready(next_poll)
             self.watch.iteration_done(started, polled, time.monotonic())
             self.shortage.check(time.monotonic())

@@ -180,7 +180,7 @@ class StdoutSink:
         ends = self._row_ends
         sent = 0
         row = 0  # the row being written: it ends at ends[row]
-        wait_until = max(self.wait_until(), time.monotonic() + _WAIT_SLICE)
+        wait_until = self.wait_until()
         try:
             while sent < len(data):
                 while ends[row] <= sent:

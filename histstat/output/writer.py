@@ -26,8 +26,8 @@ MAX_HELD_CHARS = 128 << 20
 
 # How often rows waiting for their hashes check whether the run is ending.
 _WAIT_SLICE = 0.1
-# A sink that gets busy and free again (a pager read page by page) is told of at once,
-# then at most this often, the times between summed up in the next notice.
+# stdout's reader stopping and reading again (a pager read page by page) is told at
+# once, then at most this often, the times between summed up in the next notice.
 BUSY_NOTICE_EVERY = 60.0
 
 
@@ -240,13 +240,14 @@ class OrderedWriter:
     def _got_busy(self, index: int, busy: SinkBusy) -> None:
         untold = self._untold.setdefault(index, _Untold(busy.what, busy.state))
         now = time.monotonic()
-        told = now - untold.told_at >= BUSY_NOTICE_EVERY
+        # A pager stops and reads again page after page; a database lock is rarer.
+        told = not busy.stdout or now - untold.told_at >= BUSY_NOTICE_EVERY
         self._busy[index] = _Busy(busy, told)
         if not told:
             return
         untold.told_at = now
         if busy.stdout:
-            others = ": the log and the database get every row" if index else ""
+            others = ": the log or database gets every row" if index else ""
             self._notice(
                 f"stdout is not being read (its reader stopped reading){others}; histstat "
                 f"keeps polling and holds the rows for stdout, at most {MAX_HELD_ROWS:,}, "
