@@ -112,6 +112,21 @@ class Signals:
             self._interruptible = False
 
 
+class StdoutEnd:
+    """When stdout's reader, if it does not read, is given up on: the grace after a stop
+    request (SIGTERM, Ctrl-C), or after the end of --duration."""
+
+    def __init__(self, signals: Signals) -> None:
+        self._signals = signals
+        self._ended_at = math.inf
+
+    def stop(self) -> None:
+        self._ended_at = min(self._ended_at, time.monotonic())
+
+    def give_up_at(self) -> float:
+        return min(self._signals.give_up_at(), self._ended_at + GRACE)
+
+
 class Notice:
     """A notice said at once, then at most once per NOTICE_EVERY, with what happened
     meanwhile summed up: a cause that keeps coming back must not flood stderr."""
@@ -145,8 +160,8 @@ class LoopWatch:
     (SIGSTOP, a suspended job) or starved of CPU. Connections that open and close in
     such a gap are never seen, so the analyst must know of it.
 
-    The first iteration reads every process from cold and leaves no gap behind it; its
-    own length is not held against the loop.
+    The first poll reads every process from cold and leaves no gap behind it; its own
+    length is not held against the loop, but the writing after it is.
     """
 
     def __init__(self, interval: float, say: Callable[[str], None]) -> None:
@@ -169,12 +184,13 @@ class LoopWatch:
         self._last = None  # judged once
         interval = self._interval
         work = polling + writing
-        planned = started + max(interval, work) if first else started + interval
+        # The first poll's cold reads are excused; its writing (a stalled reader) is not.
+        planned = started + max(interval, polling) if first else started + interval
         behind = now - planned
         if behind > 2 * interval:
-            elsewhere = now - started - max(interval, work)  # past the planned wake-up
+            elsewhere = now - max(planned, started + work)  # past the planned wake-up
             self._stalls.add(behind, self._stall_message(behind, polling, writing, elsewhere), now)
-        elif work > interval and not first:
+        elif (writing if first else work) > interval:
             if self._slow.count:  # told later than they happened: how many in all
                 what = (
                     f"polling and writing took longer than the {interval:g} s interval "
@@ -213,6 +229,10 @@ class LoopWatch:
         self.check(now)
         self._stalls.tell(now)
         self._slow.tell(now)
+
+
+def _until(deadline: float) -> Callable[[], float]:
+    return lambda: deadline
 
 
 def _seconds(value: float) -> str:
@@ -286,6 +306,7 @@ class PollLoop:
         stdout: StdoutSink | None,
         signals: Signals,
     ) -> None:
+        self.ended_by_duration = False
         self.config = config
         self.env = env
         self.poller = poller
@@ -300,6 +321,8 @@ class PollLoop:
         try:
             self._run()
         finally:  # what a stall or a shortage just before the end left untold
+            if self.stdout is not None:  # the end waits for stdout as give_up_at says
+                self.stdout.wait_until = lambda: math.inf
             now = time.monotonic()
             self.watch.tell_the_rest(now)
             self.shortage.tell_the_rest(now)
@@ -330,6 +353,9 @@ class PollLoop:
             if config.once:
                 return
             next_poll = min(started + config.interval, ends)
+            if self.stdout is not None:  # a reader that does not read holds no poll back
+                # (and a little before the poll is due, so the loop stays on time)
+                self.stdout.wait_until = _until(min(started + 0.9 * config.interval, ends))
             self.writer.write_ready(next_poll)
             self.watch.iteration_done(started, polled, time.monotonic())
             self.shortage.check(time.monotonic())
@@ -339,6 +365,7 @@ class PollLoop:
             with signals.interruptible():
                 self._sleep_until(next_poll)
             if time.monotonic() >= ends:
+                self.ended_by_duration = True
                 return
 
     def _check_reader(self) -> None:
@@ -369,8 +396,9 @@ def run(config: Config, env: Environment) -> int:
         # Databases first: a bad one must leave no header, log or run behind.
         geoip = GeoIP(list(config.geoip)) if config.geoip else None
         outputs, stdout = build_outputs(config, env)
+        stdout_ends = StdoutEnd(signals)
         if stdout is not None:
-            stdout.give_up_at = signals.give_up_at
+            stdout.give_up_at = stdout_ends.give_up_at
         writer = OrderedWriter(
             [(out.view, out.sink) for out in _writing_order(outputs, stdout)],
             config.count,
@@ -401,6 +429,13 @@ def run(config: Config, env: Environment) -> int:
                 loop.run()
             except (Interrupted, KeyboardInterrupt):
                 signals.stop()
+            if loop.ended_by_duration and stdout is not None:
+                # What waits for hashes goes out as they come, as far as stdout has room;
+                # then a reader that does not read gets the grace of a stop request.
+                stdout.wait_until = lambda: -math.inf
+                writer.write_ready(time.monotonic() + MAX_HASH_WAIT)
+                stdout.wait_until = lambda: math.inf
+                stdout_ends.stop()
             _write_the_rest(writer, signals)
         finally:
             source.close()

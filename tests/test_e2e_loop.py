@@ -358,3 +358,117 @@ def test_histstat_stopped_for_a_while_says_what_it_may_have_missed(spawn_child, 
     assert 1 <= len(stalls) <= 2, result.stderr
     assert max(map(seconds_behind, stalls)) >= gap - 0.5, result.stderr
     assert all("connections that opened and closed meanwhile" in line for line in stalls)
+
+
+# --------------------------------------------------------------------------- a stalled reader
+
+
+class UnreadStdout:
+    """The installed histstat with stdout a pipe nobody reads (until ``read_rest``) and
+    stderr a file."""
+
+    def __init__(self, tmp_path, *args):
+        self.read_end, write_end = os.pipe()
+        self.probe = os.dup(write_end)  # tells when the pipe is full
+        self.err_path = tmp_path / "stderr.txt"
+        argv = [histstat_command(), "-j", "--command-limit", "0", *map(str, args)]
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=write_end, stderr=err, env=UTF8_ENV
+            )
+        os.close(write_end)
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def until(self, predicate, what: str) -> None:
+        def holds():
+            assert self.proc.poll() is None, f"histstat ended: {self.stderr()}"
+            return predicate()
+
+        wait_for(holds, describe=lambda: f"{what}\n{self.stderr()}")
+
+    def full(self) -> bool:
+        return waits_on_full_pipe(self.proc.pid, self.probe)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"histstat still runs {timeout:g} s later\n{self.stderr()}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT)
+        for fd in (self.read_end, self.probe):
+            if fd >= 0:
+                os.close(fd)
+        self.read_end = self.probe = -1
+
+
+def test_a_reader_that_stops_reading_never_stops_the_capture_for_the_log(spawn_child, tmp_path):
+    """200 KB rows to a pipe nobody reads, with -l: connections opened after stdout
+    stalled still reach the log, stderr says stdout is not read; after SIGTERM a reader
+    that reads at last gets whole rows, none twice, and the log ends with whole rows."""
+    log = tmp_path / "h.json"
+    comm = f"hs-stall-{os.getpid() % 10000}"
+    first = spawn_child(*LONG_ARGUMENTS, comm=comm)
+    hs = UnreadStdout(tmp_path, *INTERVAL, "-l", log, "--name", comm)
+    try:
+        hs.until(lambda: logged_rows(log, first) and hs.full(), what="stdout full")
+        hs.until(lambda: "stdout is not being read" in hs.stderr(), what="the stall notice")
+        second = spawn_child(comm=comm)  # after the stall
+        hs.until(lambda: logged_rows(log, second), what="the second child's rows in the log")
+        hs.proc.send_signal(signal.SIGTERM)
+        os.close(hs.probe)
+        hs.probe = -1
+        data = read_until_eof(hs.read_end, END_BOUND)  # read at last, after the signal
+        code = hs.wait(END_BOUND)
+    finally:
+        hs.close()
+    stderr = hs.err_path.read_text(errors="replace")
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    (notice,) = [line for line in stderr.splitlines() if "stdout is not being read" in line]
+    assert "the log or database gets every row" in notice
+    rows, rest = whole_rows_and_rest(data)
+    assert rows and rest == b""  # the row cut by the stall was finished, nothing glued
+    assert len({identity(row) for row in rows}) == len(rows)  # none written twice
+    logged, log_rest = whole_rows_and_rest(log.read_bytes())
+    assert log_rest == b""
+    assert {identity(row) for row in rows} <= {identity(row) for row in logged}
+    assert {connection_key(row) for row in logged if row["pid"] == second.pid} == (
+        second.connections()
+    )
+
+
+def test_duration_ends_even_when_stdout_is_not_read(spawn_child, tmp_path):
+    """--duration 2 into a pipe nobody reads: histstat ends soon after, with 0."""
+    child = spawn_child(*LONG_ARGUMENTS)
+    hs = UnreadStdout(tmp_path, *INTERVAL, "--duration", "2", "--pid", child.pid)
+    try:
+        code = hs.wait(2 + END_BOUND)
+    finally:
+        hs.close()
+    stderr = hs.stderr()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_stall_in_the_first_iteration_is_reported(spawn_child, tmp_path):
+    """histstat stopped while it writes its first poll's rows: the stall is said."""
+    child = spawn_child(*LONG_ARGUMENTS)
+    hs = UnreadStdout(tmp_path, "-i", "1", "--pid", child.pid)
+    try:
+        hs.until(hs.full, what="histstat waiting on a full pipe")
+        hs.proc.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        wait_for(lambda: time.monotonic() - stopped >= 4, timeout=10)  # the stall itself
+        hs.proc.send_signal(signal.SIGCONT)
+        hs.until(lambda: "behind its 1 s interval" in hs.stderr(), what="the stall notice")
+        hs.proc.send_signal(signal.SIGTERM)
+        code = hs.wait(END_BOUND)
+    finally:
+        hs.close()
+    assert code == 0, hs.stderr()

@@ -556,3 +556,73 @@ def test_skipped_connections_later_states_stay_out_until_their_endpoint_is_gone(
     assert rows_of(poller) == []
     (opened,) = rows_of(poller)
     assert (opened.event, opened.lport, opened.status) == ("open", CLIENT.lport, "ESTABLISHED")
+
+
+class StalledStdout(EventSink):
+    """A stdout whose reader does not read: it takes the first ``room`` rows (the last
+    of them kept half written) and says it is busy."""
+
+    def __init__(self, events, room):
+        super().__init__("stdout", events)
+        self.room = room
+
+    def flush(self):
+        if self.room is None:
+            return super().flush()
+        taken = self.unflushed[: self.room]
+        self.room = 0
+        self.unflushed.clear()
+        self.lines += taken
+        raise SinkBusy("stdout", "not being read", taken=len(taken), stdout=True)
+
+
+def test_a_stalled_stdout_keeps_what_it_took_and_the_log_goes_on():
+    events, notices = [], []
+    log, stdout = EventSink("log", events), StalledStdout(events, room=2)
+    view = plain_view(False)
+    writer = OrderedWriter([(view, log), (view, stdout)], notice=notices.append)
+    writer.add([pending(port) for port in (1, 2, 3, 4)])
+    writer.write_ready(time.monotonic())
+    writer.add([pending(5)])
+    writer.write_ready(time.monotonic())
+    assert written_ports(log) == [1, 2, 3, 4, 5]
+    assert written_ports(stdout) == [1, 2]  # taken once, never written again
+    (started,) = notices
+    assert "stdout is not being read" in started and "the log or database gets every row" in started
+    stdout.room = None  # the reader reads again
+    writer.write_ready(time.monotonic())
+    assert written_ports(stdout) == [1, 2, 3, 4, 5]
+    assert "stdout is read again" in notices[1] and "writing the 3 rows" in notices[1]
+
+
+def test_a_stdout_never_read_skips_rows_past_the_bound_and_the_capture_goes_on(monkeypatch):
+    monkeypatch.setattr(writer_module, "MAX_HELD_ROWS", 3)
+    events, notices = [], []
+    log, stdout = EventSink("log", events), StalledStdout(events, room=0)
+    view = plain_view(False)
+    writer = OrderedWriter([(view, log), (view, stdout)], notice=notices.append)
+    for port in range(1, 9):
+        writer.add([pending(port)])
+        writer.write_ready(time.monotonic())  # never raises: stdout alone loses rows
+    assert written_ports(log) == list(range(1, 9))
+    skipped = [line for line in notices if "skipped on stdout" in line]
+    assert skipped and "the log and the database have them" in skipped[0]
+    assert writer.pending() <= 3
+    stdout.room = None
+    writer.add([pending(9)])
+    writer.write_the_rest(time.monotonic(), time.monotonic())
+    assert written_ports(stdout)[-1] == 9  # it goes on with the rows found later
+    assert "skipped on it meanwhile" in notices[-1]
+
+
+def test_stdout_alone_never_read_skips_rows_past_the_bound_too(monkeypatch):
+    monkeypatch.setattr(writer_module, "MAX_HELD_ROWS", 3)
+    notices = []
+    stdout = StalledStdout([], room=0)
+    writer = OrderedWriter([(plain_view(False), stdout)], notice=notices.append)
+    for port in range(1, 9):
+        writer.add([pending(port)])
+        writer.write_ready(time.monotonic())
+    assert writer.pending() <= 3
+    (skipped,) = [line for line in notices if "skipped on stdout" in line]
+    assert "the log" not in skipped

@@ -147,3 +147,12 @@ def test_sigterm_cuts_a_slow_poll_short_and_keeps_what_was_found(monkeypatch):
     assert took < 30  # the minute-long poll was cut short
     assert [json.loads(line)["lport"] for line in stdout.getvalue().splitlines()] == [port]
     assert signal.getsignal(signal.SIGTERM) is previous  # the handlers were put back
+
+
+def test_the_first_iteration_s_writing_to_a_stalled_reader_is_a_stall():
+    said = Said()
+    watch = runner.LoopWatch(0.1, said)
+    watch.iteration_done(started=10.0, polled=15.0, written=18.0)  # cold, then 3 s stuck
+    watch.check(18.0)
+    (line,) = said.lines
+    assert "fell 3.0 s behind" in line and "writing 3.0 s" in line

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from histstat.output import sinks
-from histstat.output.base import ReaderGone, SinkError
+from histstat.output.base import ReaderGone, SinkBusy, SinkError
 from histstat.output.sinks import LogSink, StdoutSink
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # named in fcntl from Python 3.10
@@ -237,3 +237,41 @@ def test_stdout_never_blocks_inside_a_write_to_a_full_pipe(small_pipe):
     sink.write("x" * 50_000)
     sink.flush()
     assert len(checks) == 5 and sink.abandoned  # it kept looking while it waited
+
+
+def test_stdout_a_stalled_reader_gets_whole_rows_later_and_the_rest_is_given_back(small_pipe):
+    """Nobody reads until the wait is over: stdout stops between two rows, keeps the rest
+    of the row it started, gives the writer back the rows it did not start, and finishes
+    the kept row first once the reader reads."""
+    read_end, stream = small_pipe
+    sink = StdoutSink(stream, "utf-8")
+    sink.wait_until = lambda: time.monotonic() + 0.1
+    sink.write("a" * 20_000)
+    sink.write("b" * 20_000)
+    sink.write("c" * 30_000)  # past the buffer's size: written now, and stalls
+    assert sink.stalled
+    sink.write("d")  # not taken
+    with pytest.raises(SinkBusy) as busy:
+        sink.flush()
+    assert busy.value.taken == 1 and busy.value.stdout  # "a" in flight; "b", "c" given back
+    received = bytearray(drain(read_end))
+
+    def reader():
+        while select.select([read_end], [], [], 0.5)[0]:
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        sink.wait_until = lambda: math.inf
+        for line in ("b" * 20_000, "c" * 30_000, "d"):  # the writer writes them again
+            sink.write(line)
+        sink.flush()
+    finally:
+        thread.join(10)
+    rows = [b"a" * 20_000, b"b" * 20_000, b"c" * 30_000, b"d"]
+    assert bytes(received) == b"\n".join(rows) + b"\n"  # whole rows, none glued or twice
+    assert not sink.abandoned and not sink.stalled

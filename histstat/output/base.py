@@ -14,17 +14,21 @@ class ReaderGone(Exception):
 
 
 class SinkBusy(Exception):
-    """A sink cannot take rows for now (a database locked by another connection): what
-    was written to it since its last flush is forgotten, to be written again later.
+    """A sink cannot take rows for now (a database locked by another connection, stdout
+    whose reader does not read): what was written to it since its last flush is
+    forgotten, to be written again later, except its first ``taken`` rows.
 
     ``what`` names the sink for the user ("database 'h.db'"), ``state`` says what holds
-    it ("locked by another connection").
+    it ("locked by another connection"). ``stdout``: the sink is stdout, whose held rows
+    are dropped (for it alone) rather than end the capture when they grow too many.
     """
 
-    def __init__(self, what: str, state: str) -> None:
+    def __init__(self, what: str, state: str, taken: int = 0, stdout: bool = False) -> None:
         super().__init__(f"{what} is {state}")
         self.what = what
         self.state = state
+        self.taken = taken
+        self.stdout = stdout
 
 
 class Sink(Protocol):

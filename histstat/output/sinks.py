@@ -9,7 +9,7 @@ import stat
 import time
 from typing import Any, BinaryIO, Callable
 
-from histstat.output.base import ReaderGone, SinkError
+from histstat.output.base import ReaderGone, SinkBusy, SinkError
 from histstat.output.files import LOG_KINDS, check_path, open_path
 
 try:
@@ -78,13 +78,16 @@ class StdoutSink:
     """Rows to stdout, in the terminal's encoding; undecodable text is escaped.
 
     Rows are written to the descriptor directly, as much at a time as the reader has
-    made room for, so histstat never blocks inside a write (``_write_mode``): a reader that
-    stops reading (a paused pager) holds histstat between two writes, where it waits as
-    long as ``give_up_at`` allows. That is forever, until the run is ending (SIGTERM,
-    Ctrl-C): then rows keep going out until that time; past it no row is started, the
-    row being written is finished only while the reader keeps making room, and a reader
-    that stalls gets stdout abandoned for good. A row cut short is never followed by
-    another one.
+    made room for, so histstat never blocks inside a write (``_write_mode``). A reader
+    that stops reading (a paused pager) is waited for between two writes until
+    ``wait_until`` (the runner: until the next poll is due); then stdout stops between
+    two rows, keeps the rest of a row it had started in its own buffer, to finish first,
+    and says ``SinkBusy`` on ``flush``: the writer holds the rows it did not take, while
+    the poll, the log and the database go on. Once the run is ending (SIGTERM, Ctrl-C,
+    the end of --duration) rows keep going out until ``give_up_at``; past it no row is
+    started, the row being written is finished only while the reader keeps making room,
+    and a reader that stalls gets stdout abandoned for good. A row cut short is never
+    followed by another one.
     """
 
     def __init__(self, stream: BinaryIO, encoding: str, newline: str = "\n") -> None:
@@ -95,19 +98,32 @@ class StdoutSink:
         self._fd = _descriptor(stream)
         self._buffer = bytearray()
         self._row_ends: list[int] = []  # where each row in the buffer ends
+        # The buffer starts with the rest of a row that a stalled reader cut short: it is
+        # no row of the writer's current chunk, and is finished before any other.
+        self._carried = False
+        self._accepted = 0  # rows of the writer's chunk that stdout took (sent or kept)
+        self._stalled = False  # stdout takes no more rows until the next flush says so
         self._mode = _write_mode(self._fd) if self._fd is not None else _FILE
         self._room: Any = None
         if self._fd is not None and _poll is not None:
             self._room = _poll()
             self._room.register(self._fd, select.POLLOUT)
         # The monotonic time past which a reader that does not read is given up on; the
-        # runner points it at the end of the grace a signal leaves.
+        # runner points it at the end of the grace a signal (or --duration's end) leaves.
         self.give_up_at: Callable[[], float] = lambda: math.inf
+        # The monotonic time until which a write waits for a reader that does not read
+        # before stdout says it is busy; the runner points it at the next poll.
+        self.wait_until: Callable[[], float] = lambda: math.inf
 
     @property
     def abandoned(self) -> bool:
         """stdout was given up on (its reader stopped reading while the run ended)."""
         return self._abandoned
+
+    @property
+    def stalled(self) -> bool:
+        """stdout's reader stopped reading: rows written now are not taken."""
+        return self._stalled
 
     def discard(self) -> None:
         """Give up on stdout: point it at the null device, so that the interpreter's
@@ -128,7 +144,7 @@ class StdoutSink:
             self.flush()
 
     def write(self, line: str) -> None:
-        if self._abandoned:
+        if self._abandoned or self._stalled:
             return
         if not self._buffer and time.monotonic() >= self.give_up_at():
             self._abandoned = True  # no row is in flight, and none is started any more
@@ -137,56 +153,82 @@ class StdoutSink:
         if self._fd is None:
             self._write_stream(data)
             return
-        if len(data) >= _STDOUT_BUFFER:  # a long row goes out as it is, never copied
-            self._write_buffer()
-            if not self._abandoned:
-                self._send(data, [len(data)])
-            return
         self._buffer += data
         self._row_ends.append(len(self._buffer))
+        self._accepted += 1
         if len(self._buffer) >= _STDOUT_BUFFER:
-            self._write_buffer()
+            self._send()
 
     def flush(self) -> None:
         if self._abandoned:
             return
         if self._fd is None:
             self._flush_stream()
-        else:
-            self._write_buffer()
+            return
+        if not self._stalled:
+            self._send()
+        accepted, self._accepted = self._accepted, 0
+        if self._stalled and not self._abandoned:
+            self._stalled = False  # the next chunk tries again
+            raise SinkBusy("stdout", "not being read", taken=accepted, stdout=True)
 
-    def _write_buffer(self) -> None:
-        buffer, self._buffer = self._buffer, bytearray()
-        ends, self._row_ends = self._row_ends, []
-        if buffer:
-            self._send(buffer, ends)
-
-    def _send(self, rows: bytes | bytearray, ends: list[int]) -> None:
-        """Write ``rows`` (each ending at an offset of ``ends``) out, waiting for room
-        as ``give_up_at`` allows."""
+    def _send(self) -> None:
+        """Write the buffer out, waiting for room until ``wait_until`` (then the sink is
+        stalled) or, once the run is ending, as ``give_up_at`` allows."""
         assert self._fd is not None
-        data = memoryview(rows)
+        data = memoryview(self._buffer)
+        ends = self._row_ends
         sent = 0
         row = 0  # the row being written: it ends at ends[row]
+        wait_until = self.wait_until()
         try:
             while sent < len(data):
                 while ends[row] <= sent:
                     row += 1
-                late = time.monotonic() >= self.give_up_at()
-                if late and sent == (ends[row - 1] if row else 0):
+                now = time.monotonic()
+                late = now >= self.give_up_at()
+                between = sent == (ends[row - 1] if row else 0)
+                if late and between:
                     self._abandoned = True  # between two rows: nothing is cut
+                    return
+                if not late and now >= wait_until and not self._room.poll(0):
+                    self._stalled = True
                     return
                 # Past the deadline, only the rest of the row in flight.
                 written = self._write_some(data[sent : ends[row] if late else len(data)])
                 if written:
                     sent += written
                     continue
-                if not self._room.poll((_STALLED if late else _WAIT_SLICE) * 1000):
+                slice_ = _STALLED if late else min(_WAIT_SLICE, max(wait_until - now, 0.0))
+                if not self._room.poll(slice_ * 1000):
                     if late:
                         self._abandoned = True  # a row cut short, and nothing after it
                         return
         finally:
             data.release()
+            self._keep_unsent(sent, row)
+
+    def _keep_unsent(self, sent: int, row: int) -> None:
+        """After a send: forget what went out; a stalled sink keeps only the rest of the
+        row it had started (to finish first next time) and gives the writer back the
+        rows it had not started, for the writer to hold and write again."""
+        if self._abandoned:
+            self._buffer.clear()
+            self._row_ends.clear()
+            return
+        if sent >= len(self._buffer):
+            self._buffer.clear()
+            self._row_ends.clear()
+            self._carried = False
+            return
+        started = sent > (self._row_ends[row - 1] if row else 0) or (row == 0 and self._carried)
+        keep = row + 1 if started else row  # rows that went out or are in flight
+        self._accepted -= len(self._row_ends) - keep
+        end = self._row_ends[keep - 1] if keep else 0
+        del self._buffer[end:]
+        del self._buffer[:sent]
+        self._row_ends = [len(self._buffer)] if self._buffer else []
+        self._carried = bool(self._buffer)
 
     def _write_some(self, data: memoryview) -> int:
         """Write what stdout takes now, without waiting: 0 when it has no room."""
@@ -240,7 +282,10 @@ class StdoutSink:
         pass
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+        except SinkBusy:
+            self._abandoned = True  # a run ended by an error: no reader is waited for
         if self._abandoned:
             self.discard()
 

@@ -26,6 +26,9 @@ MAX_HELD_CHARS = 128 << 20
 
 # How often rows waiting for their hashes check whether the run is ending.
 _WAIT_SLICE = 0.1
+# stdout's reader stopping and reading again (a pager read page by page) is told at
+# once, then at most this often, the times between summed up in the next notice.
+BUSY_NOTICE_EVERY = 60.0
 
 
 def _rows(count: int) -> str:
@@ -48,9 +51,30 @@ def item_chars(item: Any) -> int:
 class _Busy:
     """A sink that said it is busy: since when, and why."""
 
-    def __init__(self, error: SinkBusy) -> None:
+    def __init__(self, error: SinkBusy, told: bool) -> None:
         self.error = error
         self.since = time.monotonic()
+        self.told = told  # its start was said; its end is said too
+        self.dropped = 0  # rows it never got: more than histstat holds (stdout only)
+
+
+class _Untold:
+    """A sink's busy spells not told yet (rate limited): how many, how long in all."""
+
+    def __init__(self, what: str, state: str) -> None:
+        self.what = what
+        self.state = state
+        self.told_at = -BUSY_NOTICE_EVERY
+        self.count = 0
+        self.seconds = 0.0
+        self.dropped = 0
+
+    def summary(self) -> str:
+        if not self.count:
+            return ""
+        times = "once" if self.count == 1 else f"{self.count} times"
+        dropped = f", {_rows(self.dropped)} dropped from it" if self.dropped else ""
+        return f" (also {times} since the last notice, {self.seconds:.1f} s in all{dropped})"
 
 
 class OrderedWriter:
@@ -86,6 +110,7 @@ class OrderedWriter:
         self._reached = [0] * len(outputs)  # per sink: how many of _taken it has
         self._taken_chars = 0
         self._busy: dict[int, _Busy] = {}  # sink index → why it is busy
+        self._untold: dict[int, _Untold] = {}  # sink index → busy spells not told yet
         self.admitted = 0  # rows taken for writing (what ``limit`` counts)
         self.written = 0  # rows every sink has
 
@@ -126,6 +151,10 @@ class OrderedWriter:
                 f"{busy.error.what} is still {busy.error.state}: {_rows(missing)} found "
                 f"{'was' if missing == 1 else 'were'} not saved to it{also}{before}"
             )
+        for untold in self._untold.values():
+            if untold.count:
+                self._notice(f"{untold.what} was {untold.state}{untold.summary()}")
+                untold.count = 0
 
     def _write(self, deadline: float, final: bool, stopping: Callable[[], bool]) -> None:
         blocked: set[int] = set()
@@ -184,6 +213,8 @@ class OrderedWriter:
             if getattr(sink, "abandoned", False):  # stdout given up on: spare the formatting
                 position = end
                 break
+            if getattr(sink, "stalled", False):  # stdout takes no more for now
+                break
             item = items.get(position) if items is not None else None
             if item is None:
                 item = view(self._taken[position])
@@ -196,23 +227,56 @@ class OrderedWriter:
             sink.flush()
         except SinkBusy as busy:
             blocked.add(index)
+            self._reached[index] = start + busy.taken
             if index not in self._busy:
-                self._busy[index] = _Busy(busy)
-                later = " (stdout shows them only once it has them)" if self._after(index) else ""
-                self._notice(
-                    f"{busy}: histstat keeps polling and holds the rows for it, at most "
-                    f"{MAX_HELD_ROWS:,}{later}"
-                )
-            return False
+                self._got_busy(index, busy)
+            return busy.taken > 0
         was_busy = self._busy.pop(index, None)
         if was_busy is not None:
-            self._notice(
-                f"{was_busy.error.what} is free again after "
-                f"{time.monotonic() - was_busy.since:.1f} s: writing the {_rows(end - start)} "
-                "that waited for it"
-            )
+            self._got_free(index, was_busy, end - start, getattr(sink, "abandoned", False))
         self._reached[index] = position
         return True
+
+    def _got_busy(self, index: int, busy: SinkBusy) -> None:
+        untold = self._untold.setdefault(index, _Untold(busy.what, busy.state))
+        now = time.monotonic()
+        # A pager stops and reads again page after page; a database lock is rarer.
+        told = not busy.stdout or now - untold.told_at >= BUSY_NOTICE_EVERY
+        self._busy[index] = _Busy(busy, told)
+        if not told:
+            return
+        untold.told_at = now
+        if busy.stdout:
+            others = ": the log or database gets every row" if index else ""
+            self._notice(
+                f"stdout is not being read (its reader stopped reading){others}; histstat "
+                f"keeps polling and holds the rows for stdout, at most {MAX_HELD_ROWS:,}, "
+                f"then skips them on stdout{untold.summary()}"
+            )
+        else:
+            later = " (stdout shows them only once it has them)" if self._after(index) else ""
+            self._notice(
+                f"{busy}: histstat keeps polling and holds the rows for it, at most "
+                f"{MAX_HELD_ROWS:,}{later}{untold.summary()}"
+            )
+        untold.count, untold.seconds, untold.dropped = 0, 0.0, 0
+
+    def _got_free(self, index: int, busy: _Busy, waited: int, abandoned: bool) -> None:
+        took = time.monotonic() - busy.since
+        if abandoned:
+            return  # the run ended while stdout's reader was not reading
+        if not busy.told:
+            untold = self._untold[index]
+            untold.count += 1
+            untold.seconds += took
+            untold.dropped += busy.dropped
+            return
+        again = "read again" if busy.error.stdout else "free again"
+        dropped = f" ({_rows(busy.dropped)} skipped on it meanwhile)" if busy.dropped else ""
+        self._notice(
+            f"{busy.error.what} is {again} after {took:.1f} s: writing the "
+            f"{_rows(waited)} that waited for it{dropped}"
+        )
 
     def _after(self, index: int) -> bool:
         """Whether sinks come after sink ``index`` (stdout, after the database)."""
@@ -232,6 +296,8 @@ class OrderedWriter:
     def _check_held(self) -> None:
         if not self._busy:
             return
+        if len(self._taken) > MAX_HELD_ROWS or self._taken_chars > MAX_HELD_CHARS:
+            self._skip_on_stdout()
         held = len(self._taken)
         if held <= MAX_HELD_ROWS and self._taken_chars <= MAX_HELD_CHARS:
             return
@@ -242,3 +308,29 @@ class OrderedWriter:
             f"{_rows(held)} wait for it, more than histstat holds ({MAX_HELD_ROWS:,} rows "
             f"or {MAX_HELD_CHARS >> 20} MiB of text); stopping"
         )
+
+    def _skip_on_stdout(self) -> None:
+        """Too many rows wait for a stdout whose reader does not read: stdout alone skips
+        them and goes on with the next rows, so that a reader that never reads cannot
+        end the capture of the log and the database."""
+        for index, busy in self._busy.items():
+            if not busy.error.stdout:
+                continue
+            lacking = (self._reached[index - 1] if index else len(self._taken)) - self._reached[
+                index
+            ]
+            if not lacking:
+                continue
+            self._reached[index] += lacking
+            busy.dropped += lacking
+            if busy.dropped > lacking:
+                continue  # told once a spell; the end of the spell says how many in all
+            kept = ": the log and the database have them" if index else ""
+            self._notice(
+                f"stdout has not been read for {time.monotonic() - busy.since:.0f} s: the "
+                f"{_rows(lacking)} held for it are more than histstat holds ({MAX_HELD_ROWS:,} "
+                f"rows or {MAX_HELD_CHARS >> 20} MiB of text) and are skipped on stdout{kept}; "
+                "stdout goes on with the rows found from now on, skipping more while its "
+                "reader does not read"
+            )
+        self._release()
