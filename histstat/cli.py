@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import math
 import os
 import re
 import sys
 from typing import Any, Callable, NoReturn
 
 from histstat import __version__
-from histstat.completions import FILE_COMPLETION, SCRIPTS, completion_script
+from histstat.completions import SCRIPTS, PrintCompletion, completes_files
 from histstat.config import Config
 from histstat.enrich import COMMAND_LIMIT, COMMAND_MARKER
 from histstat.filters import (
     STATUSES,
-    FilterValueError,
     RowFilter,
     parse_names,
     parse_networks,
@@ -24,6 +21,14 @@ from histstat.filters import (
     parse_ports,
     parse_statuses,
     protocols,
+)
+from histstat.option_values import (
+    command_limit,
+    interval_seconds,
+    list_of,
+    parse_fields,
+    positive_count,
+    positive_seconds,
 )
 from histstat.output import FORMATS
 from histstat.output.format import ALL_FIELDS, GEO_FIELDS, HASH_FIELDS
@@ -35,133 +40,37 @@ EXIT_USAGE = 2  # argparse's own convention
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # option → (its names as argparse joins them, its type)
+        # option → (its names as argparse joins them, its type), for every option that
+        # takes a typed value: values that look like negative numbers are checked with it
         self.value_types: dict[str, tuple[str, Callable[[str], Any]]] = {}
+
+    def remember(self, action: argparse.Action) -> argparse.Action:
+        if action.type is not None and callable(action.type):
+            for flag in action.option_strings:
+                self.value_types[flag] = ("/".join(action.option_strings), action.type)
+        return action
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        return self.remember(super().add_argument(*args, **kwargs))
+
+    def option_group(self, *args: Any, **kwargs: Any) -> _Group:
+        """An argument group (argparse's own) whose options are remembered too."""
+        return _Group(self, self.add_argument_group(*args, **kwargs))
 
     def error(self, message: str) -> NoReturn:
         """Usage errors in one line (exit 2), pointing at --help instead of a usage dump."""
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _valued(parser: _Parser, group: Any, *flags: str, **kwargs: Any) -> None:
-    """An option that takes a typed value, remembered so that values that look like
-    negative numbers can be checked with the option's own type."""
-    group.add_argument(*flags, **kwargs)
-    for flag in flags:
-        parser.value_types[flag] = ("/".join(flags), kwargs["type"])
+class _Group:
+    """An argument group whose options the parser remembers, as its own."""
 
+    def __init__(self, parser: _Parser, group: Any) -> None:
+        self._parser = parser
+        self._group = group
 
-class _PrintCompletion(argparse.Action):
-    """--print-completion SHELL: print the completion script and exit, as --version does."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> NoReturn:
-        try:
-            script = completion_script(values)
-        except OSError as exc:
-            parser.exit(1, f"{parser.prog}: cannot read the {values} completion script: {exc}\n")
-        if sys.stdout is not None:  # None: started with stdout closed, nobody to tell
-            try:
-                sys.stdout.write(script)
-                sys.stdout.flush()
-            except BrokenPipeError:
-                # The reader went away, a normal end as for rows; leave Python nothing to
-                # flush into the closed pipe at exit.
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        parser.exit()
-
-
-def _completes_files(action: argparse.Action) -> None:
-    """Shell completion offers file names for this option's value."""
-    action.complete = FILE_COMPLETION  # type: ignore[attr-defined]
-
-
-# Numbers are ASCII decimal only: float() and int() also take "١" (Arabic-Indic digits),
-# "1_0", exponents ("1e-300") and surrounding spaces, which no one means on purpose.
-_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
-_WHOLE = re.compile(r"[0-9]+")
-_MAX_DIGITS = 18  # past any sensible count, and within int()'s limit for text
-
-
-def _seconds(text: str) -> float:
-    """``text`` as seconds, if it is written in ASCII digits with an optional fraction."""
-    if not _DECIMAL.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"not a decimal number of seconds (such as 0.5 or 10): {text!r}"
-        )
-    value = float(text)
-    if not math.isfinite(value):  # 310 digits make inf
-        raise argparse.ArgumentTypeError(f"too many seconds: {text!r}")
-    return value
-
-
-def _whole(text: str) -> int | None:
-    """``text`` as a whole number if it is written in ASCII digits only."""
-    if not _WHOLE.fullmatch(text) or len(text.lstrip("0")) > _MAX_DIGITS:
-        return None
-    return int(text)
-
-
-MIN_INTERVAL = 0.01  # seconds: a shorter interval only busy-loops
-
-
-def interval_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value < MIN_INTERVAL:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_INTERVAL:g} seconds, not {text!r}")
-    return value
-
-
-def positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
-    return value
-
-
-def positive_count(text: str) -> int:
-    value = _whole(text)
-    if not value:
-        raise argparse.ArgumentTypeError(f"must be a whole number of rows above 0, not {text!r}")
-    return value
-
-
-def command_limit(text: str) -> int:
-    value = _whole(text)
-    if value is None:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number of characters (0: no limit), not {text!r}"
-        )
-    return value
-
-
-def _list_of(parse):
-    """An argparse type from a filter parser: its message becomes the usage error."""
-
-    @functools.wraps(parse)
-    def parse_or_refuse(text: str):
-        try:
-            return parse(text)
-        except FilterValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse_or_refuse
-
-
-def parse_fields(text: str) -> tuple[str, ...]:
-    fields = tuple(item.strip() for item in text.split(","))
-    for field in fields:
-        if field not in ALL_FIELDS:
-            raise FilterValueError(f"unknown field {field!r} (choose from {', '.join(ALL_FIELDS)})")
-    repeated = sorted({field for field in fields if fields.count(field) > 1})
-    if repeated:
-        raise FilterValueError(f"field listed twice: {', '.join(repeated)}")
-    return fields
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        return self._parser.remember(self._group.add_argument(*args, **kwargs))
 
 
 def get_parser() -> _Parser:
@@ -176,7 +85,7 @@ def get_parser() -> _Parser:
         "2 usage error.",
         allow_abbrev=False,
     )
-    _valued(parser, parser,
+    parser.add_argument(
         "-i",
         "--interval",
         type=interval_seconds,
@@ -192,7 +101,7 @@ def get_parser() -> _Parser:
         help="also append every row to FILE, in the output format; created 0600, "
         "header only when empty, reopened on SIGHUP",
     )
-    _completes_files(log)
+    completes_files(log)
     style = parser.add_mutually_exclusive_group()
     style.add_argument(
         "-p",
@@ -217,7 +126,7 @@ def get_parser() -> _Parser:
     )
     parser.add_argument(
         "--print-completion",
-        action=_PrintCompletion,
+        action=PrintCompletion,
         choices=tuple(SCRIPTS),
         metavar="SHELL",
         help="print the completion script for SHELL (bash or zsh) and exit: "
@@ -233,9 +142,9 @@ def get_parser() -> _Parser:
         "--sqlite",
         metavar="FILE",
         help="also write every row into the SQLite database FILE (created 0600, WAL mode, "
-        "one transaction per poll; schema in docs/sqlite.md)",
+        "committed before stdout shows its rows; schema in docs/sqlite.md)",
     )
-    _completes_files(sqlite)
+    completes_files(sqlite)
 
     parser.add_argument(
         "--source",
@@ -246,7 +155,7 @@ def get_parser() -> _Parser:
         "auto: linux on Linux, psutil elsewhere (default: $HISTSTAT_SOURCE, else auto)",
     )
 
-    story = parser.add_argument_group("connection story")
+    story = parser.option_group("connection story")
     story.add_argument(
         "--closed",
         action="store_true",
@@ -269,27 +178,27 @@ def get_parser() -> _Parser:
         "repeat for country and ASN files (needs the maxminddb package: "
         "pip install '.[geoip]' in histstat's checkout)",
     )
-    _completes_files(geoip)
+    completes_files(geoip)
 
-    shown = parser.add_argument_group("fields and formats")
-    _valued(parser, shown,
+    shown = parser.option_group("fields and formats")
+    shown.add_argument(
         "-f",
         "--fields",
-        type=_list_of(parse_fields),
+        type=list_of(parse_fields),
         metavar="LIST",
         help="columns (text, CSV) or keys (JSON) to show, in order, from: "
         + ", ".join(ALL_FIELDS)
         + "; md5 or sha256 turn hashing on",
     )
-    _valued(parser, shown,
-        "--command-limit",
+    shown.add_argument(
+"--command-limit",
         type=command_limit,
         default=COMMAND_LIMIT,
         metavar="CHARS",
         help=f"cut command lines longer than CHARS characters (default: {COMMAND_LIMIT}; 0: "
         f"never), in every format and sink; a cut one ends with "
         f"'{COMMAND_MARKER.format(removed='N')}' (N characters left out), and "
-        "command_length (JSON, SQLite, -f) gives its whole length",
+        "command_length (JSON, SQLite, -f) gives its whole length"
     )  # fmt: skip
     shown.add_argument(
         "--color",
@@ -299,24 +208,24 @@ def get_parser() -> _Parser:
         "NO_COLOR is set); logs never get colour",
     )
 
-    capture = parser.add_argument_group("capture limits")
+    capture = parser.option_group("capture limits")
     capture.add_argument(
         "--once", action="store_true", help="print the current table once and exit"
     )
-    _valued(parser, capture,
+    capture.add_argument(
         "-c", "--count", type=positive_count, metavar="N", help="stop after N rows"
     )
-    _valued(parser, capture,
+    capture.add_argument(
         "--duration", type=positive_seconds, metavar="SECONDS", help="stop after SECONDS"
     )
     capture.add_argument(
         "--skip-existing",
         action="store_true",
-        help="no rows, open or close, for the connections already there at the first poll: "
-        "only what happens from then on, a new state of one of them included (not with --once)",
+        help="no rows, open or close, for the connections already there at the first poll, "
+        "nor for their later states: only what happens from then on (not with --once)",
     )
 
-    narrow = parser.add_argument_group(
+    narrow = parser.option_group(
         "filters",
         "LIST is comma-separated; a row must match every option given and, within one "
         "option, any item of its list",
@@ -325,29 +234,29 @@ def get_parser() -> _Parser:
     narrow.add_argument("--udp", action="store_true", help="UDP only (with --tcp: both)")
     narrow.add_argument("-4", dest="ipv4", action="store_true", help="IPv4 only (with -6: both)")
     narrow.add_argument("-6", dest="ipv6", action="store_true", help="IPv6 only (with -4: both)")
-    ports = _list_of(parse_ports)
-    _valued(parser, narrow,
+    ports = list_of(parse_ports)
+    narrow.add_argument(
         "--port", type=ports, metavar="LIST", help="local or remote port: 22,8000-8100"
     )
-    _valued(parser, narrow, "--lport", type=ports, metavar="LIST", help="local port")
-    _valued(parser, narrow, "--rport", type=ports, metavar="LIST", help="remote port")
-    networks = _list_of(parse_networks)
-    _valued(parser, narrow,
+    narrow.add_argument("--lport", type=ports, metavar="LIST", help="local port")
+    narrow.add_argument("--rport", type=ports, metavar="LIST", help="remote port")
+    networks = list_of(parse_networks)
+    narrow.add_argument(
         "--laddr", type=networks, metavar="LIST", help="local address or CIDR network, v4 or v6"
     )
-    _valued(parser, narrow,
+    narrow.add_argument(
         "--raddr", type=networks, metavar="LIST", help="remote address or CIDR network"
     )
-    _valued(parser, narrow, "--pid", type=_list_of(parse_pids), metavar="LIST", help="process id")
-    _valued(parser, narrow,
-        "--name", type=_list_of(parse_names), metavar="LIST",
-        help="process name, exact or shell-style glob ('python*')",
+    narrow.add_argument("--pid", type=list_of(parse_pids), metavar="LIST", help="process id")
+    narrow.add_argument(
+        "--name", type=list_of(parse_names), metavar="LIST",
+        help="process name, exact or shell-style glob ('python*')"
     )  # fmt: skip
-    _valued(parser, narrow, "--user", type=_list_of(parse_names), metavar="LIST", help="user name")
-    statuses = _list_of(parse_statuses)
+    narrow.add_argument("--user", type=list_of(parse_names), metavar="LIST", help="user name")
+    statuses = list_of(parse_statuses)
     status_help = f"TCP state, any case: {', '.join(STATUSES)} (NONE: stateless UDP)"
-    _valued(parser, narrow, "--status", type=statuses, metavar="LIST", help=status_help)
-    _valued(parser, narrow,
+    narrow.add_argument("--status", type=statuses, metavar="LIST", help=status_help)
+    narrow.add_argument(
         "--exclude-status", type=statuses, metavar="LIST", help="leave out these states"
     )
     return parser

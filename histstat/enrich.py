@@ -6,21 +6,25 @@ import functools
 import os
 import sys
 from concurrent.futures import Future
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import psutil
 
-from histstat.hashing import ExecutableHasher
+from histstat.hashing import ExecutableHasher, Hashes
 from histstat.records import UNKNOWN_PROCESS, ProcessFacts
+from histstat.shortage import note_shortage
 
 _PROCESS_GONE_OR_HIDDEN = (psutil.Error, OSError)
+T = TypeVar("T")
 
 
-def _field(read: Callable):
-    """One process fact, or None when the process hides it or is gone."""
+def _field(read: Callable[[], T]) -> T | None:
+    """One process fact, or None when the process hides it or is gone (or when no
+    descriptor was left to read it: counted, for the loop to say so)."""
     try:
         return read()
-    except _PROCESS_GONE_OR_HIDDEN:
+    except _PROCESS_GONE_OR_HIDDEN as exc:
+        note_shortage(exc)
         return None
 
 
@@ -191,7 +195,7 @@ class ProcessCache:
     def __init__(
         self,
         hasher: ExecutableHasher | None = None,
-        process: Callable = psutil.Process,
+        process: Callable[[int], psutil.Process] = psutil.Process,
         command_limit: int = COMMAND_LIMIT,
         read: Callable[..., ProcessFacts] = PROCESS_FACTS,
     ) -> None:
@@ -199,7 +203,8 @@ class ProcessCache:
         self._process = process
         self._command_limit = command_limit
         self._read = read
-        self._entries: dict = {}
+        # pid → [its start time, its facts, its hashes (a future) once asked for]
+        self._entries: dict[int, list[Any]] = {}
 
     def lookup(self, pid: int | None) -> ProcessFacts:
         """The facts of ``pid``'s process; unknown ones if it is gone."""
@@ -207,7 +212,8 @@ class ProcessCache:
             return UNKNOWN_PROCESS
         try:
             proc = self._process(pid)
-        except _PROCESS_GONE_OR_HIDDEN:
+        except _PROCESS_GONE_OR_HIDDEN as exc:
+            note_shortage(exc)
             return UNKNOWN_PROCESS
         created = _field(proc.create_time)
         cached = self._entries.get(pid)
@@ -218,7 +224,7 @@ class ProcessCache:
             self._entries[pid] = [created, facts, None]
         return facts
 
-    def hashes(self, pid: int | None, facts: ProcessFacts) -> Future | None:
+    def hashes(self, pid: int | None, facts: ProcessFacts) -> Future[Hashes] | None:
         """A future of the Hashes of the executable behind ``facts`` (None: no hashing,
         or unknown). Asked only for rows that are kept, so filtered-out processes cost
         no hashing; asked again for the same process, it is the same future."""
@@ -237,10 +243,11 @@ class ProcessCache:
         """The process's start (epoch seconds), None when it is gone or hidden."""
         try:
             return self._process(pid).create_time()
-        except _PROCESS_GONE_OR_HIDDEN:
+        except _PROCESS_GONE_OR_HIDDEN as exc:
+            note_shortage(exc)
             return None
 
-    def retain(self, live_pids: set) -> None:
+    def retain(self, live_pids: set[int]) -> None:
         """Forget processes that own no socket any more."""
         for pid in [pid for pid in self._entries if pid not in live_pids]:
             del self._entries[pid]

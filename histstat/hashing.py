@@ -8,6 +8,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
+from histstat.shortage import note_shortage
+
 _CHUNK = 1 << 20
 # Distinct executables on one machine number in the hundreds; the cap only guards
 # against a machine that keeps producing new binaries for weeks.
@@ -64,7 +66,8 @@ class ExecutableHasher:
         """A future of the file's Hashes, or None when it cannot be opened (unknown)."""
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        except OSError:
+        except OSError as exc:
+            note_shortage(exc)
             return None
         try:
             identity = file_identity(os.fstat(fd))

@@ -7,7 +7,7 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, NamedTuple
 
-from histstat.attribution import EndpointMemory, ListenerMemory
+from histstat.attribution import Endpoint, EndpointMemory, ListenerMemory
 from histstat.enrich import ProcessCache, user_name
 from histstat.filters import RowFilter
 from histstat.hashing import Hashes
@@ -72,9 +72,9 @@ class Poller:
     process that held the same endpoint earlier.
 
     With ``skip_existing`` the connections of the first poll get no rows, open or close,
-    yet teach the memories all the same: a listener that was already there still makes
-    later connections on its port "in", and a connection already there still lends its
-    process to its orphan.
+    nor do their later states (a CLOSE_WAIT, the TIME_WAIT they leave) while their
+    endpoints stay in the table; yet they teach the memories all the same: a listener
+    that was already there still makes later connections on its port "in".
     """
 
     def __init__(
@@ -100,13 +100,19 @@ class Poller:
         self._shown: dict[Connection, PendingRow] = {}  # with --closed: open rows shown
         self._skip_existing = skip_existing
         self._polled = False
+        # --skip-existing: the endpoints of the first poll's connections, while the
+        # table still holds a socket on them; their later states are the same story.
+        self._existing: set[Endpoint] = set()
 
     def poll(self) -> list[PendingRow]:
         # Local time with its UTC offset, taken once: every row of a poll shares it.
         seen = datetime.datetime.now().astimezone()
         now = time.monotonic()
         new, gone = self._tracker.changes(self._source.snapshot(), now)
-        existing = self._skip_existing and not self._polled
+        if self._skip_existing and not self._polled:
+            self._existing = {conn[:5] for conn in new}
+        elif self._existing and any(conn[:5] in self._existing for conn in gone):
+            self._existing &= {conn[:5] for conn in self._tracker.current}
         self._polled = True
         rows = [self._close_row(conn, seen, now) for conn in gone]
         rows = [row for row in rows if row is not None]
@@ -125,7 +131,7 @@ class Poller:
             if conn.status == "LISTEN":
                 self._listeners.opened(conn)
         for conn in new:
-            row = self._open_row(conn, seen, now, shown=not existing)
+            row = self._open_row(conn, seen, now, shown=conn[:5] not in self._existing)
             if row is not None:
                 rows.append(row)
         self._endpoints.forget_expired(now)

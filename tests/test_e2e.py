@@ -23,7 +23,7 @@ import pytest
 
 import histstat
 from histstat.poller import MAX_HASH_WAIT
-from support.children import USER, require_wchan, wchan
+from support.children import USER, require_wchan, waits_on_full_pipe
 from support.contract import COLUMNS, HASH_COLUMNS, PRETTY_COLUMNS
 from support.histstat import (
     CLOSED_STDERR,
@@ -482,14 +482,12 @@ def test_sigterm_ends_histstat_while_stdout_is_blocked(spawn_child, tmp_path):
                 stdout=write_end,
                 stderr=err,
             )
-        os.close(write_end)
-        write_end = -1
-
-        def blocked_writing() -> bool:
-            return "pipe_write" in wchan(proc.pid)
-
+        # write_end stays open here: it tells when the pipe has no room left.
         try:
-            wait_for(blocked_writing, describe=lambda: f"stderr: {err_path.read_text()}")
+            wait_for(
+                lambda: waits_on_full_pipe(proc.pid, write_end),
+                describe=lambda: f"stderr: {err_path.read_text()}",
+            )
             proc.send_signal(signal.SIGTERM)
             try:
                 rc = proc.wait(timeout=5)

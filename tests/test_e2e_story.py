@@ -550,9 +550,9 @@ def test_unusable_geoip_database_leaves_no_header_log_or_database(tmp_path):
 
 def test_skip_existing_shows_only_what_happens_after_the_start(spawn_story, run_histstat):
     """A child's listener and connection from before histstat get no rows, not even close
-    rows, yet they teach it: the TIME_WAIT the old connection leaves is attributed to the
-    child, and a connection accepted later on the old listener is "in". A child started
-    after the first poll is shown whole."""
+    rows, nor their later states (the TIME_WAIT the old connection leaves); yet they teach
+    it: a connection accepted later on the old listener is "in". A child started after
+    the first poll is shown whole."""
     tag = new_tag()
     before = spawn_story(comm=f"hs{tag}a")
     require_wchan(before)
@@ -567,20 +567,17 @@ def test_skip_existing_shows_only_what_happens_after_the_start(spawn_story, run_
     opened = wait_for_keys(js, new, pid=after.pid)
     assert {row["pid"] for row in js.rows()} == {after.pid}, js.describe()
 
-    time_wait = before.client("TIME_WAIT")
-    before.close()  # the client first: its end goes TIME_WAIT, which no process holds
-    waiting = one(wait_for_keys(js, [time_wait])[time_wait])
+    before.close()  # the client first: its end goes TIME_WAIT, for 60 s
     before.connect()  # accepted on the listener that predates histstat
     accepted = wait_for_keys(js, [before.server(), before.client()], pid=before.pid)
     after.close()  # a connection shown gets its close rows, as ever
     wait_for_keys(js, new[1:], event="close", pid=after.pid)
     assert_clean_end(js.stop())
 
-    assert [row for row in js.result.rows if connection_key(row) in old] == []
+    old_endpoints = {key[:5] for key in old}  # TIME_WAIT included: polls saw it since
+    assert [row for row in js.result.rows if connection_key(row)[:5] in old_endpoints] == []
     assert one(opened[after.listener])["direction"] == "listen"
     assert one(opened[after.server()])["direction"] == "in"
     assert one(opened[after.client()])["direction"] == "out"
-    assert (waiting["pid"], waiting["attribution"]) == (before.pid, "earlier")
-    assert (waiting["pname"], waiting["command"]) == (f"hs{tag}a", before.command)
     assert one(accepted[before.server()])["direction"] == "in"
     assert one(accepted[before.client()])["direction"] == "out"

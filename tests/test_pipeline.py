@@ -6,11 +6,15 @@ import threading
 import time
 from concurrent.futures import Future
 
+import pytest
+
 from histstat.enrich import user_name
 from histstat.filters import RowFilter
 from histstat.hashing import Hashes
+from histstat.output import writer as writer_module
+from histstat.output.base import SinkBusy, SinkError
 from histstat.output.format import format_plain_row, text_fields
-from histstat.output.writer import OrderedWriter
+from histstat.output.writer import CHUNK_ROWS, OrderedWriter
 from histstat.pending import Fill, PendingRow
 from histstat.poller import MAX_HASH_WAIT, MAX_NAME_WAIT, Poller, _with_hashes, make_row
 from histstat.records import Connection, ProcessFacts
@@ -384,6 +388,124 @@ def test_a_connection_gone_without_an_orphan_is_forgotten_at_once():
     assert (stray.pid, stray.attribution) == (None, None)
 
 
+# --------------------------------------------------------------------------- chunks, busy
+
+
+class EventSink:
+    """A sink that records what happens to it in a log shared with other sinks."""
+
+    def __init__(self, name, events, busy=False):
+        self.name = name
+        self.events = events
+        self.busy = busy
+        self.unflushed = []
+        self.lines = []  # saved: flushed
+
+    def write(self, line):
+        self.unflushed.append(line)
+        self.events.append((self.name, "write", line))
+
+    def flush(self):
+        if self.busy:
+            self.unflushed.clear()  # SinkBusy: what was written since the last flush is gone
+            raise SinkBusy(f"sink {self.name!r}", "busy")
+        self.lines += self.unflushed
+        self.unflushed.clear()
+        self.events.append((self.name, "flush", None))
+
+
+def test_rows_go_through_the_sinks_in_bounded_chunks_each_saved_before_the_next_sink():
+    events = []
+    log, database, stdout = (EventSink(name, events) for name in ("log", "db", "stdout"))
+    view = plain_view(False)
+    writer = OrderedWriter([(view, log), (view, database), (view, stdout)])
+    count = 2 * CHUNK_ROWS + 10
+    writer.add([pending(port) for port in range(1, count + 1)])
+    writer.write_ready(time.monotonic())
+    assert log.lines == database.lines == stdout.lines and len(stdout.lines) == count
+    saved = {"log": set(), "db": set()}
+    unflushed = {"log": [], "db": [], "stdout": []}
+    for name, what, line in events:
+        if what == "write":
+            if name == "db":
+                assert line in saved["log"]  # the log had it first
+            if name == "stdout":
+                assert line in saved["db"]  # shown only once committed
+            unflushed[name].append(line)
+            assert len(unflushed[name]) <= CHUNK_ROWS  # never more at once
+        else:
+            saved.setdefault(name, set()).update(unflushed[name])
+            unflushed[name] = []
+    assert writer.written == count and writer.pending() == 0
+
+
+def test_a_busy_sink_holds_rows_for_the_sinks_after_it_while_those_before_go_on():
+    events, notices = [], []
+    log, database, stdout = (EventSink(name, events) for name in ("log", "db", "stdout"))
+    view = plain_view(False)
+    writer = OrderedWriter([(view, log), (view, database), (view, stdout)], notice=notices.append)
+    writer.add([pending(1)])
+    writer.write_ready(time.monotonic())
+    database.busy = True
+    for port in (2, 3):
+        writer.add([pending(port)])
+        writer.write_ready(time.monotonic())
+    assert written_ports(log) == [1, 2, 3]
+    assert written_ports(database) == written_ports(stdout) == [1]
+    assert writer.pending() == 2
+    assert len(notices) == 1 and "sink 'db' is busy" in notices[0]
+    database.busy = False
+    writer.add([pending(4)])
+    writer.write_ready(time.monotonic())
+    assert written_ports(log) == written_ports(database) == written_ports(stdout) == [1, 2, 3, 4]
+    assert len(notices) == 2 and "free again" in notices[1] and "writing the 3 rows" in notices[1]
+    assert writer.pending() == 0
+
+
+def test_rows_held_beyond_the_bound_stop_histstat_with_the_reason(monkeypatch):
+    monkeypatch.setattr(writer_module, "MAX_HELD_ROWS", 3)
+    events = []
+    log, database = EventSink("log", events), EventSink("db", events, busy=True)
+    writer = OrderedWriter([(plain_view(False), log), (plain_view(False), database)])
+    writer.add([pending(port) for port in (1, 2, 3)])
+    writer.write_ready(time.monotonic())  # three rows wait: within the bound
+    writer.add([pending(4)])
+    with pytest.raises(SinkError) as caught:
+        writer.write_ready(time.monotonic())
+    message = str(caught.value)
+    assert "sink 'db' has been busy for" in message and "4 rows wait for it" in message
+    assert "more than histstat holds (3 rows" in message
+    assert written_ports(log) == [1, 2, 3, 4]  # the log has every row all the same
+
+
+def test_a_sink_busy_to_the_end_names_the_rows_it_never_got():
+    events = []
+    log, database = EventSink("log", events), EventSink("db", events, busy=True)
+    writer = OrderedWriter([(plain_view(False), log), (plain_view(False), database)])
+    writer.add([pending(1), pending(2)])
+    with pytest.raises(SinkError, match="sink 'db' is still busy: 2 rows found were not saved"):
+        writer.write_the_rest(time.monotonic(), time.monotonic() + 0.05)
+    assert written_ports(log) == [1, 2]
+
+
+def test_an_abandoned_sink_is_spared_the_formatting():
+    formatted = []
+
+    class Abandoned(ListSink):
+        abandoned = True
+
+    def view(row):
+        formatted.append(row.lport)
+        return str(row.lport)
+
+    log, stdout = ListSink(), Abandoned()
+    writer = OrderedWriter([(plain_view(False), log), (view, stdout)])
+    writer.add([pending(1), pending(2)])
+    writer.write_ready(time.monotonic())
+    assert written_ports(log) == [1, 2] and formatted == [] and stdout.lines == []
+    assert writer.written == 2
+
+
 def test_skip_existing_leaves_out_the_first_poll_and_its_close_rows():
     later = CLIENT._replace(lport=50001, pid=30)
     cache = CountingCache()
@@ -413,18 +535,94 @@ def test_a_skipped_listener_still_makes_later_accepted_connections_in():
     assert direction == {8000: "in", 50000: "out"}
 
 
-def test_a_skipped_connection_still_attributes_its_orphan_with_facts_read_at_start():
-    cache = CountingCache()
+def test_skipped_connections_later_states_stay_out_until_their_endpoint_is_gone():
+    """A CLOSE_WAIT or the TIME_WAIT a skipped connection leaves is the same story:
+    left out while the table holds its endpoint; a connection there after it is new."""
     poller = Poller(
-        StaticSource(frozenset({CLIENT}), frozenset({ORPHAN})),
+        StaticSource(
+            frozenset({CLIENT, SERVER}),
+            frozenset({ORPHAN, SERVER}),  # CLIENT's TIME_WAIT remainder
+            frozenset({SERVER}),
+            frozenset({SERVER, CLIENT}),  # the same endpoint, once the old one left
+        ),
         ConnectionTracker(),
-        cache,
+        CountingCache(),
+        closed=True,
         skip_existing=True,
     )
+    assert ORPHAN[:5] == CLIENT[:5]
     assert rows_of(poller) == []
-    # Read while the process surely lives: it may be gone when its orphan appears.
-    assert cache.looked_up == [20]
-    (orphan,) = rows_of(poller)
-    assert (orphan.status, orphan.pid, orphan.pname) == ("TIME_WAIT", 20, "proc20")
-    assert orphan.attribution == "earlier"
-    assert cache.looked_up == [20]
+    assert rows_of(poller) == []
+    assert rows_of(poller) == []
+    (opened,) = rows_of(poller)
+    assert (opened.event, opened.lport, opened.status) == ("open", CLIENT.lport, "ESTABLISHED")
+
+
+class StalledStdout(EventSink):
+    """A stdout whose reader does not read: it takes the first ``room`` rows (the last
+    of them kept half written) and says it is busy."""
+
+    def __init__(self, events, room):
+        super().__init__("stdout", events)
+        self.room = room
+
+    def flush(self):
+        if self.room is None:
+            return super().flush()
+        taken = self.unflushed[: self.room]
+        self.room = 0
+        self.unflushed.clear()
+        self.lines += taken
+        raise SinkBusy("stdout", "not being read", taken=len(taken), stdout=True)
+
+
+def test_a_stalled_stdout_keeps_what_it_took_and_the_log_goes_on():
+    events, notices = [], []
+    log, stdout = EventSink("log", events), StalledStdout(events, room=2)
+    view = plain_view(False)
+    writer = OrderedWriter([(view, log), (view, stdout)], notice=notices.append)
+    writer.add([pending(port) for port in (1, 2, 3, 4)])
+    writer.write_ready(time.monotonic())
+    writer.add([pending(5)])
+    writer.write_ready(time.monotonic())
+    assert written_ports(log) == [1, 2, 3, 4, 5]
+    assert written_ports(stdout) == [1, 2]  # taken once, never written again
+    (started,) = notices
+    assert "stdout is not being read" in started and "the log or database gets every row" in started
+    stdout.room = None  # the reader reads again
+    writer.write_ready(time.monotonic())
+    assert written_ports(stdout) == [1, 2, 3, 4, 5]
+    assert "stdout is read again" in notices[1] and "writing the 3 rows" in notices[1]
+
+
+def test_a_stdout_never_read_skips_rows_past_the_bound_and_the_capture_goes_on(monkeypatch):
+    monkeypatch.setattr(writer_module, "MAX_HELD_ROWS", 3)
+    events, notices = [], []
+    log, stdout = EventSink("log", events), StalledStdout(events, room=0)
+    view = plain_view(False)
+    writer = OrderedWriter([(view, log), (view, stdout)], notice=notices.append)
+    for port in range(1, 9):
+        writer.add([pending(port)])
+        writer.write_ready(time.monotonic())  # never raises: stdout alone loses rows
+    assert written_ports(log) == list(range(1, 9))
+    skipped = [line for line in notices if "skipped on stdout" in line]
+    assert skipped and "the log and the database have them" in skipped[0]
+    assert writer.pending() <= 3
+    stdout.room = None
+    writer.add([pending(9)])
+    writer.write_the_rest(time.monotonic(), time.monotonic())
+    assert written_ports(stdout)[-1] == 9  # it goes on with the rows found later
+    assert "skipped on it meanwhile" in notices[-1]
+
+
+def test_stdout_alone_never_read_skips_rows_past_the_bound_too(monkeypatch):
+    monkeypatch.setattr(writer_module, "MAX_HELD_ROWS", 3)
+    notices = []
+    stdout = StalledStdout([], room=0)
+    writer = OrderedWriter([(plain_view(False), stdout)], notice=notices.append)
+    for port in range(1, 9):
+        writer.add([pending(port)])
+        writer.write_ready(time.monotonic())
+    assert writer.pending() <= 3
+    (skipped,) = [line for line in notices if "skipped on stdout" in line]
+    assert "the log" not in skipped

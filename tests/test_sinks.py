@@ -1,13 +1,21 @@
 """Log and stdout sinks: modes, headers, flushing, reopening and write errors."""
 
+import fcntl
 import io
+import math
 import os
+import select
 import stat
+import threading
+import time
 
 import pytest
 
-from histstat.output.base import ReaderGone, SinkError
+from histstat.output import sinks
+from histstat.output.base import ReaderGone, SinkBusy, SinkError
 from histstat.output.sinks import LogSink, StdoutSink
+
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # named in fcntl from Python 3.10
 
 
 def open_log(path, header="h1\th2"):
@@ -125,3 +133,145 @@ def test_disk_full_mid_row_leaves_only_whole_rows(tmp_path):
         sink.write("row 2 is long")
     sink.close()
     assert path.read_text() == "h1\th2\nrow 1\n"
+
+
+# --------------------------------------------------------------------------- stdout's end
+
+
+@pytest.fixture(params=["nowait", "small-writes"])
+def small_pipe(request, monkeypatch):
+    """A pipe that holds one page, as (read end, write end as a binary stream); written
+    with RWF_NOWAIT, or as on a kernel without it (PIPE_BUF at a time, after poll)."""
+    if request.param == "small-writes":
+        monkeypatch.setattr(sinks, "_RWF_NOWAIT", None)
+    elif sinks._RWF_NOWAIT is None:
+        pytest.skip("this Python has no os.RWF_NOWAIT")
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(read_end, F_SETPIPE_SZ, 4096)
+    stream = os.fdopen(write_end, "wb")
+    yield read_end, stream
+    os.close(read_end)
+    stream.close()
+
+
+def drain(fd: int) -> bytes:
+    data = bytearray()
+    while select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def test_stdout_starts_no_row_once_the_run_gave_up_on_it(small_pipe):
+    read_end, stream = small_pipe
+    sink = StdoutSink(stream, "utf-8")
+    sink.write("first")
+    sink.flush()
+    sink.give_up_at = lambda: time.monotonic() - 1  # the grace after a signal is over
+    sink.write("second")
+    sink.flush()
+    assert drain(read_end) == b"first\n" and sink.abandoned
+
+
+def test_stdout_a_stalled_reader_gets_a_cut_row_and_nothing_after_it(small_pipe):
+    read_end, stream = small_pipe
+    sink = StdoutSink(stream, "utf-8")
+    deadline = time.monotonic() + 0.2
+    sink.give_up_at = lambda: deadline
+    sink.write("a" * 20_000)
+    sink.write("b" * 20_000)
+    sink.flush()  # returns: nobody reads, and the deadline passed
+    data = drain(read_end)
+    assert sink.abandoned
+    assert data and set(data) == {ord("a")}  # part of the first row, none of the second
+    sink.write("c")
+    sink.flush()
+    assert drain(read_end) == b""
+
+
+def test_stdout_a_row_in_flight_is_finished_while_the_reader_reads_and_none_follows(
+    small_pipe,
+):
+    read_end, stream = small_pipe
+    sink = StdoutSink(stream, "utf-8")
+    received = bytearray()
+
+    def reader():
+        while True:
+            ready = select.select([read_end], [], [], 1.0)[0]
+            if not ready:
+                return  # nothing more is coming
+            chunk = os.read(read_end, 1024)  # slowly: a kilobyte at a time
+            if not chunk:
+                return
+            received.extend(chunk)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 0.05
+        sink.give_up_at = lambda: deadline
+        sink.write("a" * 200_000)  # far longer than the pipe: still being written when
+        sink.write("b" * 10)  # the deadline passes
+        sink.flush()
+    finally:
+        thread.join(10)
+    assert bytes(received) == b"a" * 200_000 + b"\n"  # whole, and the next never started
+    assert sink.abandoned
+
+
+def test_stdout_never_blocks_inside_a_write_to_a_full_pipe(small_pipe):
+    """While nobody reads, histstat waits between writes, where a signal is answered."""
+    read_end, stream = small_pipe
+    sink = StdoutSink(stream, "utf-8")
+    checks = []
+
+    def give_up_at():
+        checks.append(time.monotonic())
+        return math.inf if len(checks) < 5 else -math.inf
+
+    sink.give_up_at = give_up_at
+    sink.write("x" * 50_000)
+    sink.flush()
+    assert len(checks) == 5 and sink.abandoned  # it kept looking while it waited
+
+
+def test_stdout_a_stalled_reader_gets_whole_rows_later_and_the_rest_is_given_back(small_pipe):
+    """Nobody reads until the wait is over: stdout stops between two rows, keeps the rest
+    of the row it started, gives the writer back the rows it did not start, and finishes
+    the kept row first once the reader reads."""
+    read_end, stream = small_pipe
+    sink = StdoutSink(stream, "utf-8")
+    sink.wait_until = lambda: time.monotonic() + 0.1
+    sink.write("a" * 20_000)
+    sink.write("b" * 20_000)
+    sink.write("c" * 30_000)  # past the buffer's size: written now, and stalls
+    assert sink.stalled
+    sink.write("d")  # not taken
+    with pytest.raises(SinkBusy) as busy:
+        sink.flush()
+    assert busy.value.taken == 1 and busy.value.stdout  # "a" in flight; "b", "c" given back
+    received = bytearray(drain(read_end))
+
+    def reader():
+        while select.select([read_end], [], [], 0.5)[0]:
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        sink.wait_until = lambda: math.inf
+        for line in ("b" * 20_000, "c" * 30_000, "d"):  # the writer writes them again
+            sink.write(line)
+        sink.flush()
+    finally:
+        thread.join(10)
+    rows = [b"a" * 20_000, b"b" * 20_000, b"c" * 30_000, b"d"]
+    assert bytes(received) == b"\n".join(rows) + b"\n"  # whole rows, none glued or twice
+    assert not sink.abandoned and not sink.stalled

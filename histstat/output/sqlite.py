@@ -8,11 +8,11 @@ import json
 import os
 import socket
 import sqlite3
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import quote
 
 from histstat import __version__
-from histstat.output.base import SinkError
+from histstat.output.base import SinkBusy, SinkError
 from histstat.output.files import (
     CAN_WALK,
     DATABASE_KINDS,
@@ -103,7 +103,7 @@ _INSERT = (
 )
 
 
-def _statements(script: str) -> list:
+def _statements(script: str) -> list[str]:
     """The SQL statements of a migration (executescript would commit first)."""
     return [part for part in script.split(";") if part.strip()]
 
@@ -177,10 +177,10 @@ def schema_difference(found: set[SchemaObject], version: int) -> str | None:
     return None
 
 
-def row_values(row: Row) -> tuple:
+def row_values(row: Row) -> tuple[Any, ...]:
     """The row as the connections table stores it: JSON's values (true text, bad bytes
     as \\\\xNN text), plus the epoch for range queries."""
-    values = []
+    values: list[Any] = []
     for column in ROW_COLUMNS:
         if column == "epoch":
             values.append(row.timestamp.timestamp())
@@ -190,13 +190,30 @@ def row_values(row: Row) -> tuple:
     return tuple(values)
 
 
+# While capturing, a write waits this long (milliseconds) for another connection's lock
+# before the rows are held for a later try: the poll loop must never stall on it.
+BUSY_TIMEOUT_MS = 50
+
+# SQLite's primary result codes for a lock held elsewhere: SQLITE_BUSY, SQLITE_LOCKED.
+_LOCK_CODES = (5, 6)
+
+
+def is_locked(exc: sqlite3.Error) -> bool:
+    """True when SQLite refused because another connection holds a lock."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in _LOCK_CODES
+    return "locked" in str(exc)
+
+
 def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="microseconds")
 
 
 class SqliteSink:
     """Rows into a SQLite database in WAL mode, so it can be queried while histstat
-    writes; each batch is one transaction, committed on ``flush``.
+    writes; the rows written since the last ``flush`` are one transaction, committed by
+    it, or none of them when another connection holds the lock (``SinkBusy``).
 
     The database and the side files SQLite opens by name beside it (-wal, -shm,
     -journal) pass the checks of a log (``files``): no link, nothing another user owns or
@@ -206,13 +223,13 @@ class SqliteSink:
     or hostile database is refused, untouched.
     """
 
-    def __init__(self, path: str, arguments: list, warn: Callable[[str], None]) -> None:
+    def __init__(self, path: str, arguments: list[str], warn: Callable[[str], None]) -> None:
         self.path = path
         self._arguments = arguments
         self._warn = warn
         self._db: sqlite3.Connection | None = None
         self._run_id: int | None = None
-        self._in_batch = False
+        self._rows: list[tuple[object, ...]] = []  # written since the last flush: a chunk at most
         # SQLite is given this same absolute path that the checks walked.
         self._abspath = os.path.abspath(path)
         self._what = f"database {path!r}"
@@ -321,6 +338,7 @@ class SqliteSink:
                 "INSERT INTO runs (started, host, version, arguments) VALUES (?, ?, ?, ?)",
                 (_now(), socket.gethostname(), __version__, json.dumps(self._arguments)),
             ).lastrowid
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.Error as exc:
             raise self._fail("cannot use", exc) from exc
 
@@ -372,39 +390,55 @@ class SqliteSink:
             self._db.execute("ROLLBACK")
             raise
 
-    def write(self, values: tuple) -> None:
-        assert self._db is not None
-        try:
-            if not self._in_batch:
-                self._db.execute("BEGIN")
-                self._in_batch = True
-            self._db.execute(_INSERT, (self._run_id, *values))
-        except sqlite3.Error as exc:
-            raise self._fail("cannot write", exc) from exc
+    def write(self, values: tuple[object, ...]) -> None:
+        self._rows.append(values)
 
     def flush(self) -> None:
-        if self._db is None or not self._in_batch:
+        """Commit the rows written since the last flush in one transaction. The write
+        lock is taken first (BEGIN IMMEDIATE), waiting BUSY_TIMEOUT_MS at most: a lock
+        held elsewhere raises ``SinkBusy`` and the rows are forgotten, for the writer to
+        write again later."""
+        if self._db is None or not self._rows:
             return
+        rows, self._rows = self._rows, []
+        db, run_id = self._db, self._run_id
         try:
-            self._db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(_INSERT, ((run_id, *values) for values in rows))
+                db.execute("COMMIT")
+            except BaseException:
+                self._roll_back()
+                raise
         except sqlite3.Error as exc:
+            if is_locked(exc):
+                raise SinkBusy(self._what, "locked by another connection") from exc
             raise self._fail("cannot write", exc) from exc
-        finally:
-            self._in_batch = False
+
+    def _roll_back(self) -> None:
+        assert self._db is not None
+        if self._db.in_transaction:  # some errors end the transaction themselves
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def reopen(self) -> None:
         pass  # a database is not rotated like a log
 
     def close(self) -> None:
+        """Commit what was written, record the run's end, let go of the database."""
         if self._db is None:
             return
-        db, self._db = self._db, None
         try:
-            if self._in_batch:
-                db.execute("COMMIT")
+            try:
+                self.flush()
+            except SinkBusy as exc:
+                raise self._fail("cannot write", exc.__cause__ or exc) from exc
             if self._run_id is not None:
-                db.execute("UPDATE runs SET ended = ? WHERE id = ?", (_now(), self._run_id))
+                self._db.execute("UPDATE runs SET ended = ? WHERE id = ?", (_now(), self._run_id))
         except sqlite3.Error as exc:
             raise self._fail("cannot write", exc) from exc
         finally:
+            db, self._db = self._db, None
             db.close()

@@ -12,6 +12,7 @@ from typing import Any, Optional, cast
 import psutil
 
 from histstat.records import Connection
+from histstat.shortage import note_shortage
 
 # The kernel's TCP states (include/net/tcp_states.h) by the names psutil gives them, so
 # both sources report the same status for the same socket.
@@ -233,7 +234,10 @@ def _start_time(proc: str, pid: int) -> int | None:
         # The command name (field 2) may hold spaces and parentheses; fields after its
         # closing parenthesis start at field 3.
         return int(data[data.rindex(b")") + 2 :].split(None, 20)[19])
-    except (OSError, ValueError, IndexError):
+    except OSError as exc:
+        note_shortage(exc)  # no descriptor left: the process looks gone
+        return None
+    except (ValueError, IndexError):
         return None
 
 
@@ -352,7 +356,8 @@ class SocketOwners:
     def pids(self) -> list[int]:
         try:
             names = os.listdir(self.proc)
-        except OSError:
+        except OSError as exc:
+            note_shortage(exc)
             return []
         return [int(name) for name in names if name.isdigit()]
 
@@ -365,7 +370,8 @@ class SocketOwners:
         held: set[int] = set()
         try:
             directory = os.open(f"{self.proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
+        except OSError as exc:
+            note_shortage(exc)  # no descriptor left: its sockets look unowned
             return held
         try:
             for name in os.listdir(directory):
@@ -375,8 +381,8 @@ class SocketOwners:
                     continue
                 if target.startswith("socket:["):
                     held.add(int(target[8:-1]))
-        except OSError:  # the process ended while its descriptors were listed
-            pass
+        except OSError as exc:  # the process ended while its descriptors were listed
+            note_shortage(exc)  # (or listing them needed a descriptor none was left for)
         finally:
             os.close(directory)
         return held

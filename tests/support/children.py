@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import pwd
+import select
 import subprocess
 import sys
 import time
@@ -170,6 +171,18 @@ def wchan(pid: int) -> str:
     """Where the kernel says a process sleeps (Linux /proc/PID/wchan); "0" while it runs."""
     with open(f"/proc/{pid}/wchan") as handle:
         return handle.read().strip()
+
+
+def waits_on_full_pipe(pid: int, write_end: int) -> bool:
+    """True while ``pid`` waits to write into a pipe that has no room left: ``write_end``
+    is a descriptor of the pipe's writing end (a duplicate the caller keeps), and ``pid``
+    sleeps in poll() for room, or in a blocking pipe write."""
+    room = select.poll()
+    room.register(write_end, select.POLLOUT)
+    if room.poll(0):
+        return False
+    where = wchan(pid)
+    return "poll" in where or "pipe_write" in where
 
 
 def require_wchan(child: SocketChild, timeout: float = 3.0) -> None:
