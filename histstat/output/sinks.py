@@ -256,18 +256,16 @@ class StdoutSink:
             raise SinkError(f"cannot write to stdout: {_describe(exc)}") from exc
 
     def _write_stream(self, data: bytes) -> None:
-        try:
-            self._stream.write(data)
-        except BlockingIOError:
-            self._abandoned = True
-        except BrokenPipeError as exc:
-            raise ReaderGone() from exc
-        except OSError as exc:
-            raise SinkError(f"cannot write to stdout: {_describe(exc)}") from exc
+        self._on_stream(lambda: self._stream.write(data))
 
     def _flush_stream(self) -> None:
+        self._on_stream(self._stream.flush)
+
+    def _on_stream(self, operation: Callable[[], object]) -> None:
+        """One write or flush of the stream: a would-block gives stdout up, a closed pipe
+        is the reader gone, anything else a one-line error."""
         try:
-            self._stream.flush()
+            operation()
         except BlockingIOError:
             self._abandoned = True
         except BrokenPipeError as exc:
