@@ -14,7 +14,6 @@ import signal
 import stat
 import subprocess
 import sys
-import sysconfig
 import time
 import uuid
 
@@ -23,7 +22,7 @@ import pytest
 
 import histstat
 from histstat.poller import MAX_HASH_WAIT
-from support.children import USER, require_wchan, waits_on_full_pipe
+from support.children import USER, copied_interpreter_env, require_wchan, waits_on_full_pipe
 from support.contract import COLUMNS, HASH_COLUMNS, PRETTY_COLUMNS
 from support.histstat import (
     CLOSED_STDERR,
@@ -735,17 +734,6 @@ def test_hash_text_columns(spawn_child, run_histstat):
     assert_exactly_child_connections(rows, child)
     for row in rows:
         assert (row["md5"], row["sha256"], row["command"]) == (md5, sha256, child.command)
-
-
-def copied_interpreter_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONHOME"] = sys.base_prefix
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")])
-        )
-    return env
 
 
 def test_hash_of_deleted_executable(spawn_child, run_histstat, tmp_path):

@@ -16,12 +16,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import sysconfig
 import time
 
 import pytest
 
-from support.children import waits_on_full_pipe
+from support.children import copied_interpreter_env, waits_on_full_pipe
 from support.histstat import connection_key, histstat_command, locale_env
 from support.waiting import STOP_TIMEOUT, wait_for
 
@@ -289,17 +288,6 @@ def test_socket_owners_unreadable_for_lack_of_descriptors_are_reported(spawn_chi
     (first, *_) = shortage_notices(result.stderr)
     assert re.match(r"histstat: \d+ reads? of process facts", first), first
     assert "ulimit -n is 5" in first
-
-
-def copied_interpreter_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONHOME"] = sys.base_prefix
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")])
-        )
-    return env
 
 
 @pytest.mark.parametrize("source", ["linux", "psutil"])

@@ -1,7 +1,6 @@
 """Formatters: one row in, exactly one safe line out, in each format."""
 
 import csv
-import datetime
 import json
 import sys
 import unicodedata
@@ -27,29 +26,11 @@ from histstat.output.format import (
 )
 from histstat.output.pretty import format_pretty_row, pretty_fields
 from histstat.records import Row
-
-SEEN = datetime.datetime(2026, 11, 26, 3, 4, 5, 678, tzinfo=datetime.timezone.utc)
+from support.rows import sample_row
 
 
 def make_row(**changes) -> Row:
-    row = Row(
-        proto="tcp",
-        laddr="127.0.0.1",
-        lport=8000,
-        raddr="127.0.0.1",
-        rport=50000,
-        status="ESTABLISHED",
-        pid=4242,
-        pname="python3",
-        user="alice",
-        command="python3 -m http.server 8000",
-        exe="/usr/bin/python3.11",
-        md5=None,
-        sha256=None,
-        timestamp=SEEN,
-        command_length=27,
-    )
-    return row._replace(**changes)
+    return sample_row(**changes)
 
 
 FORMATTERS = [

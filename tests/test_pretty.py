@@ -1,6 +1,5 @@
 """The pretty view: joined endpoints, widths that grow, a terminal's line that fits."""
 
-import datetime
 import re
 
 import pytest
@@ -21,30 +20,14 @@ from histstat.output.pretty import (
     pretty_header,
 )
 from histstat.records import Row
+from support.rows import sample_row
 
-SEEN = datetime.datetime(2026, 11, 26, 3, 4, 5, 678, tzinfo=datetime.timezone.utc)
 COMMAND = "python3 -m http.server 8000 --bind 127.0.0.1 --directory /srv/www/public/reports"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def make_row(**changes) -> Row:
-    row = Row(
-        proto="tcp",
-        laddr="127.0.0.1",
-        lport=8000,
-        raddr="127.0.0.1",
-        rport=50000,
-        status="ESTABLISHED",
-        pid=4242,
-        pname="python3",
-        user="alice",
-        command=COMMAND,
-        exe="/usr/bin/python3.11",
-        md5=None,
-        sha256=None,
-        timestamp=SEEN,
-    )
-    return row._replace(**changes)
+    return sample_row(**{"command": COMMAND, **changes})
 
 
 def start_of(line: str, value: str) -> int:

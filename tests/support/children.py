@@ -8,6 +8,7 @@ import pwd
 import select
 import subprocess
 import sys
+import sysconfig
 import time
 import uuid
 
@@ -270,3 +271,16 @@ class HoldingChild:
 # 9 arguments of 120,000 control characters (about 1 MB).
 ATTACKER_COMM = b"\xffsshd"
 ATTACKER_ARGUMENTS = [b"\x01" * 120_000] * 9
+
+
+def copied_interpreter_env() -> dict:
+    """The environment in which a copy of this interpreter, placed elsewhere, still finds
+    its standard library and shared library."""
+    env = dict(os.environ)
+    env["PYTHONHOME"] = sys.base_prefix
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")])
+        )
+    return env
