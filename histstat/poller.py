@@ -41,7 +41,7 @@ def _with_name(row: Row, name: str | None) -> Row:
 
 def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime, **more) -> Row:
     return Row(
-        *conn,
+        *conn[:7],  # proto to pid: what a row shows of the socket
         pname=facts.name,
         user=facts.user,
         command=facts.command,

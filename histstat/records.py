@@ -6,8 +6,18 @@ import datetime
 from typing import NamedTuple
 
 
+class TcpCounters(NamedTuple):
+    """A TCP socket's byte counters as the kernel's tcp_info gives them (INET_DIAG_INFO),
+    raw: turning them into payload bytes is the story's job (it knows the FINs)."""
+
+    bytes_acked: int  # tcpi_bytes_acked: counts the SYN and our FIN once acked
+    bytes_received: int  # tcpi_bytes_received: counts the peer's FIN
+    bytes_sent: int | None = None  # tcpi_bytes_sent (Linux 4.19+): payload, retransmissions too
+    bytes_retrans: int | None = None  # tcpi_bytes_retrans (Linux 4.19+)
+
+
 class Connection(NamedTuple):
-    """One socket as a source saw it; its identity is the whole tuple."""
+    """One socket as a source saw it at one poll."""
 
     proto: str  # tcp, tcp6, udp or udp6
     laddr: str
@@ -16,6 +26,11 @@ class Connection(NamedTuple):
     rport: int | None
     status: str | None  # None: stateless (UDP)
     pid: int | None  # None: no owning process known
+    # What a source may know beside (the Linux source): none of it is the socket's
+    # identity by itself, and the psutil source leaves it at the defaults.
+    cookie: int | None = None  # sock_diag's socket cookie
+    owners: tuple[int, ...] = ()  # every pid holding it, the likeliest opener first
+    counters: TcpCounters | None = None  # only when the snapshot was asked for them
 
 
 class ProcessFacts(NamedTuple):
@@ -29,6 +44,16 @@ class ProcessFacts(NamedTuple):
 
 
 UNKNOWN_PROCESS = ProcessFacts()
+
+
+class ProcessRef(NamedTuple):
+    """One process holding a socket, as a row lists it."""
+
+    pid: int
+    name: str | None
+
+
+MAX_OWNERS = 16  # holders a row lists; owners_count says how many there were
 
 
 class Row(NamedTuple):
@@ -58,6 +83,14 @@ class Row(NamedTuple):
     asn: int | None = None
     as_org: str | None = None
     command_length: int | None = None  # characters of the whole command line
+    bytes_sent: int | None = None  # TCP close and update rows: payload bytes
+    bytes_received: int | None = None
+    owners: tuple[ProcessRef, ...] | None = None  # every holder, at most MAX_OWNERS
+    owners_count: int | None = None  # how many processes held it
+    ppid: int | None = None  # the parent process
+    parent: str | None = None  # the parent's name
+    args: tuple[str, ...] | None = None  # argv, so quoting survives
+    started: datetime.datetime | None = None  # the process's start time
 
 
 def sort_key(conn: Connection) -> tuple[str, str, int, str, int, str, int]:

@@ -13,6 +13,7 @@ import psutil
 
 from histstat.records import Connection
 from histstat.shortage import note_shortage
+from histstat.sources.base import NO_ENDS, Ends
 
 # The kernel's TCP states (include/net/tcp_states.h) by the names psutil gives them, so
 # both sources report the same status for the same socket.
@@ -452,7 +453,7 @@ class LinuxSource:
             cache = self._addresses[key] = {}
         return cache
 
-    def snapshot(self) -> frozenset[Connection]:
+    def snapshot(self, counters: bool = False) -> frozenset[Connection]:
         rows = self.table()
         owner = self.owners.owners([row[6] for row in rows]).get
         # tuple.__new__ builds the same Connection without the Python-level __new__ that
@@ -461,10 +462,18 @@ class LinuxSource:
         uids: dict[Connection, int] = {}
         for proto, laddr, lport, raddr, rport, status, inode, uid in rows:
             pid = owner(inode) if inode else None
-            conn = make(Connection, (proto, laddr, lport, raddr, rport, status, pid))
+            conn = make(
+                Connection, (proto, laddr, lport, raddr, rport, status, pid, None, (), None)
+            )
             uids.setdefault(conn, uid)
         self._uids = uids
         return frozenset(uids)
+
+    def watches_ends(self) -> bool:
+        return False
+
+    def ends(self) -> Ends:
+        return NO_ENDS
 
     def uid_of(self, conn: Connection) -> int | None:
         """The owner uid the kernel reported for the socket in the latest snapshot."""

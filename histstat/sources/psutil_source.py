@@ -11,7 +11,7 @@ from typing import Any, Optional
 import psutil
 
 from histstat.records import Connection
-from histstat.sources.base import SourceAccessDenied
+from histstat.sources.base import NO_ENDS, Ends, SourceAccessDenied
 
 # (proto, laddr, lport, raddr, rport, status): a socket but for its owner
 SocketKey = tuple[str, str, int, Optional[str], Optional[int], Optional[str]]
@@ -103,12 +103,18 @@ class PsutilSource:
     def __init__(self, protos: frozenset[str] | None = None) -> None:
         self._kind = _KINDS.get(frozenset(protos), "inet") if protos else "inet"
 
-    def snapshot(self) -> frozenset[Connection]:
+    def snapshot(self, counters: bool = False) -> frozenset[Connection]:
         try:
             entries = psutil.net_connections(kind=self._kind)
         except psutil.AccessDenied as exc:
             raise SourceAccessDenied(str(exc)) from exc
         return connections_from_psutil(entries)
+
+    def watches_ends(self) -> bool:
+        return False
+
+    def ends(self) -> Ends:
+        return NO_ENDS
 
     def uid_of(self, conn: Connection) -> int | None:
         """psutil does not say who owns a socket whose process it cannot see."""
