@@ -195,3 +195,38 @@ class ConnectLineParser:
         between them, they must fit in the name's field."""
         held = sum(len(each) + 1 for each in self._pieces)
         return held + len(piece) <= NAME_FIELD_WIDTH
+
+
+class LineSplitter:
+    """Cuts a stream of bytes into complete lines (without their newline), holding at
+    most ``max_line`` bytes of a line still coming: a longer line is dropped whole and
+    counted in ``dropped``, so no input makes the held bytes grow without bound."""
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self.dropped = 0
+        self._partial = b""
+        self._skipping = False  # inside an overlong line, already counted
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The lines that ``data`` completes, in order."""
+        segments = data.split(b"\n")
+        rest = segments.pop()  # after the last newline: the start of a line still coming
+        lines = []
+        for segment in segments:
+            if self._skipping:
+                self._skipping = False  # the end of the overlong line
+                continue
+            line = self._partial + segment
+            self._partial = b""
+            if len(line) > self.max_line:
+                self.dropped += 1
+            else:
+                lines.append(line)
+        if not self._skipping:
+            self._partial += rest
+            if len(self._partial) > self.max_line:
+                self._partial = b""
+                self._skipping = True
+                self.dropped += 1
+        return lines

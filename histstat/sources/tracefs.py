@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from histstat.sources.trace_lines import ConnectEvent, ConnectLineParser
+from histstat.sources.trace_lines import ConnectEvent, ConnectLineParser, LineSplitter
 
 STANDARD_ROOT = "/sys/kernel/tracing"  # where the kernel and trace-cmd expect tracefs
 # A directory to use as tracefs instead of looking for it, for tests only: nothing is
@@ -35,7 +35,8 @@ _IPPROTO_TCP = 6
 # ring buffer (which counts what it has to overwrite) until the next call.
 READ_CHUNK = 64 * 1024
 MAX_READ_BYTES = 256 * 1024
-# A line longer than this is no line of this event (about 250 bytes): held no further.
+# A line longer than this is no line of this event (about 250 bytes): it is dropped,
+# and counted, rather than held.
 MAX_LINE = 1024
 
 # The per-CPU counters of events the ring buffer lost (kernel/trace/trace.c,
@@ -296,11 +297,9 @@ class ConnectEventReader:
         self.name = instance_name(pid, start_time)
         self.directory = os.path.join(root, "instances", self.name)
         self._fd: int | None = None
-        self._partial = b""
-        self._skipping = False  # inside an overlong line, dropped up to its newline
+        self._lines = LineSplitter(MAX_LINE)
         self._parser = ConnectLineParser()
         self._losses_reported = 0
-        self.dropped_lines = 0  # overlong lines not kept, counted as lost events
         try:
             os.mkdir(self.directory)
         except OSError as exc:
@@ -378,28 +377,9 @@ class ConnectEventReader:
         return self._parse(b"".join(chunks))
 
     def _parse(self, data: bytes) -> list[ConnectEvent]:
-        segments = data.split(b"\n")
-        rest = segments.pop()  # after the last newline: the start of a line still coming
-        lines = []
-        for segment in segments:
-            if self._skipping:
-                self._skipping = False  # the end of an overlong line, already counted
-                continue
-            line = self._partial + segment
-            self._partial = b""
-            if len(line) > MAX_LINE:
-                self.dropped_lines += 1
-            else:
-                lines.append(line)
-        if not self._skipping:
-            self._partial += rest
-            if len(self._partial) > MAX_LINE:
-                self._partial = b""
-                self._skipping = True
-                self.dropped_lines += 1
         wall_offset = time.time() - time.monotonic()
         events = []
-        for line in lines:
+        for line in self._lines.feed(data):
             event = self._parser.parse(line, wall_offset)
             if event is not None:
                 events.append(event)
@@ -415,7 +395,7 @@ class ConnectEventReader:
         dropped (the reader fell behind), and lines too long to keep."""
         if self._fd is None:
             return 0
-        total = _ring_buffer_losses(self.directory) + self.dropped_lines
+        total = _ring_buffer_losses(self.directory) + self._lines.dropped
         increase = total - self._losses_reported
         self._losses_reported = total
         return max(0, increase)
