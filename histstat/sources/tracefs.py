@@ -248,7 +248,7 @@ def remove_stale_instances(root: str) -> tuple[list[str], list[tuple[str, str]]]
     return removed, failed
 
 
-def _ring_buffer_losses(instance: str) -> int:
+def ring_buffer_losses(instance: str) -> int:
     """Events the instance's ring buffer lost so far, summed over its CPUs."""
     total = 0
     per_cpu = os.path.join(instance, "per_cpu")
@@ -357,10 +357,19 @@ class ConnectEventReader:
         """The events that arrived, waiting at most ``timeout`` seconds for the first;
         at most ``max_read_bytes`` are read per call, the rest waits in the kernel."""
         fd = self.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        if not poller.poll(max(0, int(timeout * 1000))):
-            return []
+        data = self._read_available(fd)
+        if not data and timeout > 0:
+            # Poll only once a read found nothing: text the kernel formatted for an
+            # earlier, cut-short read waits in the reader's state, and poll() (which
+            # looks at the ring buffer) does not report it.
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if poller.poll(int(timeout * 1000)):
+                data = self._read_available(fd)
+        return self._parse(data) if data else []
+
+    def _read_available(self, fd: int) -> bytes:
+        """What trace_pipe holds now, up to ``max_read_bytes``, without blocking."""
         chunks = []
         budget = self.max_read_bytes
         while budget > 0:
@@ -374,7 +383,7 @@ class ConnectEventReader:
                 break
             chunks.append(chunk)
             budget -= len(chunk)
-        return self._parse(b"".join(chunks))
+        return b"".join(chunks)
 
     def _parse(self, data: bytes) -> list[ConnectEvent]:
         wall_offset = time.time() - time.monotonic()
@@ -395,7 +404,7 @@ class ConnectEventReader:
         dropped (the reader fell behind), and lines too long to keep."""
         if self._fd is None:
             return 0
-        total = _ring_buffer_losses(self.directory) + self._lines.dropped
+        total = ring_buffer_losses(self.directory) + self._lines.dropped
         increase = total - self._losses_reported
         self._losses_reported = total
         return max(0, increase)
