@@ -75,8 +75,9 @@ class ConnectEvent(NamedTuple):
     ESTABLISHED or →CLOSE, SYN_RECV→ESTABLISHED) whichever task the softirq interrupted.
     ``tgid`` and ``name`` are what the kernel's caches held for that thread id when the
     line was read (recorded at a context switch after the event), so they are hints:
-    ``tgid`` is None when the cache had none (the caller maps ``tid`` through
-    /proc/<tid>/status), and ``name`` may be a later name of the process, or ``<...>``.
+    ``tgid`` is None when the cache had none, and may belong to an earlier thread with
+    the same id (the cache is never cleared), so /proc/<tid>/status is the better word
+    while the thread lives; ``name`` may be a later name of the process, or ``<...>``.
     """
 
     time: float  # wall clock (time.time()), microsecond resolution
