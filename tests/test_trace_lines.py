@@ -16,25 +16,26 @@ from histstat.sources.trace_lines import (
     parse_line,
 )
 
-TAIL_V4 = (
-    b"saddr=127.0.0.1 daddr=127.0.0.1 saddrv6=::ffff:127.0.0.1 daddrv6=::ffff:127.0.0.1 "
-)
+TAIL_V4 = b"saddr=127.0.0.1 daddr=127.0.0.1 saddrv6=::ffff:127.0.0.1 daddrv6=::ffff:127.0.0.1 "
 
 # Captured: a client connecting to a listener on 127.0.0.1, then to a closed port.
 IPV4_CONNECT = (
     b"         python3-12946   (  12946) [001]   9141.677848: inet_sock_set_state: "
-    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=56753 " + TAIL_V4 + b""
-    b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT"
+    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=56753 "
+    + TAIL_V4
+    + b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT"
 )
 IPV4_ACCEPTED_IRQ_INFO = (  # irq-info on: the flags column; a softirq ("s") context
     b"         python3-13013   (  13013) [001] ..s2.  9142.466917: inet_sock_set_state: "
-    b"family=AF_INET protocol=IPPROTO_TCP sport=54127 dport=41668 " + TAIL_V4 + b""
-    b"oldstate=TCP_SYN_RECV newstate=TCP_ESTABLISHED"
+    b"family=AF_INET protocol=IPPROTO_TCP sport=54127 dport=41668 "
+    + TAIL_V4
+    + b"oldstate=TCP_SYN_RECV newstate=TCP_ESTABLISHED"
 )
 IPV4_REFUSED = (
     b"         python3-12946   (  12946) [001]   9141.678080: inet_sock_set_state: "
-    b"family=AF_INET protocol=IPPROTO_TCP sport=39576 dport=1 " + TAIL_V4 + b""
-    b"oldstate=TCP_SYN_SENT newstate=TCP_CLOSE"
+    b"family=AF_INET protocol=IPPROTO_TCP sport=39576 dport=1 "
+    + TAIL_V4
+    + b"oldstate=TCP_SYN_SENT newstate=TCP_CLOSE"
 )
 # Captured on ::1: the v4 fields of an IPv6 socket hold junk (127.0.0.6 here).
 IPV6_CONNECT = (
@@ -51,35 +52,40 @@ IPV6_ACCEPTED = (
 # Captured: a thread whose tgid and name the kernel had not cached yet when read.
 UNKNOWN_TGID = (
     b"           <...>-13204   (-------) [001]   9147.128118: inet_sock_set_state: "
-    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=42045 " + TAIL_V4 + b""
-    b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT"
+    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=42045 "
+    + TAIL_V4
+    + b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT"
 )
 # Captured, process name b"a\nb (1) [0]: \x1b\xff" (15 bytes): the newline splits the line.
 NEWLINE_NAME_LINES = [
     b" a",
     b"b (1) [0]: \x1b\xff-12963   (  12963) [001]   9141.783427: inet_sock_set_state: "
-    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=43051 " + TAIL_V4 + b""
-    b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT",
+    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=43051 "
+    + TAIL_V4
+    + b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT",
 ]
 # Captured, name b"x-1 (2) [003] 9": a fake context of its own.
 FAKE_CONTEXT_NAME = (
     b" x-1 (2) [003] 9-12993   (  12993) [001]   9141.899496: inet_sock_set_state: "
-    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=32923 " + TAIL_V4 + b""
-    b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT"
+    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=32923 "
+    + TAIL_V4
+    + b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT"
 )
 # Captured, name b"\xff\xfe:[]()": not UTF-8, brackets, a colon.
 INVALID_UTF8_NAME = (
     b"         \xff\xfe:[]()-13000   (  13000) [001]   9142.023375: inet_sock_set_state: "
-    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=50495 " + TAIL_V4 + b""
-    b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT"
+    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=50495 "
+    + TAIL_V4
+    + b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT"
 )
 # Captured, name b"\n\n": three lines, two of them pieces of the name.
 NEWLINES_ONLY_NAME_LINES = [
     b"              ",
     b"",
     b"-13010   (  13010) [001]   9142.080860: inet_sock_set_state: "
-    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=54543 " + TAIL_V4 + b""
-    b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT",
+    b"family=AF_INET protocol=IPPROTO_TCP sport=0 dport=54543 "
+    + TAIL_V4
+    + b"oldstate=TCP_CLOSE newstate=TCP_SYN_SENT",
 ]
 
 OFFSET = 1_000_000_000.0  # wall clock minus monotonic clock, for these tests
