@@ -266,6 +266,23 @@ for _ in range(int(sys.argv[1])):
 """
 
 
+def test_instance_left_open_by_this_process_is_replaced_unless_in_use(tracefs_root):
+    first = ConnectEventReader(tracefs_root)
+    try:
+        with pytest.raises(TracefsUnavailable, match="Device or resource busy"):
+            ConnectEventReader(tracefs_root)  # the first one still reads it
+        with open(os.path.join(first.directory, "tracing_on")) as tracing_on:
+            assert tracing_on.read() == "1\n"  # untouched by the refused one
+        os.close(first.fileno())  # as if the first reader were dropped unclosed
+        first._fd = None
+        with ConnectEventReader(tracefs_root) as second:
+            assert second.directory == first.directory
+            assert second.read() == []
+    finally:
+        first.close()
+    assert not os.path.exists(first.directory)
+
+
 def test_lost_events_reports_ring_buffer_overruns(open_reader):
     reader = open_reader(buffer_kb=4)  # the smallest buffer: a few pages per CPU
     # 300 connections make about 900 events of some 200 bytes, none read meanwhile.

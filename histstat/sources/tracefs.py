@@ -213,12 +213,9 @@ def _process_alive(pid: int, start_time: int) -> bool:
 
 
 def _remove_instance(directory: str) -> None:
-    """Stop an instance's tracing, then remove it; rmdir fails with EBUSY while any file
-    of the instance is open (trace_pipe included)."""
-    try:
-        _write(os.path.join(directory, "tracing_on"), "0")
-    except OSError:
-        pass  # the rmdir below says whether the instance could go
+    """Remove an instance (the kernel stops its events first); rmdir fails with EBUSY
+    while any file of the instance is open, trace_pipe included. Nothing is written to
+    the instance before: a live reader's instance must stay untouched when it refuses."""
     os.rmdir(directory)
 
 
@@ -301,7 +298,7 @@ class ConnectEventReader:
         self._parser = ConnectLineParser()
         self._losses_reported = 0
         try:
-            os.mkdir(self.directory)
+            self._make_directory()
         except OSError as exc:
             raise TracefsUnavailable(
                 f"cannot create the tracefs instance {self.directory}: {exc.strerror}"
@@ -312,6 +309,16 @@ class ConnectEventReader:
         except BaseException:
             self.close()
             raise
+
+    def _make_directory(self) -> None:
+        try:
+            os.mkdir(self.directory)
+        except FileExistsError:
+            # Ours by its name (this pid, this start time): left by a reader of this
+            # process that was never closed. It goes unless a reader still has it open
+            # (EBUSY), and then two readers would share one buffer: refused.
+            _remove_instance(self.directory)
+            os.mkdir(self.directory)
 
     def _configure(self, transitions: tuple[tuple[int, int], ...], buffer_kb: int | None) -> None:
         event = os.path.join(self.directory, "events", EVENT)
@@ -410,8 +417,8 @@ class ConnectEventReader:
         return max(0, increase)
 
     def close(self) -> str | None:
-        """Stop tracing and remove the instance; safe to call again. Returns why the
-        instance could not be removed, or None."""
+        """Close trace_pipe and remove the instance, its event with it; safe to call
+        again. Returns why the instance could not be removed, or None."""
         if self._fd is not None:
             os.close(self._fd)  # rmdir fails with EBUSY while trace_pipe is open
             self._fd = None
