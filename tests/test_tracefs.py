@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 
+from histstat.sources import tracefs
 from histstat.sources.trace_lines import ConnectEvent
 from histstat.sources.tracefs import (
     STANDARD_ROOT,
@@ -383,6 +384,50 @@ def test_unmounted_tracefs_is_mounted_at_start(tracefs_root):
     }
     with open("/proc/self/mountinfo", "rb") as info:
         assert mounted_filesystems(info.read()).get(STANDARD_ROOT) == outside_before
+
+
+# The unprivileged child: in its own mount namespace, without tracefs mounted, it turns
+# into nobody and says why it cannot have tracefs.
+UNPRIVILEGED_CHILD = (
+    MOUNTING_CHILD.split("before = visible()")[0]
+    + """
+import os
+from histstat.sources.tracefs import TracefsUnavailable
+os.setgid(65534)
+os.setuid(65534)
+try:
+    locate_tracefs()
+except TracefsUnavailable as exc:
+    print(json.dumps({"reason": str(exc), "after": visible()}))
+"""
+)
+
+
+def test_unmounted_tracefs_without_root_gives_the_reason(tracefs_root):
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.fail("this test needs unshare(1) (util-linux) for a private mount namespace")
+    result = subprocess.run(
+        [unshare, "--mount", "--propagation", "private", sys.executable, "-c", UNPRIVILEGED_CHILD],
+        capture_output=True,
+        timeout=DEFAULT_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    seen = json.loads(result.stdout)
+    assert seen["reason"] == (
+        "tracefs is not mounted at /sys/kernel/tracing, and mounting it needs root"
+    )
+    assert seen["after"] != "tracefs"
+
+
+def test_kernel_without_tracefs_gives_the_reason(monkeypatch):
+    files = {
+        "/proc/self/mountinfo": b"22 1 0:21 / /sys rw - sysfs sysfs rw\n",
+        "/proc/filesystems": b"nodev\tsysfs\nnodev\tproc\n\text4\n",
+    }
+    monkeypatch.setattr(tracefs, "_read", lambda path: files[path])
+    with pytest.raises(TracefsUnavailable, match=r"no tracefs \(not in /proc/filesystems\)"):
+        locate_tracefs(environ={})
 
 
 def test_empty_directory_through_test_variable_is_unusable(tmp_path):
