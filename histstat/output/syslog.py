@@ -41,10 +41,11 @@ TAG = "histstat"
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 # What a receiver could take for the end of a record, or use to make a line of its own:
-# C0 controls (NUL, LF, CR), DEL, C1 (NEL) and the Unicode line and paragraph
-# separators. The formatters already escape them; they are escaped here again, as JSON's
-# \uXXXX, which stays valid inside a JSON string and reads as an escape in text.
-_RECORD_BREAKERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 controls (NUL, LF, CR) but the tab that separates plain columns, DEL, C1 (NEL) and
+# the Unicode line and paragraph separators. The formatters already escape them; they
+# are escaped here again, as JSON's \uXXXX, which stays valid inside a JSON string and
+# reads as an escape in text.
+_RECORD_BREAKERS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 # The end of a command line that --command-limit cut: the characters it left out.
 _CUT_MARKER = re.compile(re.escape(COMMAND_MARKER).replace(r"\{removed\}", r"([0-9]+)") + r"\Z")
@@ -155,23 +156,24 @@ class MessageFitter:
         def fitted(keep: int) -> bytes:
             return _encoded(self._format_row(_shortened(row, kept, keep, whole)))
 
-        # Each character left out saves at least a byte, and the marker only grows: no
-        # more than ``high`` characters fit, and mostly (ASCII) exactly that many.
-        high = max(0, len(kept) - (len(message) - self.budget))
-        best = fitted(high)
-        if len(best) <= self.budget:
-            return best
         best = fitted(0)
         if len(best) > self.budget:
             return best
-        low, high = 0, high - 1
+        # The most that fits, by halving, from a first guess: each character left out
+        # saves at least a byte (more when the format repeats the command, as argv), so
+        # with one copy of the command this many fit, and mostly (ASCII) no more.
+        low, high = 0, len(kept)  # fitted(low) fits
+        guess = len(kept) - (len(message) - self.budget)
+        probes = [guess] if guess > 0 else []
         while low < high:
-            middle = (low + high + 1) // 2
-            candidate = fitted(middle)
+            probe = min(max(probes.pop() if probes else (low + high + 1) // 2, low + 1), high)
+            candidate = fitted(probe)
             if len(candidate) <= self.budget:
-                low, best = middle, candidate
+                low, best = probe, candidate
+                if probe == guess:
+                    probes.append(probe + 1)  # one more, to know it is the most
             else:
-                high = middle - 1
+                high = probe - 1
         return best
 
 
