@@ -182,7 +182,7 @@ def get_parser() -> _Parser:
         type=byte_size(MIN_SIZE, MAX_SIZE),
         metavar="BYTES",
         help=f"the longest --syslog record, from {MIN_SIZE} to {MAX_SIZE} (default: "
-        f"{DEFAULT_SIZE}, rsyslog's own limit): a longer row's command line is shortened, "
+        f"{DEFAULT_SIZE}, what rsyslog takes by default): a longer row's command line is shortened, "
         "with --command-limit's marker, so a JSON row stays whole",
     )
 

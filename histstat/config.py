@@ -31,4 +31,4 @@ class Config:
     command_limit: int = COMMAND_LIMIT  # characters; 0: command lines are never cut
     syslog: str | None = None  # the path of the local syslog socket to send rows to
     syslog_facility: str = "user"  # a name of histstat.output.syslog.FACILITIES
-    syslog_size: int = 8192  # bytes: the longest record sent
+    syslog_size: int = 8096  # bytes: the longest record sent

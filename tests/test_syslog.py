@@ -123,7 +123,7 @@ def test_every_facility_has_its_syslog_h_number():
 
 def test_the_facility_and_size_options(tmp_path):
     config = parse_config(["--syslog"])
-    assert (config.syslog, config.syslog_facility, config.syslog_size) == ("/dev/log", "user", 8192)
+    assert (config.syslog, config.syslog_facility, config.syslog_size) == ("/dev/log", "user", 8096)
     config = parse_config(["--syslog", "/run/x.sock", "--syslog-facility", "local7", "-j"])
     assert (config.syslog, config.syslog_facility, config.output) == (
         "/run/x.sock",

@@ -29,11 +29,13 @@ DEFAULT_FACILITY = "user"
 # analyst's rules pick histstat's rows by app-name or facility, not by severity.
 SEVERITY_INFO = 6
 
-# --syslog-size: rsyslog's default maxMessageSize is 8 KiB, and receivers cut longer
-# messages, which would leave half a JSON document. The smallest size leaves room for
-# the header and a row without its command line; the largest fits a Unix datagram in the
-# kernel's default send buffer (net.core.wmem_default, 208 KiB).
-DEFAULT_SIZE = 8192
+# --syslog-size: receivers cut longer records, which would leave half a JSON document.
+# rsyslog's default maxMessageSize is 8 KiB, which it counts as 8096 bytes of the whole
+# datagram, header included (measured: 8,096 bytes arrive whole, 8,097 are cut); journald
+# and syslog-ng take more. The smallest size leaves room for the header and a row
+# without its command line; the largest fits a Unix datagram in the kernel's default
+# send buffer (net.core.wmem_default, 208 KiB).
+DEFAULT_SIZE = 8096
 MIN_SIZE = 1024
 MAX_SIZE = 65536
 
