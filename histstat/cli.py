@@ -181,9 +181,9 @@ def get_parser() -> _Parser:
         "--syslog-size",
         type=byte_size(MIN_SIZE, MAX_SIZE),
         metavar="BYTES",
-        help=f"the longest --syslog record, from {MIN_SIZE} to {MAX_SIZE} (default: "
-        f"{DEFAULT_SIZE}, what rsyslog takes by default): a longer row's command line is shortened, "
-        "with --command-limit's marker, so a JSON row stays whole",
+        help=f"the longest --syslog record, header included, from {MIN_SIZE} to {MAX_SIZE} "
+        f"(default: {DEFAULT_SIZE}, what rsyslog takes by default): a longer row's command "
+        "line is shortened, with --command-limit's marker, so a JSON row stays whole",
     )
 
     parser.add_argument(

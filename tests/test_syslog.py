@@ -398,3 +398,28 @@ def test_a_receiver_away_is_tried_again_after_a_wait_that_grows_to_a_bound(tmp_p
         assert notices[2].endswith(f"1 row dropped for syslog only since the last notice: 1 {gone}")
     finally:
         back.sock.close()
+
+
+def test_sighup_tries_a_gone_socket_again_at_once(tmp_path):
+    clock = Clock()
+    first = Receiver(tmp_path / "log.sock")
+    sink, _ = open_sink(first.path, clock=clock)
+    first.close()
+    sink.write(b"lost")
+    back = Receiver(tmp_path / "log.sock")
+    try:
+        sink.write(b"too soon")
+        sink.reopen()
+        sink.write(b"after SIGHUP")
+        assert [message_of(r) for r in back.records()] == [b"after SIGHUP"]
+    finally:
+        sink.close()
+        back.sock.close()
+
+
+def test_another_send_error_drops_the_row_and_names_the_error(receiver):
+    sink, notices = open_sink(receiver.path)
+    receiver.sock.connect(str(receiver.path))  # a receiver connected elsewhere refuses us
+    sink.write(b"refused")
+    assert sink.dropped == 1 and notices[0].endswith("1 with an error (Operation not permitted)")
+    sink.close()

@@ -287,7 +287,8 @@ class SyslogSink:
                     self._drop(TOO_LARGE)
                     return
                 if exc.errno not in _GONE_ERRORS or attempt:
-                    self._drop(GONE if exc.errno in _GONE_ERRORS else exc.strerror or str(exc))
+                    gone = exc.errno in _GONE_ERRORS
+                    self._drop(GONE if gone else f"with an error ({exc.strerror or exc})")
                     return
                 self._next_connect = -math.inf
 
@@ -327,7 +328,9 @@ class SyslogSink:
         self._tell_if_due()  # drops told as the minute allows, even when no row follows
 
     def reopen(self) -> None:
-        pass  # a socket is not rotated; one that went away is replaced by write
+        # SIGHUP: a socket that went away is tried again with the next row, at once.
+        self._next_connect = -math.inf
+        self._reconnect_delay = RECONNECT_FIRST
 
     def _close_socket(self) -> None:
         if self._socket is not None:
