@@ -13,7 +13,11 @@ from collections import Counter
 import pytest
 
 from support.histstat import INTERVAL
-from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT, STOP_TIMEOUT, wait_for
+from support.waiting import END_TIMEOUT, STOP_TIMEOUT, wait_for
+
+# Records go through histstat's poll, a datagram and rsyslogd's queue to its file: on a
+# busy host with the psutil source, that can take longer than the usual wait.
+TIMEOUT = 30.0
 
 # A private rsyslogd: its own socket (no /dev/log, no kernel log), a file action whose
 # template writes app-name, facility, severity and the message, and rsyslog's default
@@ -92,7 +96,8 @@ class Rsyslogd:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(END_TIMEOUT)
-        wait_for(lambda: not os.path.exists(self.socket), END_TIMEOUT, "its socket to go")
+        if os.path.exists(self.socket):  # a killed rsyslogd leaves it: none must be found
+            os.unlink(self.socket)
 
     def records(self) -> list[tuple[str, str, str, str]]:
         """(app-name, facility, severity, message) of every record written so far."""
@@ -120,6 +125,11 @@ def rsyslog(tmp_path):
         receiver.stop()
 
 
+def syslog_notices(stderr: str) -> list[str]:
+    """The lines of stderr about syslog (not a loop that fell behind on a busy host)."""
+    return [line for line in stderr.splitlines() if "syslog" in line]
+
+
 def key(document: dict) -> str:
     return json.dumps(document, sort_keys=True)
 
@@ -132,17 +142,16 @@ def test_every_row_arrives_once_as_json_with_app_name_histstat(
         "-j", *INTERVAL, "--port", child.port, "--syslog", rsyslog.socket,
         "--syslog-facility", "local5",
     )  # fmt: skip
-    shown = hs.until(lambda: len(hs.rows()) >= 11 and hs.rows(), what="11 rows on stdout")
+    shown = hs.until(lambda: len(hs.rows()) >= 11 and hs.rows(), TIMEOUT, "11 rows on stdout")
     wait_for(
-        lambda: len(rsyslog.records()) >= len(shown),
+        lambda: len(rsyslog.documents()) >= len(shown),
+        TIMEOUT,
         describe=lambda: f"{len(shown)} records, got {rsyslog.records()}\n{hs.describe()}",
     )
     result = hs.stop()
-    assert result.returncode == 0 and result.stderr == "", result.stderr
-    records = rsyslog.records()
-    assert {(app, facility, severity) for app, facility, severity, _ in records} == {
-        ("histstat", "local5", "info")
-    }
+    assert result.returncode == 0 and syslog_notices(result.stderr) == [], result.stderr
+    records = [record for record in rsyslog.records() if record[0] == "histstat"]
+    assert {(facility, severity) for _, facility, severity, _ in records} == {("local5", "info")}
     assert Counter(key(doc) for doc in rsyslog.documents()) == Counter(
         key(row) for row in result.rows
     )
@@ -152,12 +161,13 @@ def test_every_row_arrives_once_as_json_with_app_name_histstat(
 def test_rows_still_arrive_after_rsyslogd_restarts(hold_connections, run_histstat, rsyslog):
     child = hold_connections(2, churn=0.1)  # a new connection, and so a row, every 0.1 s
     hs = run_histstat("-j", *INTERVAL, "--port", child.port, "--syslog", rsyslog.socket)
-    wait_for(lambda: len(rsyslog.documents()) >= 5, describe=hs.describe)
+    wait_for(lambda: len(rsyslog.documents()) >= 5, TIMEOUT, hs.describe)
     rsyslog.stop()
     rsyslog.start()
     after = len(hs.rows())  # rows shown from now on were found after the restart
     wait_for(
         lambda: {key(row) for row in hs.rows()[after:]} & {key(d) for d in rsyslog.documents()},
+        TIMEOUT,
         describe=lambda: f"a row found after the restart, in rsyslog\n{hs.describe()}",
     )
     result = hs.stop()
@@ -165,8 +175,9 @@ def test_rows_still_arrive_after_rsyslogd_restarts(hold_connections, run_histsta
     received = Counter(key(doc) for doc in rsyslog.documents())
     assert max(received.values()) == 1  # none twice
     assert set(received) <= {key(row) for row in result.rows}
-    # Rows sent while no socket was there are dropped for syslog only, and said so.
-    for line in result.stderr.splitlines():
+    # Rows sent while no socket was there are dropped for syslog only, and said so (a
+    # busy host may add notices of a loop that fell behind).
+    for line in syslog_notices(result.stderr):
         assert "dropped for syslog only" in line and "socket gone" in line, result.stderr
 
 
@@ -180,9 +191,9 @@ def test_a_one_megabyte_command_line_arrives_as_one_valid_shortened_message(
         "-j", "-q", "-l", log, *INTERVAL, "--command-limit", "0", "--port", child.port,
         "--syslog", rsyslog.socket,
     )  # fmt: skip
-    wait_for(lambda: len(rsyslog.documents()) >= 3, describe=hs.describe)
+    wait_for(lambda: len(rsyslog.documents()) >= 3, TIMEOUT, hs.describe)
     result = hs.stop()
-    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.returncode == 0 and syslog_notices(result.stderr) == [], result.stderr
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     whole = child.command
     assert len(whole) > 1_000_000
@@ -201,26 +212,26 @@ def test_a_one_megabyte_command_line_arrives_as_one_valid_shortened_message(
 def test_a_stopped_receiver_never_stalls_stdout(hold_connections, run_histstat, rsyslog):
     child = hold_connections(2, churn=0.05)  # rows keep coming, 20 a second
     hs = run_histstat("-j", *INTERVAL, "--port", child.port, "--syslog", rsyslog.socket)
-    wait_for(lambda: len(rsyslog.documents()) >= 3, describe=hs.describe)
+    wait_for(lambda: len(rsyslog.documents()) >= 3, TIMEOUT, hs.describe)
     rsyslog.proc.send_signal(signal.SIGSTOP)  # its socket fills: 10 datagrams, here
     try:
         before = len(hs.rows())
-        hs.until(lambda: "dropped for syslog only" in hs.stderr(), what="the dropped notice")
-        hs.until(lambda: len(hs.rows()) >= before + 60, what="60 more rows on stdout")
+        hs.until(lambda: "dropped for syslog only" in hs.stderr(), TIMEOUT, "the notice")
+        hs.until(lambda: len(hs.rows()) >= before + 60, TIMEOUT, "60 more rows on stdout")
         assert hs.stderr().count("dropped for syslog only") == 1  # at most once a minute
     finally:
         rsyslog.proc.send_signal(signal.SIGCONT)
     shown = len(hs.rows())
     wait_for(  # it reads again: the rows found now reach it again
         lambda: {key(row) for row in hs.rows()[shown:]} & {key(d) for d in rsyslog.documents()},
-        DEFAULT_TIMEOUT,
+        TIMEOUT,
         describe=hs.describe,
     )
     result = hs.stop()
     assert result.returncode == 0
-    notices = result.stderr.splitlines()
+    notices = syslog_notices(result.stderr)
     assert notices and all(
-        f"histstat: syslog socket {rsyslog.socket!r}: " in line and "socket full" in line
+        line.startswith(f"histstat: syslog socket {rsyslog.socket!r}: ") and "socket full" in line
         for line in notices
     ), result.stderr
 
