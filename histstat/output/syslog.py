@@ -150,9 +150,13 @@ class MessageFitter:
         self.budget = budget
 
     def __call__(self, row: Row) -> bytes:
-        message = _encoded(self._format_row(row))
-        if len(message) <= self.budget or not row.command:
-            return message
+        command = row.command
+        # A command longer than the budget cannot fit (each character costs a byte at
+        # least): the whole row, which may hold megabytes, is then never formatted.
+        if not command or len(command) <= self.budget:
+            message = _encoded(self._format_row(row))
+            if len(message) <= self.budget or not command:
+                return message
         kept, whole = _whole_command(row)
 
         def fitted(keep: int) -> bytes:
@@ -161,18 +165,19 @@ class MessageFitter:
         best = fitted(0)
         if len(best) > self.budget:
             return best
-        # The most that fits, by halving, from a first guess: each character left out
-        # saves at least a byte (more when the format repeats the command, as argv), so
-        # with one copy of the command this many fit, and mostly (ASCII) no more.
-        low, high = 0, len(kept)  # fitted(low) fits
-        guess = len(kept) - (len(message) - self.budget)
-        probes = [guess] if guess > 0 else []
+        # The most that fits, by halving: each character kept costs a byte at least (more
+        # when the format repeats the command, as argv), and the marker's count loses at
+        # most its digits, so no more than ``high`` fit; with one copy of an ASCII
+        # command, the bytes left over fit as many characters, which is tried first.
+        room = self.budget - len(best)
+        low, high = 0, min(len(kept), room + len(str(whole)))  # fitted(low) fits
+        probes = [room] if room > 0 else []
         while low < high:
             probe = min(max(probes.pop() if probes else (low + high + 1) // 2, low + 1), high)
             candidate = fitted(probe)
             if len(candidate) <= self.budget:
                 low, best = probe, candidate
-                if probe == guess:
+                if probe == room:
                     probes.append(probe + 1)  # one more, to know it is the most
             else:
                 high = probe - 1
