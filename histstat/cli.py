@@ -23,6 +23,7 @@ from histstat.filters import (
     protocols,
 )
 from histstat.option_values import (
+    byte_size,
     command_limit,
     interval_seconds,
     list_of,
@@ -32,6 +33,14 @@ from histstat.option_values import (
 )
 from histstat.output import FORMATS
 from histstat.output.format import ALL_FIELDS, GEO_FIELDS, HASH_FIELDS
+from histstat.output.syslog import (
+    DEFAULT_FACILITY,
+    DEFAULT_SIZE,
+    DEFAULT_SOCKET,
+    FACILITIES,
+    MAX_SIZE,
+    MIN_SIZE,
+)
 from histstat.sources import SOURCE_NAMES, UnknownSource, resolve_source_name
 
 EXIT_USAGE = 2  # argparse's own convention
@@ -115,7 +124,10 @@ def get_parser() -> _Parser:
         "--csv", action="store_true", help="RFC 4180 CSV with a header, safe for spreadsheets"
     )
     parser.add_argument(
-        "-q", "--quiet", action="store_true", help="nothing on stdout (needs --log or --sqlite)"
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="nothing on stdout (needs --log, --sqlite or --syslog)",
     )
     parser.add_argument(
         "-v",
@@ -145,6 +157,34 @@ def get_parser() -> _Parser:
         "committed before stdout shows its rows; schema in docs/sqlite.md)",
     )
     completes_files(sqlite)
+
+    fleet = parser.option_group("syslog")
+    syslog = fleet.add_argument(
+        "--syslog",
+        nargs="?",
+        const=DEFAULT_SOCKET,
+        metavar="PATH",
+        help=f"also send every row, in the output format, to the local syslog socket "
+        f"(default: {DEFAULT_SOCKET}) as syslog(3) does: one datagram, app-name histstat, "
+        "severity info; a full or vanished socket drops the row for syslog only, never "
+        "holding the poll back (see docs/fleet.md)",
+    )
+    completes_files(syslog)
+    fleet.add_argument(
+        "--syslog-facility",
+        choices=tuple(FACILITIES),
+        metavar="NAME",
+        help=f"the facility of --syslog's records: {', '.join(FACILITIES)} "
+        f"(default: {DEFAULT_FACILITY})",
+    )
+    fleet.add_argument(
+        "--syslog-size",
+        type=byte_size(MIN_SIZE, MAX_SIZE),
+        metavar="BYTES",
+        help=f"the longest --syslog record, header included, from {MIN_SIZE} to {MAX_SIZE} "
+        f"(default: {DEFAULT_SIZE}, what rsyslog takes by default): a longer row's command "
+        "line is shortened, with --command-limit's marker, so a JSON row stays whole",
+    )
 
     parser.add_argument(
         "--source",
@@ -300,8 +340,15 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.error("-f asks for country, asn or as_org: add --geoip FILE")
     if args.sqlite == "":
         parser.error("argument --sqlite: needs a file name")
-    if args.quiet and not (args.log or args.sqlite):
-        parser.error("-q/--quiet needs a file to write to: add -l/--log FILE or --sqlite FILE")
+    if args.syslog == "":
+        parser.error("argument --syslog: needs a socket path (or none, for /dev/log)")
+    if args.syslog is None and (args.syslog_facility or args.syslog_size):
+        option = "--syslog-facility" if args.syslog_facility else "--syslog-size"
+        parser.error(f"{option} is for --syslog: add --syslog")
+    if args.quiet and not (args.log or args.sqlite or args.syslog):
+        parser.error(
+            "-q/--quiet needs somewhere to write to: add -l/--log FILE, --sqlite FILE or --syslog"
+        )
     if args.skip_existing and args.once:
         parser.error("--skip-existing leaves out all that --once would show: use one of them")
     output = next(
@@ -344,4 +391,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         geoip=tuple(args.geoip),
         source=_source_name(parser, args.source, args.source not in SOURCE_NAMES),
         command_limit=args.command_limit,
+        syslog=args.syslog,
+        syslog_facility=args.syslog_facility or DEFAULT_FACILITY,
+        syslog_size=args.syslog_size or DEFAULT_SIZE,
     )

@@ -29,3 +29,6 @@ class Config:
     geoip: tuple[str, ...] = ()  # paths of MaxMind databases
     source: str = "psutil"  # psutil or linux
     command_limit: int = COMMAND_LIMIT  # characters; 0: command lines are never cut
+    syslog: str | None = None  # the path of the local syslog socket to send rows to
+    syslog_facility: str = "user"  # a name of histstat.output.syslog.FACILITIES
+    syslog_size: int = 8096  # bytes: the longest record sent

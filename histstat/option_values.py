@@ -72,6 +72,20 @@ def command_limit(text: str) -> int:
     return value
 
 
+def byte_size(least: int, most: int) -> Callable[[str], int]:
+    """An argparse type for a number of bytes from ``least`` to ``most``."""
+
+    def size(text: str) -> int:
+        value = _whole(text)
+        if value is None or not least <= value <= most:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number of bytes from {least} to {most}, not {text!r}"
+            )
+        return value
+
+    return size
+
+
 def list_of(parse: Callable[[str], T]) -> Callable[[str], T]:
     """An argparse type from a filter parser: its message becomes the usage error."""
 

@@ -20,6 +20,7 @@ from histstat.geoip import GeoIP, GeoIPError
 from histstat.hashing import ExecutableHasher
 from histstat.output import Output, ReaderGone, Sink, SinkError, build_outputs
 from histstat.output.sinks import LogSink, StdoutSink
+from histstat.output.syslog import SyslogSink
 from histstat.output.writer import OrderedWriter
 from histstat.poller import MAX_HASH_WAIT, Poller
 from histstat.privileges import NOT_PRIVILEGED_NOTICE, is_privileged
@@ -470,10 +471,11 @@ def _writing_order(outputs: list[Output], stdout: StdoutSink | None) -> list[Out
     """The outputs in the order rows go to them (they are opened in another): logs
     first, which never wait; then the database, which another connection may hold locked
     (rows wait for it while the log goes on); stdout last, which shows only rows that
-    every file already has."""
+    every file already has. syslog goes with the logs: it never waits either (a full
+    socket drops the row for it alone), and a locked database must not hold it back."""
 
     def rank(output: Output) -> int:
-        if isinstance(output.sink, LogSink):
+        if isinstance(output.sink, (LogSink, SyslogSink)):
             return 0
         return 2 if output.sink is stdout else 1
 

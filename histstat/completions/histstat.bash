@@ -7,14 +7,16 @@
 
 
 
-_shtab_histstat_option_strings=(-h --help -i --interval -l --log -p --prettify -j --json --csv -q --quiet -v --version --print-completion --hash --sqlite --source --closed -r --resolve --geoip -f --fields --command-limit --color --once -c --count --duration --skip-existing --tcp --udp -4 -6 --port --lport --rport --laddr --raddr --pid --name --user --status --exclude-status)
+_shtab_histstat_option_strings=(-h --help -i --interval -l --log -p --prettify -j --json --csv -q --quiet -v --version --print-completion --hash --sqlite --syslog --syslog-facility --syslog-size --source --closed -r --resolve --geoip -f --fields --command-limit --color --once -c --count --duration --skip-existing --tcp --udp -4 -6 --port --lport --rport --laddr --raddr --pid --name --user --status --exclude-status)
 
 _shtab_histstat__l_COMPGEN=_shtab_compgen_files
 _shtab_histstat___log_COMPGEN=_shtab_compgen_files
 _shtab_histstat___sqlite_COMPGEN=_shtab_compgen_files
+_shtab_histstat___syslog_COMPGEN=_shtab_compgen_files
 _shtab_histstat___geoip_COMPGEN=_shtab_compgen_files
 
 _shtab_histstat___print_completion_choices=(bash zsh)
+_shtab_histstat___syslog_facility_choices=(kern user mail daemon auth syslog lpr news uucp cron authpriv ftp local0 local1 local2 local3 local4 local5 local6 local7)
 _shtab_histstat___source_choices=(auto psutil linux)
 _shtab_histstat___color_choices=(auto always never)
 
@@ -30,6 +32,7 @@ _shtab_histstat___quiet_nargs=0
 _shtab_histstat__v_nargs=0
 _shtab_histstat___version_nargs=0
 _shtab_histstat___hash_nargs=0
+_shtab_histstat___syslog_nargs='?'
 _shtab_histstat___closed_nargs=0
 _shtab_histstat__r_nargs=0
 _shtab_histstat___resolve_nargs=0

@@ -20,6 +20,7 @@ from histstat.output.format import (
 from histstat.output.pretty import PrettyView, format_pretty_row, pretty_fields, pretty_header
 from histstat.output.sinks import LogSink, StdoutSink
 from histstat.output.sqlite import SqliteSink, row_values
+from histstat.output.syslog import MessageFitter, SyslogSink
 from histstat.records import Row
 
 __all__ = ["FORMATS", "Output", "OutputFormat", "ReaderGone", "Sink", "SinkError", "build_outputs"]
@@ -60,8 +61,8 @@ def use_color(config: Config, env: Environment) -> bool:
 
 
 def build_outputs(config: Config, env: Environment) -> tuple[list[Output], StdoutSink | None]:
-    """(the outputs with files first, the stdout sink or None), each file checked
-    (``Sink.check``) before the caller opens any.
+    """(the outputs with files first, the stdout sink or None), each file (and the
+    syslog socket) checked (``Sink.check``) before the caller opens any.
 
     Files always get the whole line without colour; only a terminal's view is fitted
     to its width and coloured.
@@ -86,6 +87,12 @@ def build_outputs(config: Config, env: Environment) -> tuple[list[Output], Stdou
         outputs.append(Output(row_values, database, None))
     if config.log:
         outputs.append(Output(file_view, LogSink(config.log, env.notice, chosen.newline), header))
+    if config.syslog:
+        syslog = SyslogSink(config.syslog, config.syslog_facility, config.syslog_size, env.notice)
+        # The message is the row as the chosen format writes it, whatever that is; a
+        # pretty row gets widths of its own, not the log's.
+        row_view = PrettyView(fields).format_row if pretty else file_view
+        outputs.append(Output(MessageFitter(row_view, syslog.message_budget), syslog, None))
     for output in outputs:
         output.sink.check()  # every file checked before any is made
     stdout = None

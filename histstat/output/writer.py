@@ -42,8 +42,9 @@ def row_chars(row: Row) -> int:
 
 
 def item_chars(item: Any) -> int:
-    """About how much text a sink's item holds: a line, or a database's values."""
-    if isinstance(item, str):
+    """About how much text a sink's item holds: a line (syslog's: encoded), or a
+    database's values."""
+    if isinstance(item, (str, bytes)):
         return len(item)
     return sum(len(value) for value in item if isinstance(value, str))
 
