@@ -249,6 +249,20 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
+@functools.lru_cache(maxsize=1024)
+def user_id(name: str) -> int | None:
+    """The uid of the login ``name`` (the inverse of ``user_name``: a name that is a
+    number is that uid when no login has it); None when unknown (POSIX only)."""
+    try:
+        import pwd
+
+        return pwd.getpwnam(name).pw_uid
+    except ImportError:
+        return None
+    except (KeyError, ValueError):  # no such login; a NUL or undecodable byte in it
+        return int(name) if name.isascii() and name.isdigit() else None
+
+
 class ProcessCache:
     """Process facts keyed by (pid, create time), so a reused pid is never confused.
 
