@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from histstat.output.ecs import ecs_fields, format_ecs_row
 from histstat.output.format import (
     ALL_FIELDS,
     HIDDEN_RANGES,
@@ -38,6 +39,7 @@ FORMATTERS = [
     pytest.param(format_plain_row, text_fields, id="plain"),
     pytest.param(format_pretty_row, pretty_fields, id="pretty"),
     pytest.param(format_json_row, json_fields, id="json"),
+    pytest.param(format_ecs_row, ecs_fields, id="ecs"),
 ]
 
 HIDDEN = {"Cc", "Cf", "Cs", "Zl", "Zp"}
@@ -192,6 +194,10 @@ def rows(draw):
         exe=draw(maybe_text),
         md5=draw(maybe_text),
         sha256=draw(maybe_text),
+        parent=draw(maybe_text),
+        args=draw(st.none() | st.lists(hostile_text, min_size=1, max_size=4).map(tuple)),
+        rhost=draw(maybe_text),
+        direction=draw(st.sampled_from([None, "in", "out", "listen"])),
     )
 
 

@@ -12,7 +12,7 @@ from histstat import __version__
 from histstat.addresses import parse_ip, unmapped
 from histstat.enrich import user_id
 from histstat.output.community_id import community_id
-from histstat.output.format import iso_time, json_value
+from histstat.output.format import compact_json_value, iso_time
 from histstat.records import Row
 
 # The ECS release whose field names and types the documents follow (the fields histstat
@@ -43,11 +43,19 @@ def this_host() -> HostFacts:
     return HostFacts(socket.gethostname(), __version__, user_id)
 
 
-def _ip(text: str | None) -> str | None:
-    """The address as ECS's ip type takes it: no zone, a dual-stack socket's IPv4 peer
-    as the IPv4 address it is."""
+@functools.lru_cache(maxsize=4096)
+def _address(text: str | None) -> tuple[str | None, int | None]:
+    """(the address as ECS's ip type takes it, its IP version): no zone, a dual-stack
+    socket's IPv4 peer as the IPv4 address it is. Rows of one host repeat few addresses."""
     ip = parse_ip(text)
-    return None if ip is None else str(unmapped(ip))
+    if ip is None:
+        return None, None
+    ip = unmapped(ip)
+    return str(ip), ip.version
+
+
+# A flow keeps its Community ID through every state of its two ends' rows.
+_flow_id = functools.lru_cache(maxsize=4096)(community_id)
 
 
 def _compact(value: Any) -> Any:
@@ -124,20 +132,14 @@ def _own_facts(row: Row) -> dict[str, Any]:
     }
 
 
-def ecs_document(row: Row, host: HostFacts | None = None) -> dict[str, Any]:
-    """The row as an ECS document (nested objects, unknown values left out).
-
-    ``source`` is the end that opened the connection and ``destination`` the other,
-    whichever end's socket the row is (ECS's rule); where the direction is unknown (UDP,
-    a connection older than histstat) the local end is the source. A listener has only
-    ``server``."""
-    host = host or this_host()
+def _document(row: Row, host: HostFacts) -> dict[str, Any]:
+    """The document with None for every unknown value."""
     transport = row.proto.rstrip("6")
-    local_ip, remote_ip = _ip(row.laddr), _ip(row.raddr)
+    local_ip, version = _address(row.laddr)
+    remote_ip, _ = _address(row.raddr)
     listener = row.direction == "listen" or row.status == "LISTEN"
     network: dict[str, Any] = {"transport": transport}
-    version = parse_ip(local_ip)
-    network["type"] = None if version is None else f"ipv{version.version}"
+    network["type"] = None if version is None else f"ipv{version}"
     document: dict[str, Any] = {
         "@timestamp": iso_time(row.timestamp),
         "ecs": {"version": ECS_VERSION},
@@ -156,9 +158,7 @@ def ecs_document(row: Row, host: HostFacts | None = None) -> dict[str, Any]:
         )
         if row.bytes_sent is not None and row.bytes_received is not None:
             network["bytes"] = row.bytes_sent + row.bytes_received
-        network["community_id"] = community_id(
-            transport, row.laddr, row.lport, row.raddr, row.rport
-        )
+        network["community_id"] = _flow_id(transport, row.laddr, row.lport, row.raddr, row.rport)
     uid = None if row.user is None else host.uid_of(row.user)
     document.update(
         process=_process(row),
@@ -172,13 +172,25 @@ def ecs_document(row: Row, host: HostFacts | None = None) -> dict[str, Any]:
         },
         histstat=_own_facts(row),
     )
-    return _compact(document)
+    return document
+
+
+def ecs_document(row: Row, host: HostFacts | None = None) -> dict[str, Any]:
+    """The row as an ECS document (nested objects, unknown values left out).
+
+    ``source`` is the end that opened the connection and ``destination`` the other,
+    whichever end's socket the row is (ECS's rule); where the direction is unknown (UDP,
+    a connection older than histstat) the local end is the source. A listener has only
+    ``server``."""
+    return _compact(_document(row, host or this_host()))
 
 
 def format_ecs_row(row: Row, fields: Sequence[str] = (), host: HostFacts | None = None) -> str:
-    """One ECS document on one line, escaped as JSON rows are. ``fields`` is not used:
+    """``ecs_document`` on one line, escaped as JSON rows are. ``fields`` is not used:
     ECS documents have one shape (-f is refused with --ecs)."""
-    return json_value(ecs_document(row, host))
+    line = compact_json_value(_document(row, host or this_host()))
+    assert line is not None  # every document has @timestamp, ecs and event
+    return line
 
 
 def ecs_fields(*flags: bool) -> tuple[str, ...]:

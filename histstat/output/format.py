@@ -343,6 +343,22 @@ def json_value(value: object) -> str:
     return json.dumps(value)
 
 
+def compact_json_value(value: object) -> str | None:
+    """Like ``json_value``, but leaving out the None values of objects and lists, and the
+    objects and lists left empty; None when nothing is left."""
+    if isinstance(value, dict):
+        parts = []
+        for key, item in value.items():
+            text = None if item is None else compact_json_value(item)
+            if text is not None:
+                parts.append(_json_key(key) + text)
+        return "{" + ", ".join(parts) + "}" if parts else None
+    if isinstance(value, (list, tuple)):
+        items = [text for text in map(compact_json_value, value) if text is not None]
+        return "[" + ", ".join(items) + "]" if items else None
+    return None if value is None else json_value(value)
+
+
 _JSON_KEYS: dict[str, str] = {}
 
 
