@@ -316,3 +316,35 @@ def test_community_id_of_a_loopback_flow_to_itself_and_of_no_flow():
     assert community_id("tcp", "127.0.0.1", 80, None, None) is None
     assert community_id("tcp", "127.0.0.1", 80, "::1", 80) is None
     assert community_id("sctp", "127.0.0.1", 80, "127.0.0.1", 81) is None
+
+
+maybe_text = st.none() | st.text(max_size=12)
+addresses = st.one_of(ipv4, ipv6, st.just("::ffff:10.0.0.1"), st.just("fe80::1%eth0"),
+                      st.text(max_size=8))  # fmt: skip
+
+
+@given(
+    event=st.sampled_from(["open", "close", "state", "update"]),
+    proto=st.sampled_from(["tcp", "tcp6", "udp", "udp6"]),
+    laddr=addresses,
+    remote=st.none() | st.tuples(addresses, ports),
+    direction=st.sampled_from([None, "in", "out", "listen"]),
+    duration=st.none() | st.floats(0, 1e6),
+    from_start=st.none() | st.booleans(),
+    sent=st.none() | st.integers(0, 2**63),
+    received=st.none() | st.integers(0, 2**63),
+    text=maybe_text,
+)
+def test_any_row_makes_a_document_of_ecs_fields_and_types(
+    event, proto, laddr, remote, direction, duration, from_start, sent, received, text
+):
+    raddr, rport = remote or (None, None)
+    row = full_row(event=event, proto=proto, laddr=laddr, raddr=raddr, rport=rport,
+                   direction=direction, duration=duration, duration_from_start=from_start,
+                   bytes_sent=sent, bytes_received=received, pname=text, parent=text,
+                   user=text, rhost=text, status=text)  # fmt: skip
+    doc = document(row)
+    assert problems(doc) == []
+    assert ("server" in doc) == (direction == "listen")
+    if "duration" in doc["event"]:
+        assert event == "close"
