@@ -29,15 +29,17 @@ setup(
     install_requires=["psutil>=5.9"],
     extras_require={
         "geoip": ["maxminddb>=2"],
-        # the tests build their own small GeoIP databases with mmdb-writer, check that the
-        # files the generators make are current, and install histstat offline (setuptools
-        # and wheel: a venv of Python 3.12 or newer has neither); CI checks types and lint
-        # with the same install
+        # the tests build their own small GeoIP databases with mmdb-writer, check the
+        # Community IDs of --ecs against the reference implementation (communityid),
+        # check that the files the generators make are current, and install histstat
+        # offline (setuptools and wheel: a venv of Python 3.12 or newer has neither); CI
+        # checks types and lint with the same install
         "test": [
             "pytest>=7",
             "hypothesis>=6",
             "maxminddb>=2",
             "mmdb-writer>=0.2",
+            "communityid>=1.5",
             "mypy>=1.8",
             "types-psutil",
             "ruff>=0.4",

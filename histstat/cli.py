@@ -32,6 +32,7 @@ from histstat.option_values import (
     positive_seconds,
 )
 from histstat.output import FORMATS
+from histstat.output.ecs import ECS_VERSION
 from histstat.output.format import ALL_FIELDS, GEO_FIELDS, HASH_FIELDS
 from histstat.output.syslog import (
     DEFAULT_FACILITY,
@@ -122,6 +123,13 @@ def get_parser() -> _Parser:
     style.add_argument("-j", "--json", action="store_true", help="NDJSON: one JSON object per line")
     style.add_argument(
         "--csv", action="store_true", help="RFC 4180 CSV with a header, safe for spreadsheets"
+    )
+    style.add_argument(
+        "--ecs",
+        action="store_true",
+        help=f"NDJSON documents in the Elastic Common Schema (ECS {ECS_VERSION}), for "
+        "Elasticsearch and OpenSearch: source is the end that opened the connection, "
+        "with a Community ID; not with -f (docs/ecs.md)",
     )
     parser.add_argument(
         "-q",
@@ -351,11 +359,11 @@ def parse_config(argv: list[str] | None = None) -> Config:
         )
     if args.skip_existing and args.once:
         parser.error("--skip-existing leaves out all that --once would show: use one of them")
-    output = next(
-        (name for name, on in (("json", args.json), ("pretty", args.prettify), ("csv", args.csv))
-         if on),
-        "plain",
-    )  # fmt: skip
+    if args.fields and args.ecs:
+        parser.error("-f/--fields does not apply to --ecs: its documents have ECS's shape")
+    chosen = (("json", args.json), ("pretty", args.prettify), ("csv", args.csv),
+              ("ecs", args.ecs))  # fmt: skip
+    output = next((name for name, on in chosen if on), "plain")
     hashes = args.hash or bool(args.fields and set(args.fields) & set(HASH_FIELDS))
     default_fields = FORMATS[output].default_fields
     return Config(

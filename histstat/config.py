@@ -12,7 +12,7 @@ from histstat.filters import RowFilter
 class Config:
     interval: float
     log: str | None
-    output: str  # a name of histstat.output.FORMATS: plain, pretty, json or csv
+    output: str  # a name of histstat.output.FORMATS: plain, pretty, json, csv or ecs
     quiet: bool
     hashes: bool
     fields: tuple[str, ...] = ()

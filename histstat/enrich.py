@@ -1,10 +1,13 @@
-"""Process facts for a pid (name, user, command line, executable), through a cache."""
+"""Process facts for a pid (name, user, command line, executable, parent), through a
+cache."""
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import sys
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, Callable, TypeVar
 
@@ -69,9 +72,40 @@ def cut_command(command: str | None, limit: int) -> tuple[str | None, int | None
     return command, length
 
 
-def _command(proc: psutil.Process) -> str | None:
+def cut_arguments(args: Sequence[str] | None, limit: int) -> tuple[str, ...] | None:
+    """The arguments cut as ``cut_command`` cuts the command they make joined by spaces:
+    the argument in which the limit falls is cut there and ends with the marker, the
+    ones after it are left out, so " ".join of the result is always the command as
+    shown. ``limit`` 0 keeps them whole."""
+    if args is None:
+        return None
+    length = sum(map(len, args)) + max(len(args) - 1, 0)
+    if not limit or length <= limit:
+        return tuple(args)
+    return cut_arguments_at(args, limit, COMMAND_MARKER.format(removed=length - limit))
+
+
+def cut_arguments_at(args: Sequence[str], keep: int, marker: str) -> tuple[str, ...]:
+    """The arguments whose join by spaces is the first ``keep`` characters of theirs,
+    the last one kept ending with ``marker``."""
+    kept = []
+    room = keep
+    for arg in args:
+        if len(arg) >= room:
+            kept.append(arg[:room] + marker)
+            break
+        kept.append(arg)
+        room -= len(arg) + 1  # and the space that joins it to the next
+    return tuple(kept) if kept else (marker,)
+
+
+def _arguments(proc: psutil.Process) -> list[str] | None:
     args = proc.cmdline()
-    return as_utf8(" ".join(args)) if args else None
+    return [as_utf8(arg) or "" for arg in args] if args else None
+
+
+def _ppid(proc: psutil.Process) -> int | None:
+    return _field(proc.ppid)
 
 
 def executable_path(proc: psutil.Process) -> str | None:
@@ -100,14 +134,22 @@ def executable_to_hash(pid: int, exe: str | None) -> str | None:
 def read_process_facts(proc: psutil.Process, command_limit: int = COMMAND_LIMIT) -> ProcessFacts:
     """Every fact independently, through psutil: AccessDenied on one leaves the others
     intact."""
-    command, length = cut_command(_field(lambda: _command(proc)), command_limit)
+    args = _field(lambda: _arguments(proc))
+    command, length = cut_command(" ".join(args) if args else None, command_limit)
     return ProcessFacts(
         name=as_utf8(_field(proc.name)),
         user=as_utf8(_field(proc.username) or None),
         command=command,
         exe=executable_path(proc),
         command_length=length,
+        ppid=_ppid(proc),
+        args=cut_arguments(args, command_limit),
     )
+
+
+def read_process_name(proc: psutil.Process) -> str | None:
+    """The name alone, as ``read_process_facts`` reads it."""
+    return as_utf8(_field(proc.name))
 
 
 # The kernel keeps at most this many bytes of a process name (TASK_COMM_LEN - 1).
@@ -121,9 +163,8 @@ def _proc_file(pid: int, name: str) -> bytes:
         return handle.read()
 
 
-def _linux_arguments(raw: bytes) -> tuple[bytes, bytes]:
-    """(the command line with arguments joined by spaces, the first argument) from the
-    bytes of /proc/<pid>/cmdline, split as psutil splits them.
+def _linux_argv(raw: bytes) -> list[bytes]:
+    """The arguments in the bytes of /proc/<pid>/cmdline, split as psutil splits them.
 
     Read as bytes, because psutil reads the file as text with universal newlines, which
     turns CR and CRLF inside arguments into LF. Arguments end with NUL; a process that
@@ -133,8 +174,15 @@ def _linux_arguments(raw: bytes) -> tuple[bytes, bytes]:
     if raw.endswith(separator):
         raw = raw[:-1]
     if separator == b" " or (b"\0" not in raw and b" " in raw):
-        return raw, raw.split(b" ", 1)[0]
-    return raw.replace(b"\0", b" "), raw.split(b"\0", 1)[0]
+        return raw.split(b" ")
+    return raw.split(b"\0")
+
+
+def _linux_arguments(raw: bytes) -> tuple[bytes, bytes]:
+    """(the command line with arguments joined by spaces, the first argument) from the
+    bytes of /proc/<pid>/cmdline (see ``_linux_argv``)."""
+    argv = _linux_argv(raw)
+    return b" ".join(argv), argv[0]
 
 
 def _linux_name(pid: int, first_argument: bytes | None) -> str:
@@ -156,10 +204,13 @@ def read_linux_process_facts(
     """Like ``read_process_facts``, but the name and the command line come from /proc as
     bytes: every byte as the process set it, decoded as UTF-8."""
     raw = _field(lambda: _proc_file(proc.pid, "cmdline"))
-    command = first = None
+    command = first = args = None
     if raw:  # empty for kernel threads and zombies
-        joined, first = _linux_arguments(raw)
-        command = joined.decode("utf-8", "surrogateescape")
+        # NUL and space are never part of a UTF-8 sequence: each argument decodes alone
+        argv = _linux_argv(raw)
+        first = argv[0]
+        args = [arg.decode("utf-8", "surrogateescape") for arg in argv]
+        command = " ".join(args)
     command, length = cut_command(command, command_limit)
     return ProcessFacts(
         name=_field(lambda: _linux_name(proc.pid, first)),
@@ -167,11 +218,30 @@ def read_linux_process_facts(
         command=command,
         exe=executable_path(proc),
         command_length=length,
+        ppid=_ppid(proc),
+        args=cut_arguments(args, command_limit),
     )
 
 
+def read_linux_process_name(proc: psutil.Process) -> str | None:
+    """The name alone, as ``read_linux_process_facts`` reads it."""
+    raw = _field(lambda: _proc_file(proc.pid, "cmdline"))
+    first = _linux_argv(raw)[0] if raw else None
+    return _field(lambda: _linux_name(proc.pid, first))
+
+
 # Where the name and command line come from on this platform.
-PROCESS_FACTS = read_linux_process_facts if sys.platform.startswith("linux") else read_process_facts
+_ON_LINUX = sys.platform.startswith("linux")
+PROCESS_FACTS = read_linux_process_facts if _ON_LINUX else read_process_facts
+PROCESS_NAME = read_linux_process_name if _ON_LINUX else read_process_name
+
+
+def start_time(created: float | None) -> datetime.datetime | None:
+    """A process's start (epoch seconds) as local time with its UTC offset, like the
+    rows' timestamps."""
+    if created is None:
+        return None
+    return datetime.datetime.fromtimestamp(created).astimezone()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -185,11 +255,27 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
+@functools.lru_cache(maxsize=1024)
+def user_id(name: str) -> int | None:
+    """The uid of the login ``name`` (the inverse of ``user_name``: a name that is a
+    number is that uid when no login has it); None when unknown (POSIX only)."""
+    try:
+        import pwd
+
+        return pwd.getpwnam(name).pw_uid
+    except ImportError:
+        return None
+    except (KeyError, ValueError):  # no such login; a NUL or undecodable byte in it
+        return int(name) if name.isascii() and name.isdigit() else None
+
+
 class ProcessCache:
     """Process facts keyed by (pid, create time), so a reused pid is never confused.
 
-    Entries for pids that no longer own a socket are dropped by ``retain``, which keeps
-    the cache as small as the socket table on a machine that runs for weeks.
+    A process's parent is the one it had when first read: its pid and its name, also
+    read once per (pid, create time). Entries for pids that no longer own a socket are
+    dropped by ``retain``, and parent names with them, which keeps the cache as small as
+    the socket table on a machine that runs for weeks.
     """
 
     def __init__(
@@ -198,13 +284,17 @@ class ProcessCache:
         process: Callable[[int], psutil.Process] = psutil.Process,
         command_limit: int = COMMAND_LIMIT,
         read: Callable[..., ProcessFacts] = PROCESS_FACTS,
+        read_name: Callable[[psutil.Process], str | None] = PROCESS_NAME,
     ) -> None:
         self._hasher = hasher
         self._process = process
         self._command_limit = command_limit
         self._read = read
+        self._read_name = read_name
         # pid → [its start time, its facts, its hashes (a future) once asked for]
         self._entries: dict[int, list[Any]] = {}
+        # pid → (its start time, its name), for parents that own no socket
+        self._parent_names: dict[int, tuple[float, str | None]] = {}
 
     def lookup(self, pid: int | None) -> ProcessFacts:
         """The facts of ``pid``'s process; unknown ones if it is gone."""
@@ -220,9 +310,36 @@ class ProcessCache:
         if cached is not None and created is not None and cached[0] == created:
             return cached[1]
         facts = self._read(proc, self._command_limit)
+        facts = facts._replace(
+            started=start_time(created), parent=self._parent_name(facts.ppid, created)
+        )
         if created is not None:
             self._entries[pid] = [created, facts, None]
         return facts
+
+    def _parent_name(self, ppid: int | None, child_created: float | None) -> str | None:
+        """The name of process ``ppid``, the parent of a process started at
+        ``child_created``; None when it is gone, hidden, or started after its child
+        (then it is another process that took a dead parent's pid)."""
+        if ppid is None or ppid <= 0:  # 0: the kernel started it
+            return None
+        try:
+            parent = self._process(ppid)
+        except _PROCESS_GONE_OR_HIDDEN as exc:
+            note_shortage(exc)
+            return None
+        created = _field(parent.create_time)
+        if created is None or (child_created is not None and created > child_created):
+            return None
+        cached = self._entries.get(ppid)
+        if cached is not None and cached[0] == created:
+            return cached[1].name
+        known = self._parent_names.get(ppid)
+        if known is not None and known[0] == created:
+            return known[1]
+        name = self._read_name(parent)
+        self._parent_names[ppid] = (created, name)
+        return name
 
     def hashes(self, pid: int | None, facts: ProcessFacts) -> Future[Hashes] | None:
         """A future of the Hashes of the executable behind ``facts`` (None: no hashing,
@@ -251,6 +368,9 @@ class ProcessCache:
         """Forget processes that own no socket any more."""
         for pid in [pid for pid in self._entries if pid not in live_pids]:
             del self._entries[pid]
+        parents = {entry[1].ppid for entry in self._entries.values()}
+        for pid in [pid for pid in self._parent_names if pid not in parents]:
+            del self._parent_names[pid]
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -47,6 +47,10 @@ def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime, **m
         command=facts.command,
         command_length=facts.command_length,
         exe=facts.exe,
+        ppid=facts.ppid,
+        parent=facts.parent,
+        args=facts.args,
+        started=facts.started,
         md5=None,
         sha256=None,
         timestamp=seen,
@@ -109,7 +113,8 @@ class Poller:
         seen = datetime.datetime.now().astimezone()
         now = time.monotonic()
         new, gone = self._tracker.changes(self._source.snapshot(), now)
-        if self._skip_existing and not self._polled:
+        first = not self._polled
+        if self._skip_existing and first:
             self._existing = {conn[:5] for conn in new}
         elif self._existing and any(conn[:5] in self._existing for conn in gone):
             self._existing &= {conn[:5] for conn in self._tracker.current}
@@ -131,7 +136,7 @@ class Poller:
             if conn.status == "LISTEN":
                 self._listeners.opened(conn)
         for conn in new:
-            row = self._open_row(conn, seen, now, shown=conn[:5] not in self._existing)
+            row = self._open_row(conn, seen, now, conn[:5] not in self._existing, first)
             if row is not None:
                 rows.append(row)
         self._endpoints.forget_expired(now)
@@ -176,9 +181,17 @@ class Poller:
             owner = owner._replace(facts=facts, hashes=self._processes.hashes(owner.pid, facts))
         return owner
 
-    def _open_row(self, conn: Connection, seen: datetime.datetime, now: float, shown: bool = True):
+    def _open_row(
+        self,
+        conn: Connection,
+        seen: datetime.datetime,
+        now: float,
+        shown: bool = True,
+        from_start: bool = False,
+    ):
         """The open row of a new connection; None when the filters leave it out, or when
-        it is not ``shown`` (--skip-existing), learnt from then as if it were."""
+        it is not ``shown`` (--skip-existing), learnt from then as if it were.
+        ``from_start``: it was there at histstat's first poll."""
         owner = self._owner(conn)
         pid = owner.pid if owner is not None else conn.pid
         if not self._filter.keeps_connection(conn if owner is None else conn._replace(pid=pid)):
@@ -209,6 +222,7 @@ class Poller:
             seen,
             direction=self._listeners.direction(conn, now),
             attribution=attribution,
+            duration_from_start=from_start,
             **(place._asdict() if place is not None else {}),
         )
         fills = []

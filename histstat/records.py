@@ -41,6 +41,10 @@ class ProcessFacts(NamedTuple):
     command: str | None = None  # cut at --command-limit, ending with the marker
     exe: str | None = None
     command_length: int | None = None  # characters of the whole command line
+    ppid: int | None = None  # the parent process when histstat first read this one
+    parent: str | None = None  # the parent's name
+    args: tuple[str, ...] | None = None  # the arguments: " ".join(args) == command
+    started: datetime.datetime | None = None  # local time, with its UTC offset
 
 
 UNKNOWN_PROCESS = ProcessFacts()
@@ -75,7 +79,7 @@ class Row(NamedTuple):
     timestamp: datetime.datetime
     event: str = "open"  # open, or close (--closed)
     duration: float | None = None  # close rows: seconds from first to last poll that saw it
-    duration_from_start: bool | None = None  # close rows: it was there when histstat started
+    duration_from_start: bool | None = None  # it was there when histstat started
     direction: str | None = None  # listen, in, out; None for UDP
     attribution: str | None = None  # socket, earlier; None when the process is unknown
     rhost: str | None = None  # -r: the remote address's PTR name

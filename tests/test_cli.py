@@ -33,6 +33,11 @@ def test_defaults_are_plain_output_every_second():
     )
 
 
+def test_ecs_is_an_output_format_of_its_own():
+    config = parse_config(["--ecs", "--hash", "--closed"])
+    assert (config.output, config.fields, config.hashes) == ("ecs", (), True)
+
+
 def test_flags_become_one_configuration():
     config = parse_config(["-i", "0.25", "-j", "-l", "x.log", "-q", "--hash"])
     assert (config.interval, config.output, config.log, config.quiet, config.hashes) == (
@@ -49,7 +54,8 @@ def test_flags_become_one_configuration():
 
 STATUSES = sorted(getattr(psutil, name) for name in dir(psutil) if name.startswith("CONN_"))
 # Fields -f must list when it refuses one: the original's columns and JSON's extras.
-FIELDS = (*COLUMNS, "exe", "md5", "sha256", "command_length", "timestamp")
+FIELDS = (*COLUMNS, "exe", "md5", "sha256", "command_length", "timestamp", "ppid", "parent",
+          "args", "started")  # fmt: skip
 
 # (argv, what the one error line must name, valid choices it must list). A value is named
 # as argparse quotes it; a misused option by its own spelling.
@@ -62,6 +68,10 @@ USAGE_ERRORS = [
     (["-p", "-j"], ("-p", "-j"), ()),
     (["--csv", "-j"], ("--csv", "-j"), ()),
     (["--csv", "-p"], ("--csv", "-p"), ()),
+    (["--ecs", "-j"], ("--ecs", "-j"), ()),
+    (["--ecs", "--csv"], ("--ecs", "--csv"), ()),
+    (["--ecs", "-f", "pid"], ("-f/--fields", "--ecs"), ()),
+    (["-f", "pid,ppid", "--ecs", "-l", "x.log"], ("-f/--fields", "--ecs"), ()),
     (["-q"], ("-q/--quiet", "-l/--log", "--sqlite"), ()),
     (["-tulpn"], ("-tulpn",), ()),  # netstat habits must fail, never half-work
     (["--inter", "1"], ("--inter",), ()),  # no abbreviated long options

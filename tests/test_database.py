@@ -169,17 +169,18 @@ def test_every_older_schema_is_migrated_keeping_its_rows(tmp_path, version):
     path = tmp_path / "h.db"
     make_database(path, version)
     sink, _ = open_sink(path)
-    new_row = make_row(event="close", duration=2.5, direction="in", command_length=22)
+    new_row = make_row(event="close", duration=2.5, direction="in", command_length=22,
+                       ppid=1, parent="systemd")  # fmt: skip
     sink.write(row_values(new_row))
     sink.close()
     assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert schema_of(path) == schema_of(fresh)  # the same tables, columns and indexes
-    old = [(22, "sshd", "open", None, None, None)] if version else []
+    old = [(22, "sshd", "open", None, None, None, None, None)] if version else []
     assert query(
         path,
-        "SELECT lport, command, event, duration, direction, command_length "
+        "SELECT lport, command, event, duration, direction, command_length, ppid, parent "
         "FROM connections ORDER BY id",
-    ) == [*old, (8000, "python3 -m http.server", "close", 2.5, "in", 22)]
+    ) == [*old, (8000, "python3 -m http.server", "close", 2.5, "in", 22, 1, "systemd")]
 
 
 def test_command_length_is_stored_as_an_integer(tmp_path):
@@ -191,6 +192,18 @@ def test_command_length_is_stored_as_an_integer(tmp_path):
     assert query(path, "SELECT command_length, typeof(command_length) FROM connections") == [
         (100, "integer"),
         (None, "null"),
+    ]
+
+
+def test_parent_is_stored_with_its_sql_types(tmp_path):
+    path = tmp_path / "h.db"
+    sink, _ = open_sink(path)
+    sink.write(row_values(make_row(ppid=1, parent="init\udcff\n")))
+    sink.write(row_values(make_row()))
+    sink.close()
+    assert query(path, "SELECT ppid, typeof(ppid), parent FROM connections ORDER BY id") == [
+        (1, "integer", "init\\xff\n"),
+        (None, "null", None),
     ]
 
 

@@ -101,10 +101,17 @@ def test_json_reports_listener_and_both_ends_ipv4(spawn_child, run_histstat):
     assert v4_rows == [row for row in rows if row["proto"] in ("tcp", "udp")]
     assert_exactly_child_connections(v4_rows, child, v6=False)
     check_json_rows(v4_rows, child, started)
-    # The original's columns, with the connection's story around them (JSON schema).
-    story = ["status", "direction", "attribution"]
-    with_story = [key for column in COLUMNS for key in (story if column == "status" else [column])]
-    assert list(v4_rows[0]) == ["event", *with_story, "command_length", "timestamp"]
+    # The original's columns, with the connection's story around them and the parent
+    # after the process name (JSON schema).
+    around = {
+        "status": ["status", "direction", "attribution"],
+        "pname": ["pname", "ppid", "parent"],
+    }
+    keys = [key for column in COLUMNS for key in around.get(column, [column])]
+    assert list(v4_rows[0]) == ["event", *keys, "command_length", "timestamp"]
+    assert {(row["ppid"], row["parent"]) for row in v4_rows} == {
+        (os.getpid(), psutil.Process().name())
+    }
     assert {row["event"] for row in v4_rows} == {"open"}
     assert {row["attribution"] for row in v4_rows} == {"socket"}
 

@@ -261,7 +261,7 @@ def test_closed_reports_open_and_close_rows_with_the_lifetime(spawn_story, run_h
         assert open_row["command"] == child.command
         assert open_row["pname"] != "story-renamed"
         assert open_row["attribution"] == "socket"
-        assert open_row["duration"] is None and open_row["duration_from_start"] is None
+        assert open_row["duration"] is None and open_row["duration_from_start"] is False
         for name in (*KEY_FIELDS, *PROCESS_FACTS):
             assert close_row[name] == open_row[name], name
         assert close_row["direction"] == open_row["direction"]
@@ -306,6 +306,7 @@ def test_closed_marks_a_connection_older_than_histstat(spawn_story, run_histstat
     limit = lifetime + 2 * INTERVAL_SECONDS + SLACK
     for key in both:
         open_row, close_row = one(opened["json"][key]), one(closed["json"][key])
+        assert open_row["duration_from_start"] is True
         assert close_row["duration_from_start"] is True
         assert 0 <= close_row["duration"] <= limit, (close_row, lifetime)
         assert stamp(close_row) >= stamp(open_row)

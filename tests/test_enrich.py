@@ -1,5 +1,6 @@
 """The process cache: facts per (pid, create time), unknown fields instead of crashes."""
 
+import datetime
 import os
 import pwd
 import subprocess
@@ -13,9 +14,11 @@ from histstat.enrich import (
     ProcessCache,
     _linux_arguments,
     as_utf8,
+    cut_arguments,
     cut_command,
     read_linux_process_facts,
     read_process_facts,
+    read_process_name,
 )
 from histstat.records import UNKNOWN_PROCESS, ProcessFacts
 from support.children import end_child
@@ -30,12 +33,13 @@ class FakeProcess:
 
     reads = 0
 
-    def __init__(self, pid, created=1000.0, name="worker", fail=None, cmdline=None):
+    def __init__(self, pid, created=1000.0, name="worker", fail=None, cmdline=None, ppid=0):
         self.pid = pid
         self._created = created
         self._name = name
         self._fail = fail or {}
         self._cmdline = ["worker", "--serve", "8080"] if cmdline is None else cmdline
+        self._ppid = ppid
 
     def _answer(self, method, value):
         if method in self._fail:
@@ -58,6 +62,9 @@ class FakeProcess:
     def exe(self):
         return self._answer("exe", "/usr/bin/worker")
 
+    def ppid(self):
+        return self._answer("ppid", self._ppid)
+
 
 def factory(*processes):
     """A psutil.Process stand-in that hands out the given processes in turn."""
@@ -75,7 +82,7 @@ def factory(*processes):
 def fake_cache(process) -> ProcessCache:
     """A cache over fake processes, read through psutil's interface (the Linux reader
     reads /proc, where the fakes do not exist)."""
-    return ProcessCache(process=process, read=read_process_facts)
+    return ProcessCache(process=process, read=read_process_facts, read_name=read_process_name)
 
 
 def test_no_pid_gives_unknown_facts():
@@ -180,7 +187,7 @@ def test_command_longer_than_the_limit_is_cut_with_a_marker_and_its_length():
     assert facts.command == "xxxxxxxxxx...[+90 chars]"
     assert facts.command_length == 100
     whole = ProcessCache(process=factory(proc), read=read_process_facts, command_limit=0)
-    assert whole.lookup(FAKE_PID)[2:] == (proc.cmdline()[0] + " " + "y" * 39, None, 100)
+    assert whole.lookup(FAKE_PID)[2:5] == (proc.cmdline()[0] + " " + "y" * 39, None, 100)
     exact = ProcessCache(process=factory(proc), read=read_process_facts, command_limit=100)
     assert exact.lookup(FAKE_PID).command == " ".join(proc.cmdline())
 
@@ -285,3 +292,121 @@ def test_linux_reader_keeps_an_empty_name_and_undecodable_bytes(sleepers):
 )
 def test_arguments_split_as_psutil_splits_them(raw, joined, first):
     assert _linux_arguments(raw) == (joined, first)
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 50])
+def test_arguments_are_cut_where_the_command_is_cut(limit):
+    args = ["ab", "", "cd", "efgh"]  # "ab  cd efgh": 11 characters
+    cut = cut_arguments(args, limit)
+    command, _ = cut_command(" ".join(args), limit)
+    assert " ".join(cut) == command
+    if limit and limit < 11:
+        assert cut[-1].endswith(COMMAND_MARKER.format(removed=11 - limit))
+        assert len(cut) <= len(args)
+    else:
+        assert cut == tuple(args)
+    assert cut_arguments(None, limit) is None
+
+
+def test_facts_carry_arguments_cut_like_the_command():
+    proc = FakeProcess(FAKE_PID, cmdline=["x" * 6, "y y", "z" * 90])  # 101 characters
+    cut = ProcessCache(process=factory(proc), read=read_process_facts, command_limit=10)
+    facts = cut.lookup(FAKE_PID)
+    assert facts.args == ("x" * 6, "y y" + COMMAND_MARKER.format(removed=91))
+    assert " ".join(facts.args) == facts.command
+    whole = ProcessCache(process=factory(proc), read=read_process_facts, command_limit=0)
+    assert whole.lookup(FAKE_PID).args == tuple(proc.cmdline())
+    unknown = FakeProcess(FAKE_PID, fail={"cmdline": psutil.AccessDenied(FAKE_PID)})
+    assert fake_cache(factory(unknown)).lookup(FAKE_PID).args is None
+
+
+def family(*processes):
+    """A psutil.Process stand-in that finds each of ``processes`` by its pid."""
+    by_pid = {proc.pid: proc for proc in processes}
+
+    def make(pid):
+        if pid not in by_pid:
+            raise psutil.NoSuchProcess(pid)
+        return by_pid[pid]
+
+    return make
+
+
+def test_parent_pid_name_and_start_are_read_once_per_process():
+    parent = FakeProcess(FAKE_PID, created=900.0, name="bash")
+    child = FakeProcess(FAKE_PID + 1, created=1000.5, name="curl", ppid=FAKE_PID)
+    cache = fake_cache(family(parent, child))
+    FakeProcess.reads = 0
+    facts = cache.lookup(FAKE_PID + 1)
+    assert (facts.ppid, facts.parent) == (FAKE_PID, "bash")
+    assert facts.started == datetime.datetime.fromtimestamp(1000.5).astimezone()
+    assert facts.started.utcoffset() is not None
+    sibling = FakeProcess(FAKE_PID + 2, created=1001.0, name="wget", ppid=FAKE_PID)
+    cache._process = family(parent, child, sibling)
+    assert cache.lookup(FAKE_PID + 2).parent == "bash"
+    assert FakeProcess.reads == 3  # the parent's name once, each child's once
+
+
+def test_a_parent_that_owns_sockets_is_named_from_its_own_entry():
+    parent = FakeProcess(FAKE_PID, created=900.0, name="sshd")
+    child = FakeProcess(FAKE_PID + 1, created=1000.0, name="bash", ppid=FAKE_PID)
+    cache = fake_cache(family(parent, child))
+    cache.lookup(FAKE_PID)
+    FakeProcess.reads = 0
+    assert cache.lookup(FAKE_PID + 1).parent == "sshd"
+    assert FakeProcess.reads == 1  # the child's name only
+
+
+def test_a_parent_started_after_its_child_is_another_process():
+    """The parent died and its pid went to a newer process: that one is not named."""
+    impostor = FakeProcess(FAKE_PID, created=2000.0, name="impostor")
+    child = FakeProcess(FAKE_PID + 1, created=1000.0, name="orphan", ppid=FAKE_PID)
+    facts = fake_cache(family(impostor, child)).lookup(FAKE_PID + 1)
+    assert (facts.ppid, facts.parent) == (FAKE_PID, None)
+
+
+@pytest.mark.parametrize(
+    "parent",
+    [psutil.NoSuchProcess(FAKE_PID), FakeProcess(FAKE_PID, fail={"name": psutil.AccessDenied()})],
+    ids=["gone", "name-hidden"],
+)
+def test_a_parent_gone_or_hidden_leaves_its_name_unknown(parent):
+    child = FakeProcess(FAKE_PID + 1, created=1000.0, ppid=FAKE_PID)
+
+    def make(pid):
+        found = child if pid == FAKE_PID + 1 else parent
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    facts = fake_cache(make).lookup(FAKE_PID + 1)
+    assert (facts.ppid, facts.parent, facts.name) == (FAKE_PID, None, "worker")
+
+
+def test_parent_names_are_forgotten_with_their_children():
+    parent = FakeProcess(FAKE_PID, created=900.0, name="bash")
+    child = FakeProcess(FAKE_PID + 1, created=1000.0, ppid=FAKE_PID)
+    cache = fake_cache(family(parent, child))
+    cache.lookup(FAKE_PID + 1)
+    cache.retain({FAKE_PID + 1})
+    FakeProcess.reads = 0
+    cache._entries.clear()  # the child read again: its parent's name is still known
+    cache.lookup(FAKE_PID + 1)
+    assert FakeProcess.reads == 1
+    cache.retain(set())
+    assert (len(cache), cache._parent_names) == (0, {})
+
+
+def test_real_child_has_its_parent_arguments_and_start(sleepers):
+    hostile = ["two  spaces", "tab\there", "nl\nline", b"bad-\xff", "\x1b[2J", ""]
+    proc = sleepers([sys.executable, *hostile])
+    facts = ProcessCache().lookup(proc.pid)
+    assert facts.ppid == os.getpid()
+    assert facts.parent == ProcessCache().lookup(os.getpid()).name == psutil.Process().name()
+    assert facts.args[-len(hostile) :] == (
+        "two  spaces", "tab\there", "nl\nline", "bad-\udcff", "\x1b[2J", "",
+    )  # fmt: skip
+    assert " ".join(facts.args) == facts.command
+    created = psutil.Process(proc.pid).create_time()
+    assert facts.started == datetime.datetime.fromtimestamp(created).astimezone()
+    assert abs(facts.started.timestamp() - datetime.datetime.now().timestamp()) < 600

@@ -1,6 +1,7 @@
 """Formatters: one row in, exactly one safe line out, in each format."""
 
 import csv
+import datetime
 import json
 import sys
 import unicodedata
@@ -9,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from histstat.output.ecs import ecs_fields, format_ecs_row
 from histstat.output.format import (
     ALL_FIELDS,
     HIDDEN_RANGES,
@@ -26,7 +28,7 @@ from histstat.output.format import (
 )
 from histstat.output.pretty import format_pretty_row, pretty_fields
 from histstat.records import Row
-from support.rows import sample_row
+from support.rows import SEEN, sample_row
 
 
 def make_row(**changes) -> Row:
@@ -37,6 +39,7 @@ FORMATTERS = [
     pytest.param(format_plain_row, text_fields, id="plain"),
     pytest.param(format_pretty_row, pretty_fields, id="pretty"),
     pytest.param(format_json_row, json_fields, id="json"),
+    pytest.param(format_ecs_row, ecs_fields, id="ecs"),
 ]
 
 HIDDEN = {"Cc", "Cf", "Cs", "Zl", "Zp"}
@@ -88,8 +91,8 @@ def test_json_has_real_types_and_null_for_unknown():
     obj = json.loads(format_json_row(row, json_fields(False)))
     assert list(obj) == [
         "event", "proto", "laddr", "lport", "raddr", "rport", "status", "direction",
-        "attribution", "pid", "pname", "time", "date", "user", "command", "command_length",
-        "timestamp",
+        "attribution", "pid", "pname", "ppid", "parent", "time", "date", "user", "command",
+        "command_length", "timestamp",
     ]  # fmt: skip
     assert obj["event"] == "open"
     assert obj["lport"] == 8000 and obj["pid"] == 4242
@@ -191,6 +194,10 @@ def rows(draw):
         exe=draw(maybe_text),
         md5=draw(maybe_text),
         sha256=draw(maybe_text),
+        parent=draw(maybe_text),
+        args=draw(st.none() | st.lists(hostile_text, min_size=1, max_size=4).map(tuple)),
+        rhost=draw(maybe_text),
+        direction=draw(st.sampled_from([None, "in", "out", "listen"])),
     )
 
 
@@ -274,7 +281,9 @@ def test_every_known_field_has_a_value():
     row = make_row(md5="a" * 32, sha256="b" * 64, event="close", duration=1.5,
                    duration_from_start=False, direction="in", attribution="socket",
                    rhost="localhost", country="DE", asn=64496, as_org="Example",
-                   command_length=27)  # fmt: skip
+                   command_length=27, ppid=1, parent="systemd",
+                   args=("python3", "-m", "http.server", "8000"),
+                   started=SEEN - datetime.timedelta(seconds=90))  # fmt: skip
     obj = json.loads(format_json_row(row, ALL_FIELDS))
     assert list(obj) == list(ALL_FIELDS)
     assert None not in obj.values()
@@ -413,3 +422,48 @@ def test_command_length_is_a_field_of_every_format():
     unknown = make_row(command=None, command_length=None)
     assert format_plain_row(unknown, fields) == "-\t-"
     assert json.loads(format_json_row(unknown, fields))["command_length"] is None
+
+
+def test_parent_args_and_start_in_every_format():
+    started = datetime.datetime(
+        2026, 11, 26, 4, 0, 1, 250000, tzinfo=datetime.timezone(datetime.timedelta(hours=1))
+    )
+    row = make_row(ppid=1, parent="systemd", args=("sh", "-c", "echo 'hi'  there"),
+                   started=started)  # fmt: skip
+    fields = ("ppid", "parent", "args", "started")
+    obj = json.loads(format_json_row(row, fields))
+    assert obj == {
+        "ppid": 1,
+        "parent": "systemd",
+        "args": ["sh", "-c", "echo 'hi'  there"],
+        "started": "2026-11-26T04:00:01.250000+01:00",
+    }
+    readable = """sh -c 'echo '"'"'hi'"'"'  there'"""
+    assert format_plain_row(row, fields).split("\t") == [
+        "1", "systemd", readable, "2026-11-26T04:00:01.250000+01:00",
+    ]  # fmt: skip
+    (cells,) = csv.reader([format_csv_row(row, fields)])
+    assert cells == ["1", "systemd", readable, "2026-11-26T04:00:01.250000+01:00"]
+    unknown = make_row()
+    assert json.loads(format_json_row(unknown, fields)) == dict.fromkeys(fields)
+    assert format_plain_row(unknown, fields) == "-\t-\t-\t-"
+
+
+HOSTILE_ARGUMENT = "x\nforged\trow\x1b[31m\u202e\udcff\x85"
+
+
+@pytest.mark.parametrize("formatter", [format_plain_row, format_csv_row, format_json_row])
+def test_hostile_arguments_and_parent_name_stay_one_safe_line(formatter):
+    row = make_row(parent=HOSTILE_ARGUMENT, args=("evil", HOSTILE_ARGUMENT, "\x00"))
+    line = formatter(row, ("parent", "args"))
+    assert "\n" not in line and "\r" not in line
+    cells = line.split("\t") if formatter is format_plain_row else [line]
+    assert len(cells) == (2 if formatter is format_plain_row else 1)
+    assert [hidden_chars(cell) for cell in cells] == [[]] * len(cells)
+    if formatter is format_json_row:
+        assert json.loads(line) == {
+            "parent": "x\nforged\trow\x1b[31m\u202e\\xff\x85",
+            "args": ["evil", "x\nforged\trow\x1b[31m\u202e\\xff\x85", "\x00"],
+        }
+    else:
+        assert "\\x1b" in line and "\\u202e" in line and "\\xff" in line

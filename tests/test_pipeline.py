@@ -236,6 +236,25 @@ def test_a_gone_connection_gets_a_close_row_repeating_its_open_row():
     assert rows_of(poller) == []
 
 
+def test_open_rows_say_whether_the_connection_was_there_at_the_first_poll():
+    poller = Poller(
+        StaticSource(frozenset({SERVER}), frozenset({SERVER, CLIENT})),
+        ConnectionTracker(),
+        CountingCache(),
+    )
+    (listener,) = rows_of(poller)
+    (client,) = rows_of(poller)
+    assert (listener.duration_from_start, client.duration_from_start) == (True, False)
+
+
+def test_rows_carry_the_process_parent_arguments_and_start():
+    started = datetime.datetime(2026, 11, 26, 11, 0, tzinfo=datetime.timezone.utc)
+    facts = ProcessFacts(name="curl", command="curl -s x", ppid=7, parent="bash",
+                         args=("curl", "-s", "x"), started=started)  # fmt: skip
+    row = make_row(CLIENT, facts, SEEN)
+    assert (row.ppid, row.parent, row.args, row.started) == (7, "bash", facts.args, started)
+
+
 def test_without_closed_nothing_is_written_when_a_connection_goes():
     poller = Poller(
         StaticSource(frozenset({CLIENT}), frozenset()), ConnectionTracker(), CountingCache()

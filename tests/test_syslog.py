@@ -16,6 +16,7 @@ import pytest
 from histstat.cli import parse_config
 from histstat.enrich import COMMAND_MARKER
 from histstat.output.base import SinkError
+from histstat.output.ecs import format_ecs_row
 from histstat.output.format import format_json_row, format_plain_row, json_fields, text_fields
 from histstat.output.syslog import (
     DROP_NOTICE_EVERY,
@@ -234,6 +235,15 @@ def test_argv_is_cut_with_the_command():
     assert len(message) <= size
     assert document["args"][:2] == ["python3", "-c"] and len(document["args"]) == 3
     assert document["args"][2] + "" == document["command"][len("python3 -c ") :]
+
+
+def test_an_ecs_document_holding_the_command_twice_is_fitted_whole():
+    args = ("python3", "-c", "e" * 60_000)
+    message, size = fit(sample_row(command=" ".join(args), args=args), view=format_ecs_row)
+    assert len(message) <= size
+    process = json.loads(message)["process"]
+    assert_cut(process["command_line"], " ".join(args), kept_at_least=500)
+    assert " ".join(process["args"]) == process["command_line"]
 
 
 def test_a_plain_row_is_fitted_too():

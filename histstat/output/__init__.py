@@ -8,6 +8,7 @@ from typing import Any, Callable, NamedTuple
 from histstat.config import Config
 from histstat.environment import Environment
 from histstat.output.base import ReaderGone, Sink, SinkError
+from histstat.output.ecs import ecs_fields, format_ecs_row
 from histstat.output.format import (
     csv_header,
     format_csv_row,
@@ -43,7 +44,10 @@ FORMATS = {
     "pretty": OutputFormat(format_pretty_row, pretty_header, pretty_fields, "\n", True),
     "json": OutputFormat(format_json_row, None, json_fields, "\n", False),
     "csv": OutputFormat(format_csv_row, csv_header, text_fields, "\r\n", False),  # RFC 4180
+    "ecs": OutputFormat(format_ecs_row, None, ecs_fields, "\n", False),
 }
+# The formats programs read: UTF-8 whatever the terminal.
+DATA_FORMATS = ("json", "csv", "ecs")
 
 
 class Output(NamedTuple):
@@ -101,7 +105,7 @@ def build_outputs(config: Config, env: Environment) -> tuple[list[Output], Stdou
             raise SinkError("stdout is closed: give it somewhere to go, or use -q with -l FILE")
         # Data formats are UTF-8 whatever the terminal: jq, collectors and spreadsheet
         # imports read nothing else; text for people follows the terminal.
-        encoding = "utf-8" if config.output in ("json", "csv") else env.stdout_encoding
+        encoding = "utf-8" if config.output in DATA_FORMATS else env.stdout_encoding
         stdout = StdoutSink(env.stdout, encoding, chosen.newline)
         view: Callable[[Row], Any] = file_view
         stdout_header = header

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Callable
@@ -22,9 +24,12 @@ GEO_FIELDS = ("country", "asn", "as_org")
 # Every field a row can show, for -f/--fields.
 ALL_FIELDS = (
     "event", "proto", "laddr", "lport", "raddr", "rport", "rhost", *GEO_FIELDS, "status",
-    "duration", "duration_from_start", "direction", "attribution", "pid", "pname", "time",
-    "date", "user", "exe", "md5", "sha256", "command", "command_length", "timestamp",
+    "duration", "duration_from_start", "direction", "attribution", "pid", "pname", "ppid",
+    "parent", "started", "time", "date", "user", "exe", "md5", "sha256", "command",
+    "command_length", "args", "timestamp",
 )  # fmt: skip
+# The parent process's fields, after pname among JSON's keys.
+PARENT_FIELDS = ("ppid", "parent")
 
 
 UNKNOWN = "-"
@@ -98,12 +103,15 @@ def json_fields(
     with_hashes: bool, closed: bool = False, resolve: bool = False, geoip: bool = False
 ) -> tuple[str, ...]:
     """The JSON keys in order: event, the text columns with direction and attribution
-    after status (duration and duration_from_start too, with --closed), exe and hashes
-    with --hash, command_length after the command, and the timestamp."""
+    after status (duration and duration_from_start too, with --closed), the parent
+    after pname, exe and hashes with --hash, command_length after the command, and the
+    timestamp."""
     fields = _remote(list(TEXT_FIELDS), resolve, geoip)
     after_status = fields.index("status") + 1
     lifecycle = ["duration", "duration_from_start"] if closed else []
     fields[after_status:after_status] = [*lifecycle, "direction", "attribution"]
+    after_pname = fields.index("pname") + 1
+    fields[after_pname:after_pname] = PARENT_FIELDS
     if with_hashes:
         fields[-1:-1] = JSON_HASH_FIELDS
     return ("event", *fields, "command_length", "timestamp")
@@ -226,11 +234,17 @@ def _json_string(value: str) -> str:
 _json_string_memo = _Memo(_json_string, _MEMO_BUDGET)
 
 
-_VALUE_OF: dict[str, Callable[[Row], str]] = {
+_VALUE_OF: dict[str, Callable[[Row], str | None]] = {
     "time": lambda row: row.timestamp.strftime("%H:%M:%S"),
     "date": lambda row: row.timestamp.strftime("%y-%m-%d"),
     "timestamp": lambda row: row.timestamp.isoformat(timespec="microseconds"),
+    "started": lambda row: iso_time(row.started),
 }
+
+
+def iso_time(when: datetime.datetime | None) -> str | None:
+    """ISO 8601 with microseconds and the UTC offset, as every time histstat writes."""
+    return None if when is None else when.isoformat(timespec="microseconds")
 
 
 def field_value(row: Row, field: str):
@@ -247,6 +261,8 @@ def _text_of(value, field: str, row: Row) -> str:
         return "yes" if value else "no"
     if isinstance(value, str):
         return escape_text(value) if value else EMPTY
+    if isinstance(value, tuple):  # args: quoted as a shell would need them, then escaped
+        return escape_text(shlex.join(value))
     return str(value)
 
 
@@ -305,8 +321,9 @@ def format_csv_row(row: Row, fields: Sequence[str]) -> str:
     return _csv_line([_csv_cell(row, field) for field in fields])
 
 
-def _json_value(value: object) -> str:
-    """One value in JSON, as json.dumps writes it (floats through their repr)."""
+def json_value(value: object) -> str:
+    """One value in JSON, as json.dumps writes it (floats through their repr), with the
+    hidden characters of every string in it escaped: lists, tuples and objects too."""
     if isinstance(value, str):
         return _json_string_memo(value)
     if value is None:
@@ -315,13 +332,38 @@ def _json_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return int.__repr__(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(json_value, value)) + "]"
+    if isinstance(value, dict):
+        return (
+            "{"
+            + ", ".join(_json_key(str(key)) + json_value(item) for key, item in value.items())
+            + "}"
+        )
     return json.dumps(value)
+
+
+def compact_json_value(value: object) -> str | None:
+    """Like ``json_value``, but leaving out the None values of objects and lists, and the
+    objects and lists left empty; None when nothing is left."""
+    if isinstance(value, dict):
+        parts = []
+        for key, item in value.items():
+            text = None if item is None else compact_json_value(item)
+            if text is not None:
+                parts.append(_json_key(key) + text)
+        return "{" + ", ".join(parts) + "}" if parts else None
+    if isinstance(value, (list, tuple)):
+        items = [text for text in map(compact_json_value, value) if text is not None]
+        return "[" + ", ".join(items) + "]" if items else None
+    return None if value is None else json_value(value)
 
 
 _JSON_KEYS: dict[str, str] = {}
 
 
 def _json_key(field: str) -> str:
+    """A key and its colon; keys are histstat's own names, never a process's text."""
     key = _JSON_KEYS.get(field)
     if key is None:
         key = _JSON_KEYS[field] = json.dumps(field) + ": "
@@ -336,6 +378,6 @@ def format_json_row(row: Row, fields: Sequence[str]) -> str:
     write, with hidden characters escaped."""
     return (
         "{"
-        + ", ".join(_json_key(field) + _json_value(field_value(row, field)) for field in fields)
+        + ", ".join(_json_key(field) + json_value(field_value(row, field)) for field in fields)
         + "}"
     )

@@ -44,8 +44,10 @@ WIDTHS = {
     "status": Width(11, 11), "duration": Width(9, 14), "duration_from_start": Width(19, 19),
     "direction": Width(9, 9), "attribution": Width(11, 11),
     "pid": Width(7, 10), "pname": Width(8, 15), "user": Width(8, 12), "exe": Width(20, 40),
+    "ppid": Width(7, 10), "parent": Width(8, 15), "started": Width(32, 32),
     "md5": Width(32, 32), "sha256": Width(64, 64),
     "command": Width(7, 40),  # only where it is not the last column
+    "args": Width(7, 40),
     "command_length": Width(14, 14),
 }  # fmt: skip
 

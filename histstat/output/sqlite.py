@@ -28,14 +28,14 @@ from histstat.output.format import field_value, json_text
 from histstat.output.sinks import warn_if_exposed
 from histstat.records import Row
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Every row field, in the order of the connections table's columns after run_id.
 ROW_COLUMNS = (
     "timestamp", "epoch", "date", "time", "proto", "laddr", "lport", "raddr", "rport",
     "status", "pid", "pname", "user", "command", "exe", "md5", "sha256",
     "event", "duration", "duration_from_start", "direction", "attribution", "rhost",
-    "country", "asn", "as_org", "command_length",
+    "country", "asn", "as_org", "command_length", "ppid", "parent",
 )  # fmt: skip
 
 # MIGRATIONS[n] takes a database from schema version n to n + 1.
@@ -93,6 +93,12 @@ MIGRATIONS = (
     # command. NULL in rows of earlier versions: their commands were never cut.
     """
     ALTER TABLE connections ADD COLUMN command_length INTEGER;
+    """,
+    # 4: the parent process, its pid and name when histstat first read the process.
+    # NULL in rows of earlier versions.
+    """
+    ALTER TABLE connections ADD COLUMN ppid INTEGER;
+    ALTER TABLE connections ADD COLUMN parent TEXT;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION

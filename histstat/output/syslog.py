@@ -11,7 +11,7 @@ import socket
 import time
 from typing import Callable
 
-from histstat.enrich import COMMAND_MARKER
+from histstat.enrich import COMMAND_MARKER, cut_arguments_at
 from histstat.output.base import SinkError
 from histstat.records import Row
 
@@ -113,28 +113,9 @@ def _whole_command(row: Row) -> tuple[str, int]:
     return command, max(whole, len(command))
 
 
-def _cut_args(args: tuple[str, ...], keep: int, marker: str) -> tuple[str, ...]:
-    """The argv whose join by spaces is the first ``keep`` characters of the whole
-    one's, the last argument kept ending with ``marker``."""
-    kept: list[str] = []
-    left = keep
-    for arg in args:
-        if left <= len(arg):
-            kept.append(arg[:left])
-            break
-        kept.append(arg)
-        left -= len(arg) + 1  # the space joining it to the next
-        if left < 0:
-            break
-    if not kept:
-        kept.append("")
-    kept[-1] += marker
-    return tuple(kept)
-
-
 def _shortened(row: Row, kept: str, keep: int, whole: int) -> Row:
     marker = COMMAND_MARKER.format(removed=whole - keep)
-    args = _cut_args(row.args, keep, marker) if row.args else row.args
+    args = cut_arguments_at(row.args, keep, marker) if row.args else row.args
     return row._replace(command=kept[:keep] + marker, args=args)
 
 
