@@ -16,9 +16,11 @@ CLONE_NEWNET = 0x40000000  # linux/sched.h
 NETLINK_SOCK_DIAG = 4  # linux/netlink.h
 
 # Without root, the ns links of other users' processes cannot be read or entered (a ptrace
-# access check), so only histstat's own namespace is watched; the caller says so once.
+# access check, which can refuse root too, e.g. for a supervisor holding capabilities
+# root lacks); those namespaces are not watched, and the caller says so once.
 UNPRIVILEGED_REASON = (
-    "other network namespaces cannot be read without root: only histstat's own is watched"
+    "the network namespaces of some processes cannot be read (that needs root, allowed to"
+    " ptrace them): connections in those namespaces are not shown"
 )
 ENTER_TIMEOUT = 5.0  # seconds for a worker thread to open a socket inside a namespace
 
@@ -180,22 +182,38 @@ class NamespaceDiscovery:
             del self._representative[inode]
 
     def _check_representatives(self) -> None:
-        for inode in list(self._members):
-            members = self._members[inode]
-            pid = self._representative.get(inode)
-            if pid is not None:
-                before = self._known.get(pid)
-                if before is not None and self._learn(pid) == before:
-                    continue
-            # The representative ended, was reused or moved: another member, checked.
-            for candidate in sorted(members):
-                if inode in self._representative:
-                    break
-                now = self._learn(candidate)
-                if now is not None and now[1] == inode:
-                    self._representative[inode] = candidate
-            if not members:
-                del self._members[inode]
+        # A representative found moved files itself under a namespace that may be new
+        # to this call: that one is checked too, until every namespace has one.
+        checked: set[int] = set()
+        while True:
+            unchecked = [
+                inode
+                for inode in self._members
+                if inode not in checked or inode not in self._representative
+            ]
+            if not unchecked:
+                return
+            for inode in unchecked:
+                checked.add(inode)
+                self._check_representative(inode)
+
+    def _check_representative(self, inode: int) -> None:
+        members = self._members.get(inode)
+        if members is None:
+            return
+        pid = self._representative.get(inode)
+        if pid is not None:
+            before = self._known.get(pid)
+            if before is not None and self._learn(pid) == before:
+                return
+        # The representative ended, was reused or moved: another member, checked.
+        for candidate in sorted(members):
+            now = self._learn(candidate)
+            if now is not None and now[1] == inode:
+                self._representative[inode] = candidate
+                return
+        if not members:
+            del self._members[inode]
 
     # The /proc reads, one method each so tests can count or replace them.
     def pids(self) -> list[int]:
