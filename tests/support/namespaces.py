@@ -138,8 +138,8 @@ def docker_like_cgroup():
             with open(os.path.join(scope, "cgroup.procs")) as handle:
                 pids = handle.read().split()
             for pid in pids:
-                with contextlib.suppress(OSError), open(os.path.join(root, "cgroup.procs"), "w") as out:
-                    out.write(pid)
+                with contextlib.suppress(OSError):
+                    join_cgroup(root, int(pid))
 
         def removed() -> bool:
             for path in (scope, slice_, top):
