@@ -17,7 +17,8 @@ from histstat.containers import (
     container_of_path,
     read_container_id,
 )
-from support.namespaces import docker_like_cgroup, join_cgroup
+from histstat.sources.namespaces import NamespaceDiscovery
+from support.namespaces import docker_like_cgroup, join_cgroup, netns_inode, start_netns_child
 
 ID = "4f1e2b3c" * 8  # 64 hex, like every runtime's ids
 OTHER = "0123456789abcdef" * 4
@@ -194,3 +195,15 @@ def test_child_in_a_docker_like_cgroup_has_that_container_id():
             child.stdin.close()
             child.wait()
     assert before != container  # None, unless the tests themselves run in a container
+
+
+def test_namespace_representative_in_a_docker_like_cgroup_has_its_container():
+    with docker_like_cgroup() as (scope, container):
+        child = start_netns_child()
+        try:
+            join_cgroup(scope, child.pid)
+            representative = NamespaceDiscovery().scan()[netns_inode(child.pid)]
+            assert representative == child.pid
+            assert read_container_id(representative) == container
+        finally:
+            child.stop()

@@ -14,6 +14,7 @@ import threading
 
 import pytest
 
+from histstat.sources import namespaces
 from histstat.sources.namespaces import (
     UNPRIVILEGED_REASON,
     NamespaceDiscovery,
@@ -377,3 +378,31 @@ def test_unprivileged_registry_watches_none_and_says_why(netns_children):
         "own": netns_inode("self"),
         "reason": UNPRIVILEGED_REASON,
     }
+
+
+def test_socket_finished_after_the_caller_gave_up_is_closed(monkeypatch):
+    """Entering histstat's own namespace (through its own pid) needs no root: the worker
+    is held inside setns until the caller has timed out, then finishes its socket."""
+    release = threading.Event()
+    done = threading.Event()
+    created: list[socket.socket] = []
+    real_socket = socket.socket
+
+    def held_setns(fd: int, nstype: int) -> None:
+        release.wait(END_TIMEOUT)
+
+    def recorded_socket(*args):
+        created.append(real_socket(*args))
+        done.set()
+        return created[-1]
+
+    monkeypatch.setattr(namespaces, "_setns", held_setns)
+    monkeypatch.setattr(namespaces.socket, "socket", recorded_socket)
+    fds = descriptor_count()
+    own = netns_inode("self")
+    with pytest.raises(TimeoutError):
+        socket_in_namespace(os.getpid(), own, socket.AF_INET, socket.SOCK_DGRAM, 0, timeout=0.05)
+    release.set()
+    wait_for(done.is_set, END_TIMEOUT, "the worker did not finish")
+    wait_for(lambda: created[0].fileno() == -1, END_TIMEOUT, "the late socket stayed open")
+    assert descriptor_count() == fds
