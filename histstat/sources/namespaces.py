@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
@@ -74,10 +75,11 @@ class NamespaceDiscovery:
     incrementally across calls of ``scan``.
 
     A call lists /proc and reads only the pids it has not seen (their start time and ns
-    link). Each representative is checked every call by start time and ns link, so an
-    ended process, or its pid reused, is never kept as the way into a namespace; when it
-    fails another known member takes its place, and a namespace without members is
-    dropped. A process that stays but changes namespace (``unshare``, ``setns``, as
+    link). Each representative's ns link is read again every call, so a process that
+    ended, or a pid now another's in another namespace, is never kept as the way into a
+    namespace (a reused pid in the same namespace is as good a way in); when it fails,
+    another known member, read again, takes its place, and a namespace without members
+    is dropped. A process that stays but changes namespace (``unshare``, ``setns``, as
     ``ip netns exec`` or a container runtime does after fork) is found by a sweep that
     re-reads ``1/SWEEP_CALLS`` of the known pids each call, so within ``SWEEP_CALLS``
     calls. Threads are not looked at: a namespace held only by a thread other than a
@@ -203,10 +205,13 @@ class NamespaceDiscovery:
             return
         pid = self._representative.get(inode)
         if pid is not None:
-            before = self._known.get(pid)
-            if before is not None and self._learn(pid) == before:
-                return
-        # The representative ended, was reused or moved: another member, checked.
+            # Its ns link alone: whichever process has the pid now, if it is in this
+            # namespace it is a way in (and entering checks the namespace again).
+            with contextlib.suppress(PermissionError):
+                if self.namespace_of(pid) == inode:
+                    return
+            self._learn(pid)
+        # The representative ended or moved, or its pid is another's: another member.
         for candidate in sorted(members):
             now = self._learn(candidate)
             if now is not None and now[1] == inode:
