@@ -406,3 +406,17 @@ def test_socket_finished_after_the_caller_gave_up_is_closed(monkeypatch):
     wait_for(done.is_set, END_TIMEOUT, "the worker did not finish")
     wait_for(lambda: created[0].fileno() == -1, END_TIMEOUT, "the late socket stayed open")
     assert descriptor_count() == fds
+
+
+def test_registries_sharing_a_discovery_follow_one_scan(fake_proc):
+    fake_process(fake_proc, 10, 100, 1)
+    fake_process(fake_proc, 11, 100, 2)
+    first = FakeSockets(fake_proc)
+    second = FakeSockets(fake_proc)
+    second.discovery = first.discovery
+    with first, second:
+        held = first.discovery.scan()
+        assert first.update(held) == second.update(held) == ((2,), ())
+        fake_exit(fake_proc, 11)
+        held = first.discovery.scan()
+        assert first.update(held) == second.update(held) == ((), (2,))

@@ -112,7 +112,8 @@ class NamespaceDiscovery:
         return UNPRIVILEGED_REASON if self._denied else None
 
     def scan(self) -> Mapping[int, int]:
-        """namespace inode → a pid that holds it (histstat's own included), as of now."""
+        """namespace inode → a pid that holds it (histstat's own included), as of now: a
+        read-only view that the next call updates."""
         listed = set(self.pids())
         known = self._known
         for pid in known.keys() - listed:
@@ -385,9 +386,12 @@ class NamespaceSockets:
         """Why some namespaces are not watched (for the caller to say once), or None."""
         return self._reason or self.discovery.reason
 
-    def update(self) -> NamespaceChanges:
-        """Open sockets in the namespaces that appeared, close those of the ones gone."""
-        held = self.discovery.scan()
+    def update(self, held: Mapping[int, int] | None = None) -> NamespaceChanges:
+        """Open sockets in the namespaces that appeared, close those of the ones gone.
+        ``held`` is the discovery's latest scan when the caller made it (registries for
+        different sockets may share one discovery); by default this call scans."""
+        if held is None:
+            held = self.discovery.scan()
         closed = []
         for inode in list(self._sockets):
             if inode not in held:
