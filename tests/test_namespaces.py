@@ -420,3 +420,37 @@ def test_registries_sharing_a_discovery_follow_one_scan(fake_proc):
         fake_exit(fake_proc, 11)
         held = first.discovery.scan()
         assert first.update(held) == second.update(held) == ((), (2,))
+
+
+def link_exists(name: str) -> bool:
+    return os.path.exists(f"/sys/class/net/{name}")
+
+
+def test_closing_a_gone_namespaces_socket_frees_the_namespace_and_its_veth(netns_children):
+    """A veth pair between the host and the child's namespace lives as long as that
+    namespace: it outlives the child while the registry's socket holds the namespace,
+    and goes once the registry has closed it."""
+    child = netns_children()
+    host_end = f"hsv{os.urandom(4).hex()}"
+    made = subprocess.run(
+        ["ip", "link", "add", host_end, "type", "veth", "peer", "name", "inside", "netns"]
+        + [str(child.pid)],
+        capture_output=True,
+    )
+    try:
+        assert made.returncode == 0, made.stderr.decode(errors="replace")
+        inode = netns_inode(child.pid)
+        with NamespaceSockets() as registry:
+            assert inode in registry.update().opened
+            child.stop()
+            wait_for(
+                lambda: inode not in registry.discovery.scan(), describe="the child's namespace"
+            )
+            # Kept alive by the registry's socket alone.
+            assert socket_namespace(registry.sockets[inode]) == inode
+            assert link_exists(host_end)
+            assert inode in registry.update().closed
+            wait_for(lambda: not link_exists(host_end), describe=f"{host_end} outlived it")
+    finally:
+        if link_exists(host_end):
+            subprocess.run(["ip", "link", "del", host_end], capture_output=True)
