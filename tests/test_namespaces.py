@@ -134,6 +134,7 @@ def test_unchanged_scan_reads_only_the_sweep_share_and_the_representatives(fake_
         fake_process(fake_proc, pid, 5, 1 if pid < 150 else 2)
     discovery = CountingDiscovery(fake_proc)
     assert dict(discovery.scan()) == {1: 100, 2: 150}
+    discovery.scan()  # reads the pids new at the first call once more
     discovery.reads.clear()
     discovery.scan()
     # 64 processes: 4 swept, then both representatives.
@@ -151,6 +152,18 @@ def test_process_that_changes_namespace_is_found_within_the_sweep(fake_proc):
         if 9 in discovery.scan():
             break
     assert dict(discovery.scan()) == {1: 100, 9: 130}
+
+
+def test_new_process_that_changes_namespace_is_found_at_the_next_scan(fake_proc):
+    for pid in range(100, 164):
+        fake_process(fake_proc, pid, 5, 1)
+    discovery = NamespaceDiscovery(str(fake_proc))
+    discovery.scan()
+    discovery.scan()
+    fake_process(fake_proc, 170, 6, 1)  # forked, not yet unshare()d
+    assert dict(discovery.scan()) == {1: 100}
+    fake_process(fake_proc, 170, 6, 9)
+    assert dict(discovery.scan()) == {1: 100, 9: 170}
 
 
 def test_refused_namespaces_give_the_reason_and_the_others_stay(fake_proc):

@@ -80,10 +80,10 @@ class NamespaceDiscovery:
     namespace (a reused pid in the same namespace is as good a way in); when it fails,
     another known member, read again, takes its place, and a namespace without members
     is dropped. A process that stays but changes namespace (``unshare``, ``setns``, as
-    ``ip netns exec`` or a container runtime does after fork) is found by a sweep that
-    re-reads ``1/SWEEP_CALLS`` of the known pids each call, so within ``SWEEP_CALLS``
-    calls. Threads are not looked at: a namespace held only by a thread other than a
-    process's main thread is not found.
+    ``ip netns exec`` does after fork) is found at the next call when it was new at the
+    previous one, else by a sweep that re-reads ``1/SWEEP_CALLS`` of the known pids each
+    call, so within ``SWEEP_CALLS`` calls. Threads are not looked at: a namespace held
+    only by a thread other than a process's main thread is not found.
     """
 
     SWEEP_CALLS = 16
@@ -100,6 +100,7 @@ class NamespaceDiscovery:
         self._representative: dict[int, int] = {}  # namespace inode → pid
         self._denied: set[int] = set()  # pids whose ns link was refused (not root)
         self._sweep: list[int] = []
+        self._young: list[int] = []  # pids first read by the latest call
 
     @property
     def denied(self) -> int:
@@ -119,11 +120,12 @@ class NamespaceDiscovery:
         for pid in known.keys() - listed:
             self._forget(pid)
         self._denied.intersection_update(listed)
-        for pid in self._sweep_batch():
+        # Pids first read last call are read once more: a process caught between fork
+        # and unshare()/setns() (unshare(1), ip netns exec) is then seen where it went.
+        for pid in self._sweep_batch() + self._young:
             if pid in known:
                 self._learn(pid)
-        for pid in listed.difference(known):
-            self._learn(pid)
+        self._young = [pid for pid in listed.difference(known) if self._learn(pid)]
         self._check_representatives()
         return MappingProxyType(self._representative)
 
