@@ -94,8 +94,8 @@ def container_id(cgroup: str) -> str | None:
     return None
 
 
-def read_container_id(pid: int, proc: str = "/proc") -> str | None:
-    """The container id of a live process; None when it is in none, gone or hidden."""
+def read_cgroup(pid: int, proc: str = "/proc") -> str | None:
+    """The text of /proc/PID/cgroup; None when the process is gone or hidden."""
     try:
         fd = os.open(f"{proc}/{pid}/cgroup", os.O_RDONLY)
         try:
@@ -110,7 +110,13 @@ def read_container_id(pid: int, proc: str = "/proc") -> str | None:
     except OSError as exc:
         note_shortage(exc)
         return None
-    return container_id(b"".join(chunks).decode("utf-8", "replace"))
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def read_container_id(pid: int, proc: str = "/proc") -> str | None:
+    """The container id of a live process; None when it is in none, gone or hidden."""
+    text = read_cgroup(pid, proc)
+    return None if text is None else container_id(text)
 
 
 def _boot_ticks() -> float:
@@ -128,9 +134,11 @@ class ContainerCache:
         start_time: Callable[[int], int | None] | None = None,
         read: Callable[[int], str | None] | None = None,
     ) -> None:
+        """``start_time`` and ``read`` (a process's cgroup text, None when unreadable)
+        replace the /proc reads in tests."""
         self.proc = proc
         self._start_time = start_time or (lambda pid: process_start_time(pid, proc))
-        self._read = read or (lambda pid: read_container_id(pid, proc))
+        self._read = read or (lambda pid: read_cgroup(pid, proc))
         self._settle_ticks = SETTLE_SECONDS * os.sysconf("SC_CLK_TCK")
         self._cache: dict[int, tuple[int, str | None]] = {}  # pid → (start time, id)
 
@@ -145,9 +153,10 @@ class ContainerCache:
         cached = self._cache.get(pid)
         if cached is not None and cached[0] == started:
             return cached[1]
-        found = self._read(pid)
-        if self._start_time(pid) != started:
-            return None  # the pid was reused while its cgroup was read
+        text = self._read(pid)
+        if text is None or self._start_time(pid) != started:
+            return None  # unreadable (maybe for want of a descriptor: asked again), or reused
+        found = container_id(text)
         if _boot_ticks() - started >= self._settle_ticks:
             self._cache[pid] = (started, found)
         return found

@@ -122,13 +122,13 @@ class Counted:
 
 def test_cache_is_keyed_by_pid_and_start_time():
     starts = Counted({10: 1})  # started at boot: long settled
-    reads = Counted({10: ID})
+    reads = Counted({10: f"0::/docker/{ID}\n"})
     cache = ContainerCache(start_time=starts, read=reads)
     assert cache.lookup(10) == ID
     assert cache.lookup(10) == ID
     assert reads.calls == [10]
     starts.answers[10] = 2  # pid 10 reused by a process in another container
-    reads.answers[10] = OTHER
+    reads.answers[10] = f"0::/docker/{OTHER}\n"
     assert cache.lookup(10) == OTHER
     assert reads.calls == [10, 10]
     starts.answers.pop(10)
@@ -141,15 +141,24 @@ def test_young_process_is_read_again_until_settled():
     ticks = os.sysconf("SC_CLK_TCK")
     now = int(float(open("/proc/uptime").read().split()[0]) * ticks)
     starts = Counted({10: now})  # started just now: its runtime may still move it
-    reads = Counted({10: None})
+    reads = Counted({10: "0::/user.slice\n"})
     cache = ContainerCache(start_time=starts, read=reads)
     assert cache.lookup(10) is None
-    reads.answers[10] = ID
+    reads.answers[10] = f"0::/docker/{ID}\n"
+    assert cache.lookup(10) == ID
+
+
+def test_unreadable_cgroup_is_asked_again():
+    reads = Counted({})  # e.g. no descriptor left
+    cache = ContainerCache(start_time=Counted({10: 1}), read=reads)
+    assert cache.lookup(10) is None
+    reads.answers[10] = f"0::/docker/{ID}\n"
     assert cache.lookup(10) == ID
 
 
 def test_retain_drops_ended_pids():
-    cache = ContainerCache(start_time=Counted({10: 1, 11: 1}), read=Counted({10: ID}))
+    reads = Counted({10: f"0::/docker/{ID}\n", 11: "0::/\n"})
+    cache = ContainerCache(start_time=Counted({10: 1, 11: 1}), read=reads)
     cache.lookup(10)
     cache.lookup(11)
     cache.retain({11})
