@@ -333,7 +333,14 @@ def socket_in_namespace(
         daemon=True,
     )
     worker.start()
-    worker.join(timeout)
+    try:
+        worker.join(timeout)
+    except BaseException:  # Ctrl-C while waiting: the socket, made or to come, is closed
+        with handoff.lock:
+            handoff.abandoned = True
+            if handoff.sock is not None:
+                handoff.sock.close()
+        raise
     with handoff.lock:
         handoff.abandoned = True
         sock, error = handoff.sock, handoff.error
