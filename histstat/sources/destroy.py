@@ -16,12 +16,14 @@ from histstat.sources.sock_diag import DESTROY_GROUPS, NETLINK_SOCK_DIAG, parse_
 
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 # The receive buffer asked for. The kernel doubles the value and charges each event's
-# whole allocation (about 640 bytes with the default buffer's 332 events) against it, so
-# 4 MiB keeps about 13,000 events for a reader that falls behind. SO_RCVBUFFORCE
-# (CAP_NET_ADMIN) sets it; otherwise SO_RCVBUF gets what net.core.rmem_max allows.
-RECEIVE_BUFFER = 4 << 20
-# Ends waiting for the caller: the bound on what a caller that never asks can cost
-# (an End and its counters take about 400 bytes).
+# whole allocation against it: about 1,280 bytes for a TCP end (measured on Linux 6.18:
+# 166 ends survived a stalled reader with the default 212,992 bytes, 6,500 with 8 MiB),
+# so 8 MiB (16 MiB charged) keeps about 13,000 ends for a reader that falls behind; the
+# memory is taken only while they wait. SO_RCVBUFFORCE (CAP_NET_ADMIN) sets it;
+# otherwise SO_RCVBUF gets at most net.core.rmem_max (doubled).
+RECEIVE_BUFFER = 8 << 20
+# Ends waiting for the caller, at most: what a caller that does not ask can cost (an End
+# with its counters takes about 400 bytes).
 MAX_QUEUED = 1 << 15
 _DATAGRAM_SIZE = 1 << 16  # a destroy message is under 400 bytes; room for any future one
 _SAFETY_WAKEUP = 1000  # ms: poll() wakes this often even if the wake-up byte were lost
@@ -42,7 +44,7 @@ class DestroyWatcher:
     def __init__(
         self,
         protos: Iterable[str],
-        receive_buffer: int = RECEIVE_BUFFER,
+        receive_buffer: int | None = RECEIVE_BUFFER,
         force_buffer: bool = True,
         max_queued: int = MAX_QUEUED,
         clock: Callable[[], float] = time.time,
@@ -94,14 +96,16 @@ class DestroyWatcher:
         return True
 
     def _size_buffer(self, sock: socket.socket) -> None:
-        if self.force_buffer:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self.receive_buffer)
-                self.buffer_forced = True
-            except OSError:  # EPERM without CAP_NET_ADMIN
-                pass
-        if not self.buffer_forced:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+        """Ask for ``receive_buffer`` bytes (None: leave the kernel's default)."""
+        if self.receive_buffer is not None:
+            if self.force_buffer:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self.receive_buffer)
+                    self.buffer_forced = True
+                except OSError:  # EPERM without CAP_NET_ADMIN
+                    pass
+            if not self.buffer_forced:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
         self.buffer_size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
     def ends(self) -> Ends:
@@ -137,13 +141,14 @@ class DestroyWatcher:
         poller.register(sock.fileno(), select.POLLIN)
         poller.register(wake, select.POLLIN)
         buffer = bytearray(_DATAGRAM_SIZE)
+        addresses: dict[bytes, str] = {}
         try:
             while True:
                 ready = poller.poll(_SAFETY_WAKEUP)
                 if any(fd == wake for fd, _ in ready):
                     return
                 if ready:
-                    self._drain(sock, buffer)
+                    self._drain(sock, buffer, addresses)
         except OSError as exc:  # not foreseen: the caller learns it from ``watching``
             self.error = exc
             with self._lock:
@@ -151,7 +156,7 @@ class DestroyWatcher:
         finally:
             self._running = False
 
-    def _drain(self, sock: socket.socket, buffer: bytearray) -> None:
+    def _drain(self, sock: socket.socket, buffer: bytearray, addresses: dict[bytes, str]) -> None:
         """Receive every datagram waiting, one message each."""
         while True:
             try:
@@ -165,7 +170,7 @@ class DestroyWatcher:
                 with self._lock:
                     self._lost = True
                 continue
-            ends = parse_destroys(buffer, size, self.clock())
+            ends = parse_destroys(buffer, size, self.clock(), addresses)
             if ends:
                 with self._lock:
                     room = self.max_queued - len(self._queue)

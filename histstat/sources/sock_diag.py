@@ -109,6 +109,22 @@ def tcp_counters(info: Buffer) -> TcpCounters | None:
     return TcpCounters(acked, received, sent, retrans)
 
 
+def _info_counters(message: Buffer, start: int, end: int) -> TcpCounters | None:
+    """The counters of the INET_DIAG_INFO attribute of the inet_diag_msg that starts
+    at ``start`` and ends at ``end``; None without one. The dump's walk: it stops at
+    the attribute it wants, and builds no view of the others."""
+    at = start + _DIAG_MESSAGE_END
+    unpack = _ATTRIBUTE.unpack_from
+    while at + 4 <= end:
+        length, kind = unpack(message, at)
+        if length < 4 or at + length > end:
+            return None
+        if kind & _ATTRIBUTE_TYPE == INET_DIAG_INFO:
+            return tcp_counters(memoryview(message)[at + 4 : at + length])
+        at += (length + 3) & ~3
+    return None
+
+
 def attributes(message: Buffer, start: int, end: int) -> dict[int, memoryview]:
     """type → value of the netlink attributes in ``message[start:end]``; a malformed one
     ends the walk (what came before it is kept), and each step moves at least 4 bytes."""
@@ -155,11 +171,14 @@ class SockDiag:
             # The kernel always ends a dump; the timeout only bounds the unforeseen.
             self._sock.settimeout(_DUMP_TIMEOUT)
         try:
-            return self._dump(self._sock, proto, family, protocol, states, endpoints, counters)
+            rows = self._dump(self._sock, proto, family, protocol, states, endpoints, counters)
         except BaseException:
             # A dump cut short leaves its remaining messages queued on the socket.
             self.close()
             raise
+        if _COOKIE_SWAPPED:  # a big-endian machine: rare, so not in the loop
+            rows = [(*row[:8], _swap_halves(row[8] or 0), row[9]) for row in rows]
+        return rows
 
     def _dump(
         self,
@@ -181,7 +200,7 @@ class SockDiag:
         sock.send(header + request)
         buffer = self._buffer
         unpack = _DIAG_ANSWER.unpack_from
-        swapped = _COOKIE_SWAPPED
+        info_counters = _info_counters
         rows: list[DiagRow] = []
         while True:
             size = sock.recv_into(buffer, _RECEIVE_SIZE)
@@ -207,17 +226,6 @@ class SockDiag:
                             ends = endpoints[sockid] = diag_endpoints(sockid, family)
                         if ends is not None:
                             laddr, lport, raddr, rport = ends
-                            if swapped:
-                                cookie = _swap_halves(cookie)
-                            tcp = None
-                            if info:
-                                value = attributes(
-                                    buffer,
-                                    offset + _DIAG_MESSAGE_END,
-                                    min(offset + length, size),
-                                ).get(INET_DIAG_INFO)
-                                if value is not None:
-                                    tcp = tcp_counters(value)
                             rows.append(
                                 (
                                     proto,
@@ -229,7 +237,9 @@ class SockDiag:
                                     inode,
                                     uid,
                                     cookie,
-                                    tcp,
+                                    info_counters(buffer, offset, min(offset + length, size))
+                                    if info
+                                    else None,
                                 )
                             )
                 offset += (length + 3) & ~3
@@ -246,13 +256,16 @@ _PROTOCOLS = {
     (socket.AF_INET6, socket.IPPROTO_UDP): "udp6",
 }
 _UNSPECIFIED = {socket.AF_INET: bytes(4), socket.AF_INET6: bytes(16)}
+_ADDRESS_CACHE_SIZE = 4096  # decoded addresses the reader keeps; then it starts over
 
 
-def parse_destroys(data: Buffer, size: int, received: float) -> list[End]:
+def parse_destroys(
+    data: Buffer, size: int, received: float, addresses: dict[bytes, str] | None = None
+) -> list[End]:
     """The ends in one datagram of the destroy groups (its first ``size`` bytes), each
-    stamped ``received``. Whatever is malformed, short or of another kind is skipped:
-    the kernel sends one message per datagram, so the walk is short and bounded by
-    ``size``.
+    stamped ``received``; ``addresses`` caches decoded addresses between calls.
+    Whatever is malformed, short or of another kind is skipped: the kernel sends one
+    message per datagram, so the walk is short and bounded by ``size``.
 
     An abort (SO_LINGER 0) or a failed connect reaches the kernel's ``tcp_disconnect``,
     which clears the local address, the remote port and the byte counters before the
@@ -261,6 +274,10 @@ def parse_destroys(data: Buffer, size: int, received: float) -> list[End]:
     address the kernel left, and joins by its cookie alone. A socket closed before it
     had a local port gives no end, as no dump shows it.
     """
+    if addresses is None:
+        addresses = {}
+    elif len(addresses) > _ADDRESS_CACHE_SIZE:
+        addresses.clear()
     ends: list[End] = []
     offset = 0
     size = min(size, len(data))
@@ -268,14 +285,21 @@ def parse_destroys(data: Buffer, size: int, received: float) -> list[End]:
         length = NLMSG_HEADER.unpack_from(data, offset)[0]
         if length < NLMSG_HEADER.size or offset + length > size:
             break
-        end = _parse_destroy(data, offset, offset + length, received)
+        end = _parse_destroy(data, offset, offset + length, received, addresses)
         if end is not None:
             ends.append(end)
         offset += (length + 3) & ~3
     return ends
 
 
-def _parse_destroy(data: Buffer, start: int, stop: int, received: float) -> End | None:
+def _decode(addresses: dict[bytes, str], family: int, packed: bytes) -> str:
+    text = addresses[packed] = socket.inet_ntop(family, packed)
+    return text
+
+
+def _parse_destroy(
+    data: Buffer, start: int, stop: int, received: float, addresses: dict[bytes, str]
+) -> End | None:
     if stop - start < _DIAG_MESSAGE_END:
         return None
     kind, family, sport, dport, src, dst, cookie = _DESTROY_MESSAGE.unpack_from(data, start)[1:]
@@ -295,8 +319,8 @@ def _parse_destroy(data: Buffer, start: int, stop: int, received: float) -> End 
         cookie = _swap_halves(cookie)
     unspecified = _UNSPECIFIED[family]
     local, remote = src[: len(unspecified)], dst[: len(unspecified)]
-    laddr: str | None = socket.inet_ntop(family, local)
-    raddr: str | None = socket.inet_ntop(family, remote)
+    laddr: str | None = addresses.get(local) or _decode(addresses, family, local)
+    raddr: str | None = addresses.get(remote) or _decode(addresses, family, remote)
     rport = int.from_bytes(dport, "big") or None
     info = found.get(INET_DIAG_INFO)
     counters = None if info is None else tcp_counters(info)
