@@ -2,7 +2,7 @@
 
 Run from the repository root, with the Python of a venv where histstat is installed:
 
-    python benchmarks/events.py                       # all three parts (~1 min)
+    python benchmarks/events.py                       # all four parts (~2 min)
     python benchmarks/events.py --before /tmp/base    # also the dump of the code in
                                                       # /tmp/base (a checkout to compare)
     python benchmarks/events.py --parts dump --pairs 5000
@@ -13,6 +13,9 @@ Parts:
   PAIRS loopback connections held by a helper process, for this code with and without
   counters and, with --before, for another checkout's code; each measured in its own
   process, alternating, ROUNDS times (the median is printed).
+* parse: the Python side of a dump alone: one recorded IPv4 TCP dump (PAIRS connections
+  held) replayed through a fake socket to this code's dump loop and, with --before, to
+  the other checkout's, ROUNDS times each, alternating.
 * cost: CPU of the destroy reader thread (its own CPU clock) while a helper makes
   CONNECTIONS loopback connections (each closed normally, both ends) in about 2 s, per
   event received; and whether every one of the helper's sockets ended exactly once.
@@ -27,6 +30,7 @@ other programs' ends arrive too: run it on an otherwise quiet machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +38,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -62,6 +67,38 @@ rows = len(call())
 calls, start = 0, time.process_time()
 while time.process_time() - start < float(sys.argv[2]) or calls < 5:
     call()
+    calls += 1
+print(json.dumps({"ms": 1000 * (time.process_time() - start) / calls, "rows": rows}))
+"""
+
+# The Python side of a dump alone: the same recorded datagrams (argv[1], a JSON list of
+# hex strings) parsed again and again by the checkout's dump loop through a fake socket.
+PARSE_PROBE = """
+import json, socket, sys, time
+datagrams = [bytes.fromhex(h) for h in json.load(open(sys.argv[1]))]
+try:
+    from histstat.sources.sock_diag import SockDiag
+    diag = SockDiag()
+    run = lambda sock, cache: diag._dump(sock, "tcp", 2, 6, {}, cache, False)
+except ImportError:  # the code before sources/sock_diag.py
+    from histstat.sources.linux import _SockDiag
+    diag = _SockDiag()
+    run = lambda sock, cache: diag._dump(sock, "tcp", 2, 6, True, cache)
+class Replay:
+    def __init__(self):
+        self.left = list(datagrams)
+    def send(self, data):
+        pass
+    def recv_into(self, buffer, size):
+        data = self.left.pop(0)
+        buffer[: len(data)] = data
+        return len(data)
+cache = {}
+rows = 0
+calls, start = 0, time.process_time()
+while time.process_time() - start < float(sys.argv[2]) or calls < 5:
+    diag._seq = 0  # the recording answered sequence number 1
+    rows = len(run(Replay(), cache))
     calls += 1
 print(json.dumps({"ms": 1000 * (time.process_time() - start) / calls, "rows": rows}))
 """
@@ -117,6 +154,64 @@ def measure_dump(root: str, counters: bool, seconds: float) -> dict:
         cwd="/",
     )
     return json.loads(done.stdout)
+
+
+def record_dump(path: str) -> int:
+    """Record the datagrams of one IPv4 TCP dump (sequence number 1) into ``path``."""
+    from histstat.sources.sock_diag import _DIAG_REQUEST, _NLM_F_REQUEST_DUMP, NLMSG_HEADER
+
+    request = _DIAG_REQUEST.pack(socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFE)
+    header = NLMSG_HEADER.pack(NLMSG_HEADER.size + len(request), 20, _NLM_F_REQUEST_DUMP, 1, 0)
+    datagrams = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
+        sock.send(header + request)
+        while True:
+            data = sock.recv(1 << 16)
+            datagrams.append(data.hex())
+            if NLMSG_HEADER.unpack_from(data, len(data) - NLMSG_HEADER.size - 4)[1] == 3:
+                break
+    with open(path, "w") as handle:
+        json.dump(datagrams, handle)
+    return len(datagrams)
+
+
+def parse_part(args) -> None:
+    procs = bench.Processes()
+    path = os.path.join(tempfile.mkdtemp(), "dump.json")
+    try:
+        holder = procs.helper("hold", args.pairs)
+        bench.read_line(holder, 120)
+        record_dump(path)
+        variants = [("this code", ROOT)]
+        if args.before:
+            variants.insert(0, ("before", args.before))
+        results: dict = {name: [] for name, _ in variants}
+        rows: dict = {}
+        for _ in range(args.rounds):
+            for name, root in variants:
+                done = subprocess.run(
+                    [sys.executable, "-c", PARSE_PROBE, path, str(args.seconds)],
+                    env=dict(os.environ, PYTHONPATH=root),
+                    capture_output=True,
+                    check=True,
+                    cwd="/",
+                )
+                measured = json.loads(done.stdout)
+                results[name].append(measured["ms"])
+                rows[name] = measured["rows"]
+        print(f"\n#### Parse: one recorded IPv4 TCP dump replayed, {args.pairs} connections\n")
+        print("| code | rows | ms per dump: median | min | / first (median, min) |")
+        print("|---|---|---|---|---|")
+        first = results[variants[0][0]]
+        for name, _ in variants:
+            median, least = statistics.median(results[name]), min(results[name])
+            ratios = f"{median / statistics.median(first):.2f}×, {least / min(first):.2f}×"
+            print(f"| {name} | {rows[name]:,} | {median:.2f} | {least:.2f} | {ratios} |")
+    finally:
+        procs.stop_all()
+        with contextlib.suppress(OSError):
+            os.remove(path)
+            os.rmdir(os.path.dirname(path))
 
 
 def dump_part(args) -> None:
@@ -279,7 +374,7 @@ def stall_part(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="dump,cost,stall")
+    parser.add_argument("--parts", default="dump,parse,cost,stall")
     parser.add_argument("--before", help="root of a checkout whose dump to compare")
     parser.add_argument("--pairs", type=int, default=5000, help="held connections (dump)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -297,6 +392,8 @@ def main() -> None:
     parts = args.parts.split(",")
     if "dump" in parts:
         dump_part(args)
+    if "parse" in parts:
+        parse_part(args)
     if "cost" in parts:
         cost_part(args)
     if "stall" in parts:

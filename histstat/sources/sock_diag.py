@@ -53,6 +53,7 @@ _BYTES_ACKED_AT = 120
 _BYTES_SENT_AT = 200
 _BYTES_RETRANS_AT = 208
 _U64 = struct.Struct("=Q")
+_new = tuple.__new__
 
 Endpoints = tuple[str, int, Optional[str], Optional[int]]  # laddr, lport, raddr, rport
 # A dumped socket: (proto, laddr, lport, raddr, rport, status, inode, uid, cookie,
@@ -120,6 +121,13 @@ def _info_counters(message: Buffer, start: int, end: int) -> TcpCounters | None:
         if length < 4 or at + length > end:
             return None
         if kind & _ATTRIBUTE_TYPE == INET_DIAG_INFO:
+            if length - 4 >= _BYTES_RETRANS_AT + 8:  # the whole of today's tcp_info
+                value = at + 4
+                unpack_pair = _BYTES_ACKED_RECEIVED.unpack_from
+                acked, received = unpack_pair(message, value + _BYTES_ACKED_AT)
+                sent, retrans = unpack_pair(message, value + _BYTES_SENT_AT)
+                # tuple.__new__: the NamedTuple without its slower Python-level __new__.
+                return _new(TcpCounters, (acked, received, sent, retrans))
             return tcp_counters(memoryview(message)[at + 4 : at + length])
         at += (length + 3) & ~3
     return None
