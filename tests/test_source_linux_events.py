@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support.waiting import DEFAULT_TIMEOUT, wait_for
+from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT, wait_for
 
 if not sys.platform.startswith("linux"):
     pytest.skip("sock_diag is Linux's", allow_module_level=True)
@@ -414,7 +414,9 @@ def _destroy_threads() -> list:
     return [thread for thread in threading.enumerate() if thread.name == "histstat-destroy"]
 
 
-def test_close_leaves_no_thread_and_no_descriptor():
+def test_close_leaves_no_thread_and_no_descriptor(monkeypatch):
+    # Without its wake-up pipe the reader would wait in poll() for ten minutes.
+    monkeypatch.setattr(destroy, "_SAFETY_WAKEUP", 600_000)
     before_fds, before_threads = set(os.listdir("/proc/self/fd")), _destroy_threads()
     source = LinuxSource()
     assert not source.watches_ends()  # joined by the first snapshot, not before
@@ -422,7 +424,10 @@ def test_close_leaves_no_thread_and_no_descriptor():
     assert source.watches_ends()
     assert len(_destroy_threads()) == len(before_threads) + 1
     assert len(_netlink_fds()) >= 2  # the dump's socket and the watcher's
-    source.close()
+    closing = threading.Thread(target=source.close)
+    closing.start()
+    closing.join(END_TIMEOUT)
+    assert not closing.is_alive(), "close() still waits for the reader"
     assert _destroy_threads() == before_threads
     assert not source.watches_ends()
     assert set(os.listdir("/proc/self/fd")) == before_fds

@@ -149,8 +149,9 @@ class DestroyWatcher:
                     return
                 if ready:
                     self._drain(sock, buffer, addresses)
-        except OSError as exc:  # not foreseen: the caller learns it from ``watching``
-            self.error = exc
+        except Exception as exc:  # noqa: BLE001 - a thread's traceback would reach stderr
+            # Not foreseen: the caller learns it from ``watching`` and ``lost``.
+            self.error = exc if isinstance(exc, OSError) else OSError(str(exc))
             with self._lock:
                 self._lost = True
         finally:
