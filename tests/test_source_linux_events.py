@@ -221,6 +221,24 @@ def test_a_connection_seen_open_ends_with_its_cookie_endpoints_and_counters(
     )
 
 
+def test_the_time_wait_remainder_keeps_the_cookie_a_dump_saw(watching, listener):
+    # The kernel copies the full socket's cookie into its TIME_WAIT remainder only if
+    # one was assigned: a dump while it was open assigns it.
+    source = watching()
+    collected = Collected(source)
+    client, accepted = connect(listener)
+    port, peer = listener.getsockname()[1], client.getsockname()[1]
+    cookie = by_port(source.snapshot(), port, peer)[(peer, port)].cookie
+    client.close()
+    collected.wait([cookie])
+    accepted.close()
+    remainder = wait_for(
+        lambda: by_port(source.snapshot(), peer).get((peer, port)),
+        describe="no TIME_WAIT remainder",
+    )
+    assert (remainder.status, remainder.cookie) in {("FIN_WAIT2", cookie), ("TIME_WAIT", cookie)}
+
+
 def test_an_abort_ends_with_its_cookie_and_the_fields_the_kernel_cleared(watching, listener):
     source = watching()
     collected = Collected(source)
