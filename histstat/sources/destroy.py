@@ -92,7 +92,14 @@ class DestroyWatcher:
         self._sock = sock
         self._running = True
         self._thread = threading.Thread(target=self._read, name="histstat-destroy", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as exc:  # no thread left to the process
+            self._running = False
+            self._thread = None
+            self.error = OSError(str(exc))
+            self.close()
+            return False
         return True
 
     def _size_buffer(self, sock: socket.socket) -> None:

@@ -283,7 +283,8 @@ class SocketOwners:
 
 class LinuxSource:
     """The Linux source: sock_diag netlink dumps (else /proc/net files) for the socket
-    table, with each socket's inode and owner uid, and ``SocketOwners`` for the pids."""
+    table, with each socket's inode, owner uid and cookie (and byte counters when asked),
+    ``SocketOwners`` for the pids, and the kernel's destroy broadcasts for the ends."""
 
     name = "linux"
 
