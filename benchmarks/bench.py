@@ -410,8 +410,13 @@ def original_diff_cpu(target: float, single: bool) -> float:
     return cpu_per_call(diff, target, min_calls=1, max_calls=1 if single else 500)
 
 
+OPENED_SOURCES: list = []  # closed at the end: the Linux source holds a reader thread
+
+
 def make_poller(factory) -> Poller:
-    return Poller(factory(), ConnectionTracker(), ProcessCache())
+    source = factory()
+    OPENED_SOURCES.append(source)
+    return Poller(source, ConnectionTracker(), ProcessCache())
 
 
 def available_sources() -> dict:
@@ -420,11 +425,14 @@ def available_sources() -> dict:
     if LinuxSource is None:
         print("note: histstat.source_linux.LinuxSource cannot be imported: linux source skipped")
         return sources
+    probe = LinuxSource()
     try:
-        LinuxSource().snapshot()
+        probe.snapshot()
     except Exception as exc:  # noqa: BLE001 - any failure means: not measurable here
         print(f"note: LinuxSource does not work here ({exc!r}): linux source skipped")
         return sources
+    finally:
+        probe.close()
     sources["linux"] = LinuxSource
     return sources
 
@@ -830,6 +838,8 @@ def main(argv: list | None = None) -> int:
         print("\ninterrupted: stopping helper processes", file=sys.stderr)
         return 130
     finally:
+        for source in OPENED_SOURCES:
+            source.close()
         procs.stop_all()
     print(f"\n(benchmark took {time.monotonic() - started:.0f} s)")
     return 0

@@ -146,6 +146,10 @@ def test_a_source_reads_only_the_protocols_asked_for(kind):
         udp.bind(("127.0.0.1", 0))
         ports = {"tcp": tcp.getsockname()[1], "udp": udp.getsockname()[1]}
         for asked in ("tcp", "udp"):
-            snapshot = make_source(kind, frozenset({asked})).snapshot()
+            source = make_source(kind, frozenset({asked}))
+            try:
+                snapshot = source.snapshot()
+            finally:
+                source.close()
             assert {conn.proto for conn in snapshot} <= {asked}
             assert any(conn.lport == ports[asked] for conn in snapshot)

@@ -13,8 +13,9 @@ class SourceAccessDenied(Exception):
 
 class End(NamedTuple):
     """A socket the kernel freed, as a sock_diag destroy broadcast tells it. An abort or
-    a failed connect clears the local address and the remote port: then only the cookie
-    joins it to what a poll saw."""
+    a failed connect clears the local address and the remote port (None here; the
+    local port and the remote address stay): then only the cookie joins it to what a
+    poll saw."""
 
     proto: str
     laddr: str | None
@@ -23,7 +24,7 @@ class End(NamedTuple):
     rport: int | None
     cookie: int
     time: float  # wall-clock seconds (time.time()) when histstat received it
-    counters: TcpCounters | None  # TCP only; zeroed by the kernel on an abort
+    counters: TcpCounters | None  # TCP only; None after an abort (the kernel cleared them)
 
 
 class Ends(NamedTuple):

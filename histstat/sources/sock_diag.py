@@ -1,0 +1,344 @@
+"""The netlink sock_diag protocol: socket table dumps with cookies and byte counters, and
+the messages of the kernel's socket destroy broadcasts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+from typing import Optional, Union
+
+from histstat.records import TcpCounters
+from histstat.sources.base import End
+
+# linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+NLMSG_HEADER = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+# The multicast groups of the destroy broadcasts (enum sknetlink_groups), by table.
+DESTROY_GROUPS = {"tcp": 1, "udp": 2, "tcp6": 3, "udp6": 4}
+# Attributes after an inet_diag_msg (enum in inet_diag.h): a u16 length (header
+# included), a u16 type whose top two bits are flags, the value, padding to 4 bytes.
+_ATTRIBUTE = struct.Struct("=HH")
+_ATTRIBUTE_TYPE = 0x3FFF
+INET_DIAG_INFO = 2
+_INET_DIAG_PROTOCOL = 10
+# idiag_ext asks for an attribute by the bit (1 << (type - 1)).
+_EXT_INFO = 1 << (INET_DIAG_INFO - 1)
+
+# inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed inet_diag_sockid.
+_DIAG_REQUEST = struct.Struct("=BBBBI48x")
+# An answer: nlmsghdr (len, type, (flags), seq, (pid)), then inet_diag_msg ((family),
+# state, (timer, retrans), the first 36 bytes of inet_diag_sockid: sport, dport, src, dst,
+# then (if), the cookie, (expires, rqueue, wqueue), uid, inode). The cookie is two u32
+# words, low one first, each in host order: one native u64 on a little-endian machine.
+_DIAG_ANSWER = struct.Struct("=IH2xI4xxB2x36s4xQ12xII")
+_DIAG_MESSAGE_END = NLMSG_HEADER.size + 72  # where an inet_diag_msg's attributes start
+_COOKIE_SWAPPED = sys.byteorder != "little"
+# Every state from ESTABLISHED to CLOSING; SYN_RECV brings the kernel's request sockets
+# (as /proc/net/tcp shows them), and leaving out BOUND_INACTIVE (13) keeps bound but
+# unconnected sockets out, which /proc/net/tcp does not show either.
+_ALL_STATES = 0xFFE
+_RECEIVE_SIZE = 1 << 16  # the kernel sends at most 32 KiB per datagram
+_DUMP_TIMEOUT = 5.0  # seconds
+
+# struct tcp_info (linux/tcp.h): where the byte counters are. A kernel older than 4.19
+# sends a shorter tcp_info, without bytes_sent and bytes_retrans.
+_BYTES_ACKED_RECEIVED = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received
+_BYTES_ACKED_AT = 120
+_BYTES_SENT_AT = 200
+_BYTES_RETRANS_AT = 208
+_U64 = struct.Struct("=Q")
+_new = tuple.__new__
+
+Endpoints = tuple[str, int, Optional[str], Optional[int]]  # laddr, lport, raddr, rport
+# A dumped socket: (proto, laddr, lport, raddr, rport, status, inode, uid, cookie,
+# counters), plain tuples because one is built per socket per poll.
+DiagRow = tuple[
+    str,
+    str,
+    int,
+    Optional[str],
+    Optional[int],
+    Optional[str],
+    int,
+    int,
+    Optional[int],
+    Optional[TcpCounters],
+]
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class NetlinkUnavailable(OSError):
+    """The kernel refused a sock_diag dump (no inet_diag or udp_diag support)."""
+
+
+def _swap_halves(cookie: int) -> int:
+    """The cookie from a native u64 read of its two host-order u32 words (big-endian)."""
+    return (cookie >> 32) | ((cookie & 0xFFFFFFFF) << 32)
+
+
+def diag_endpoints(sockid: bytes, family: int) -> Endpoints | None:
+    """(laddr, lport, raddr, rport) of an inet_diag_sockid's first 36 bytes (ports, then
+    addresses, in network order); None without a local port, as psutil leaves it out."""
+    lport = int.from_bytes(sockid[0:2], "big")
+    if not lport:
+        return None
+    size = 4 if family == socket.AF_INET else 16
+    laddr = socket.inet_ntop(family, sockid[4 : 4 + size])
+    rport = int.from_bytes(sockid[2:4], "big")
+    if not rport:
+        return laddr, lport, None, None
+    return laddr, lport, socket.inet_ntop(family, sockid[20 : 20 + size]), rport
+
+
+def tcp_counters(info: Buffer) -> TcpCounters | None:
+    """The byte counters of a tcp_info (INET_DIAG_INFO's value), as long as the kernel
+    sent it; None when it is too short to hold even bytes_acked and bytes_received."""
+    size = len(info)
+    if size < _BYTES_ACKED_AT + _BYTES_ACKED_RECEIVED.size:
+        return None
+    acked, received = _BYTES_ACKED_RECEIVED.unpack_from(info, _BYTES_ACKED_AT)
+    sent = _U64.unpack_from(info, _BYTES_SENT_AT)[0] if size >= _BYTES_SENT_AT + 8 else None
+    retrans = (
+        _U64.unpack_from(info, _BYTES_RETRANS_AT)[0] if size >= _BYTES_RETRANS_AT + 8 else None
+    )
+    return TcpCounters(acked, received, sent, retrans)
+
+
+def _info_counters(message: Buffer, start: int, end: int) -> TcpCounters | None:
+    """The counters of the INET_DIAG_INFO attribute of the inet_diag_msg that starts
+    at ``start`` and ends at ``end``; None without one. The dump's walk: it stops at
+    the attribute it wants, and builds no view of the others."""
+    at = start + _DIAG_MESSAGE_END
+    unpack = _ATTRIBUTE.unpack_from
+    while at + 4 <= end:
+        length, kind = unpack(message, at)
+        if length < 4 or at + length > end:
+            return None
+        if kind & _ATTRIBUTE_TYPE == INET_DIAG_INFO:
+            if length - 4 >= _BYTES_RETRANS_AT + 8:  # the whole of today's tcp_info
+                value = at + 4
+                unpack_pair = _BYTES_ACKED_RECEIVED.unpack_from
+                acked, received = unpack_pair(message, value + _BYTES_ACKED_AT)
+                sent, retrans = unpack_pair(message, value + _BYTES_SENT_AT)
+                # tuple.__new__: the NamedTuple without its slower Python-level __new__.
+                return _new(TcpCounters, (acked, received, sent, retrans))
+            return tcp_counters(memoryview(message)[at + 4 : at + length])
+        at += (length + 3) & ~3
+    return None
+
+
+def attributes(message: Buffer, start: int, end: int) -> dict[int, memoryview]:
+    """type → value of the netlink attributes in ``message[start:end]``; a malformed one
+    ends the walk (what came before it is kept), and each step moves at least 4 bytes."""
+    found: dict[int, memoryview] = {}
+    view = memoryview(message)
+    end = min(end, len(message))
+    while start + _ATTRIBUTE.size <= end:
+        length, kind = _ATTRIBUTE.unpack_from(message, start)
+        if length < _ATTRIBUTE.size or start + length > end:
+            break
+        found.setdefault(kind & _ATTRIBUTE_TYPE, view[start + _ATTRIBUTE.size : start + length])
+        start += (length + 3) & ~3
+    return found
+
+
+class SockDiag:
+    """One netlink sock_diag socket for dumps, kept open across polls."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._seq = 0
+        self._buffer = bytearray(_RECEIVE_SIZE + _DIAG_ANSWER.size)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def dump(
+        self,
+        proto: str,
+        family: int,
+        protocol: int,
+        states: dict[int, str],
+        endpoints: dict[bytes, Endpoints | None],
+        counters: bool = False,
+    ) -> list[DiagRow]:
+        """The rows of one table (``states`` names its TCP states; empty for UDP);
+        ``endpoints`` caches decoded socket ids between calls. With ``counters`` each
+        full TCP socket carries its tcp_info byte counters (the kernel adds them to each
+        message only when asked, so without it a dump costs what it always did)."""
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+            # The kernel always ends a dump; the timeout only bounds the unforeseen.
+            self._sock.settimeout(_DUMP_TIMEOUT)
+        try:
+            rows = self._dump(self._sock, proto, family, protocol, states, endpoints, counters)
+        except BaseException:
+            # A dump cut short leaves its remaining messages queued on the socket.
+            self.close()
+            raise
+        if _COOKIE_SWAPPED:  # a big-endian machine: rare, so not in the loop
+            rows = [(*row[:8], _swap_halves(row[8] or 0), row[9]) for row in rows]
+        return rows
+
+    def _dump(
+        self,
+        sock: socket.socket,
+        proto: str,
+        family: int,
+        protocol: int,
+        states: dict[int, str],
+        endpoints: dict[bytes, Endpoints | None],
+        counters: bool,
+    ) -> list[DiagRow]:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        seq = self._seq
+        info = counters and protocol == socket.IPPROTO_TCP
+        request = _DIAG_REQUEST.pack(family, protocol, _EXT_INFO if info else 0, 0, _ALL_STATES)
+        header = NLMSG_HEADER.pack(
+            NLMSG_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0
+        )
+        sock.send(header + request)
+        buffer = self._buffer
+        unpack = _DIAG_ANSWER.unpack_from
+        info_counters = _info_counters
+        rows: list[DiagRow] = []
+        while True:
+            size = sock.recv_into(buffer, _RECEIVE_SIZE)
+            offset = 0
+            while offset + NLMSG_HEADER.size <= size:
+                # One unpack per message, the header with the inet_diag_msg that follows
+                # it; the buffer's spare tail keeps this in bounds for shorter messages.
+                length, kind, message_seq, state, sockid, cookie, uid, inode = unpack(
+                    buffer, offset
+                )
+                if length < NLMSG_HEADER.size:
+                    raise OSError("malformed netlink message")
+                if message_seq == seq:
+                    if kind == _NLMSG_DONE:
+                        return rows
+                    if kind == _NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=i", buffer, offset + NLMSG_HEADER.size)
+                        raise NetlinkUnavailable(-code, os.strerror(-code))
+                    if kind == SOCK_DIAG_BY_FAMILY and length >= _DIAG_ANSWER.size:
+                        try:
+                            ends = endpoints[sockid]
+                        except KeyError:
+                            ends = endpoints[sockid] = diag_endpoints(sockid, family)
+                        if ends is not None:
+                            laddr, lport, raddr, rport = ends
+                            rows.append(
+                                (
+                                    proto,
+                                    laddr,
+                                    lport,
+                                    raddr,
+                                    rport,
+                                    states.get(state),
+                                    inode,
+                                    uid,
+                                    cookie,
+                                    info_counters(buffer, offset, min(offset + length, size))
+                                    if info
+                                    else None,
+                                )
+                            )
+                offset += (length + 3) & ~3
+
+
+# A destroy broadcast's message: nlmsghdr (len, type, ...), then inet_diag_msg (family,
+# (state, timer, retrans), sport, dport, src, dst, (if), cookie, and what follows, which
+# the kernel leaves at 0 here).
+_DESTROY_MESSAGE = struct.Struct("=IH10xB3x2s2s16s16s4xQ")
+_PROTOCOLS = {
+    (socket.AF_INET, socket.IPPROTO_TCP): "tcp",
+    (socket.AF_INET6, socket.IPPROTO_TCP): "tcp6",
+    (socket.AF_INET, socket.IPPROTO_UDP): "udp",
+    (socket.AF_INET6, socket.IPPROTO_UDP): "udp6",
+}
+_UNSPECIFIED = {socket.AF_INET: bytes(4), socket.AF_INET6: bytes(16)}
+_ADDRESS_CACHE_SIZE = 4096  # decoded addresses the reader keeps; then it starts over
+
+
+def parse_destroys(
+    data: Buffer, size: int, received: float, addresses: dict[bytes, str] | None = None
+) -> list[End]:
+    """The ends in one datagram of the destroy groups (its first ``size`` bytes), each
+    stamped ``received``; ``addresses`` caches decoded addresses between calls.
+    Whatever is malformed, short or of another kind is skipped: the kernel sends one
+    message per datagram, so the walk is short and bounded by ``size``.
+
+    An abort (SO_LINGER 0) or a failed connect reaches the kernel's ``tcp_disconnect``,
+    which clears the local address, the remote port and the byte counters before the
+    broadcast: such an end has ``rport`` and ``counters`` None and ``laddr`` None
+    (unless the socket was bound to an address), keeps the local port and the remote
+    address the kernel left, and joins by its cookie alone. A socket closed before it
+    had a local port gives no end, as no dump shows it.
+    """
+    if addresses is None:
+        addresses = {}
+    elif len(addresses) > _ADDRESS_CACHE_SIZE:
+        addresses.clear()
+    ends: list[End] = []
+    offset = 0
+    size = min(size, len(data))
+    while offset + NLMSG_HEADER.size <= size:
+        length = NLMSG_HEADER.unpack_from(data, offset)[0]
+        if length < NLMSG_HEADER.size or offset + length > size:
+            break
+        end = _parse_destroy(data, offset, offset + length, received, addresses)
+        if end is not None:
+            ends.append(end)
+        offset += (length + 3) & ~3
+    return ends
+
+
+def _decode(addresses: dict[bytes, str], family: int, packed: bytes) -> str:
+    text = addresses[packed] = socket.inet_ntop(family, packed)
+    return text
+
+
+def _parse_destroy(
+    data: Buffer, start: int, stop: int, received: float, addresses: dict[bytes, str]
+) -> End | None:
+    if stop - start < _DIAG_MESSAGE_END:
+        return None
+    kind, family, sport, dport, src, dst, cookie = _DESTROY_MESSAGE.unpack_from(data, start)[1:]
+    if kind != SOCK_DIAG_BY_FAMILY or family not in _UNSPECIFIED:
+        return None
+    found = attributes(data, start + _DIAG_MESSAGE_END, stop)
+    protocol = found.get(_INET_DIAG_PROTOCOL)
+    if protocol is None or len(protocol) < 1:
+        return None
+    proto = _PROTOCOLS.get((family, protocol[0]))
+    if proto is None:
+        return None
+    lport = int.from_bytes(sport, "big")
+    if not lport:
+        return None  # closed before it had a port: no dump could have shown it
+    if _COOKIE_SWAPPED:
+        cookie = _swap_halves(cookie)
+    unspecified = _UNSPECIFIED[family]
+    local, remote = src[: len(unspecified)], dst[: len(unspecified)]
+    laddr: str | None = addresses.get(local) or _decode(addresses, family, local)
+    raddr: str | None = addresses.get(remote) or _decode(addresses, family, remote)
+    rport = int.from_bytes(dport, "big") or None
+    info = found.get(INET_DIAG_INFO)
+    counters = None if info is None else tcp_counters(info)
+    if rport is None:
+        if remote == unspecified:
+            raddr = None  # never connected: no remote end, as a dump shows it
+        else:
+            # Connected once, then cleared by tcp_disconnect: the counters are gone, not
+            # zero, and so is the local address unless the socket was bound to one.
+            counters = None
+            if local == unspecified:
+                laddr = None
+    return End(proto, laddr, lport, raddr, rport, cookie, received, counters)
