@@ -17,7 +17,8 @@ if not sys.platform.startswith("linux"):
     pytest.skip("the Linux source reads Linux's /proc and netlink", allow_module_level=True)
 
 from histstat.records import Connection  # noqa: E402
-from histstat.sources.linux import LinuxSource, SocketOwners, parse_proc_net  # noqa: E402
+from histstat.sources.linux import LinuxSource, parse_proc_net  # noqa: E402
+from histstat.sources.owners import SocketOwners  # noqa: E402
 from histstat.sources.psutil_source import PsutilSource  # noqa: E402
 
 HEADER = (
