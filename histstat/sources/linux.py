@@ -222,7 +222,8 @@ class _SockDiag:
 
 class LinuxSource:
     """The Linux source: sock_diag netlink dumps (else /proc/net files) for the socket
-    table, with each socket's inode and owner uid, and ``SocketOwners`` for the pids."""
+    table, with each socket's inode and owner uid, and ``SocketOwners`` for every pid
+    holding it (``pid`` is the first of them, the likeliest opener)."""
 
     name = "linux"
 
@@ -286,15 +287,16 @@ class LinuxSource:
 
     def snapshot(self, counters: bool = False) -> frozenset[Connection]:
         rows = self.table()
-        owner = self.owners.owners([row[6] for row in rows]).get
+        holders = self.owners.owners([row[6] for row in rows]).get
         # tuple.__new__ builds the same Connection without the Python-level __new__ that
         # NamedTuple adds, a third of the per-socket cost.
         make = tuple.__new__
         uids: dict[Connection, int] = {}
         for proto, laddr, lport, raddr, rport, status, inode, uid in rows:
-            pid = owner(inode) if inode else None
+            owners = holders(inode, ()) if inode else ()
+            pid = owners[0] if owners else None
             conn = make(
-                Connection, (proto, laddr, lport, raddr, rport, status, pid, None, (), None)
+                Connection, (proto, laddr, lport, raddr, rport, status, pid, None, owners, None)
             )
             uids.setdefault(conn, uid)
         self._uids = uids
