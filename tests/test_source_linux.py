@@ -111,13 +111,13 @@ class FakeProc:
         (root / "net").mkdir()
         self.set_table([])
 
-    def process(self, pid: int, start: int, fds: dict) -> None:
+    def process(self, pid: int, start: int, fds: dict, state: str = "S") -> None:
         """(Re)create process ``pid``; ``fds`` maps fd numbers to link targets, an int
         meaning that socket inode."""
         self.remove(pid)
         base = self.root / str(pid)
         (base / "fd").mkdir(parents=True)
-        later = " ".join(["S"] + ["0"] * 18 + [str(start)] + ["0"] * 30)
+        later = " ".join([state] + ["0"] * 18 + [str(start)] + ["0"] * 30)
         (base / "stat").write_text(f"{pid} (a (weird) name) {later}\n")
         for fd, target in fds.items():
             link = f"socket:[{target}]" if isinstance(target, int) else target
@@ -307,6 +307,17 @@ def test_a_holder_that_exits_leaves_the_others(fake_proc):
     fake_proc.remove(100)
     assert owners.scan({1001}) == {1001: (200,)}
     assert owners.scanned == []  # gone from the list of pids: no read needed
+
+
+def test_a_zombie_holds_nothing(fake_proc):
+    fake_proc.process(100, start=10, fds={3: 1001})
+    fake_proc.process(200, start=20, fds={3: 1001})
+    owners = CountingOwners(fake_proc.root)
+    assert owners.scan({1001}) == {1001: (100, 200)}
+    # An exited process its parent has not reaped yet keeps its pid and start time,
+    # but the kernel has closed its descriptors.
+    fake_proc.process(200, start=20, fds={3: 1001}, state="Z")
+    assert owners.scan({1001}) == {1001: (100,)}
 
 
 def test_a_reused_descriptor_number_moves_the_socket_it_held_to_its_other_owner(fake_proc):

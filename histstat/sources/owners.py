@@ -11,7 +11,8 @@ from histstat.shortage import note_shortage
 
 def _start_time(proc: str, pid: int) -> int | None:
     """The process's start time in clock ticks since boot (/proc/PID/stat field 22),
-    which tells a process from a later one given the same pid; None when it is gone."""
+    which tells a process from a later one given the same pid; None when it is gone or
+    a zombie (an exited process its parent has not reaped holds no descriptor)."""
     try:
         # os.open and one read: this runs for every owning process every poll, and a
         # file object costs twice as much.
@@ -22,7 +23,8 @@ def _start_time(proc: str, pid: int) -> int | None:
             os.close(fd)
         # The command name (field 2) may hold spaces and parentheses; fields after its
         # closing parenthesis start at field 3.
-        return int(data[data.rindex(b")") + 2 :].split(None, 20)[19])
+        fields = data[data.rindex(b")") + 2 :].split(None, 20)
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
     except OSError as exc:
         note_shortage(exc)  # no descriptor left: the process looks gone
         return None
