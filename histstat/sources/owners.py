@@ -160,14 +160,18 @@ class SocketOwners:
         if pid in scanned:
             return None
         scanned.add(pid)
-        started = self.start_time(pid)
-        if started is None:
-            self._drop_pid(pid)
-            return None
         held = self.socket_inodes(pid)
         if held is None:
             return None  # what it held stays as last read; the checks see it end
         held &= current
+        if not held and pid not in self._held:
+            # Most processes hold none of the table's sockets: their start time is not
+            # needed, and reading it would cost more than their descriptors did.
+            return held
+        started = self.start_time(pid)
+        if started is None:
+            self._drop_pid(pid)
+            return None
         if self._started.get(pid, started) != started:
             self._drop_pid(pid)  # the pid now belongs to another process
         got = self._set_held(pid, started, held)
