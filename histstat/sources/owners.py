@@ -46,13 +46,14 @@ class SocketOwners:
     - the descriptors of each process that appeared since the previous poll, at that
       poll and the next (a child inherits sockets at fork and may close them at exec);
     - for sockets that no known holder has: the processes that lately got new sockets,
-      then every process from the newest pid down, stopping once all are found (as the
-      creator is usually found first, a poll with no new socket and no new process reads
-      no descriptor at all);
+      then every process from the newest pid down, stopping once each has a holder (its
+      creator, usually; others that existed before it are left to the sweep);
     - a slice of a sweep through every process, paced so that a whole pass takes about
       ``SWEEP_SECONDS`` whatever the interval: it finds holders that got a socket in
       another way (descriptor passing to a running process) and lets go of copies a
-      process closed.
+      process closed. A poll with no new socket and no new process reads only this.
+
+    A process's start time is read only when it holds a socket of the table.
 
     An inode found in no process (a kernel socket, another user's process, one in another
     pid namespace) is looked for on one more poll, in case it was caught between being
