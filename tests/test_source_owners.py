@@ -130,6 +130,44 @@ def test_the_psutil_source_lists_the_one_holder_psutil_names_on_linux(reverse_sh
     assert conn.owners == (conn.pid,)
 
 
+# Connects to the port in argv[1] and prints its local port; at a line on stdin forks a
+# child that keeps the connection and prints the child's pid; both end at stdin's EOF.
+FORKER = """
+import os, socket, sys
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print(conn.getsockname()[1], flush=True)
+line = b""
+while not line.endswith(b"\\n"):
+    line += os.read(0, 1)
+child = os.fork()
+if child:
+    print(child, flush=True)
+while os.read(0, 4096):
+    pass
+if child:
+    os.waitpid(child, 0)
+os._exit(0)
+"""
+
+
+def test_a_child_forked_after_the_first_sight_is_an_owner_at_the_next_snapshot(listener):
+    port = listener.getsockname()[1]
+    parent = python_child(FORKER, port)
+    try:
+        client_port = int(read_line(parent.stdout))
+        accepted, _ = listener.accept()
+        source = LinuxSource()
+        assert owners_of(source, client_port, port) == (parent.pid,)
+        assert owners_of(source, client_port, port) == (parent.pid,)
+        tell(parent)
+        child = int(read_line(parent.stdout))
+        conn = the_connection(source, client_port, port)
+        assert conn.owners == (parent.pid, child) and conn.pid == parent.pid
+        accepted.close()
+    finally:
+        end(parent)
+
+
 # The opener: connects to the port in argv[2], prints its local port, and on each line
 # of stdin passes the connection over the Unix socket of descriptor argv[1], then closes
 # its own copy, then exits.
