@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from histstat.sources.linux import LinuxSource
 from support.children import HoldingChild, SocketChild, child_argv
 from support.histstat import Histstat
 from support.waiting import END_TIMEOUT
@@ -73,3 +74,18 @@ def run_histstat():
             except subprocess.TimeoutExpired:
                 pass
         histstat.kill()
+
+
+@pytest.fixture
+def live_source():
+    """A factory of LinuxSource on the live /proc, each closed at the end (its destroy
+    watcher is a thread and a netlink socket)."""
+    made: list = []
+
+    def make(**options) -> LinuxSource:
+        made.append(LinuxSource(**options))
+        return made[-1]
+
+    yield make
+    for source in made:
+        source.close()

@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from histstat.records import Connection
+from histstat.sources import psutil_source
 from histstat.sources.psutil_source import PsutilSource, connections_from_psutil
 from support.waiting import STOP_TIMEOUT, read_line
 
@@ -36,20 +37,71 @@ def test_fields_and_protocol_names():
             kind=socket.SOCK_DGRAM,
         ),  # fmt: skip
     ]
-    assert connections_from_psutil(entries) == {
-        Connection("tcp", "127.0.0.1", 80, "127.0.0.1", 4000, "ESTABLISHED", 5),
-        Connection("tcp6", "::1", 80, None, None, "LISTEN", 6),
+    assert connections_from_psutil(entries, start_time=no_start_time) == {
+        Connection("tcp", "127.0.0.1", 80, "127.0.0.1", 4000, "ESTABLISHED", 5, owners=(5,)),
+        Connection("tcp6", "::1", 80, None, None, "LISTEN", 6, owners=(6,)),
         Connection("udp", "0.0.0.0", 53, None, None, None, None),
-        Connection("udp6", "::", 5353, None, None, None, 7),
+        Connection("udp6", "::", 5353, None, None, None, 7, owners=(7,)),
     }
 
 
-def test_socket_shared_by_several_processes_is_one_row_for_the_lowest_pid():
-    # A pre-fork server: one listening socket, four owners, listed in any order.
-    entries = [sconn(pid, ("0.0.0.0", 80), status="LISTEN") for pid in (902, 900, None, 901)]
-    assert connections_from_psutil(entries) == {
-        Connection("tcp", "0.0.0.0", 80, None, None, "LISTEN", 900)
+def no_start_time(pid):
+    raise AssertionError(f"start time of {pid} asked for a socket with one holder")
+
+
+class StartTimes:
+    """A fake start_time: pid → create time (None: unknown), counting the questions."""
+
+    def __init__(self, times: dict) -> None:
+        self.times = times
+        self.asked: list = []
+
+    def __call__(self, pid):
+        self.asked.append(pid)
+        return self.times[pid]
+
+
+def test_a_socket_listed_once_per_holder_lists_them_all_by_start_time_then_pid():
+    # A pre-fork server's listener, listed for each holder (as on macOS), in any order:
+    # the earliest start first, the lowest pid on a tie, an unknown start time last.
+    times = StartTimes({900: 30.0, 901: 10.0, 902: 10.0, 903: None, 899: 20.0})
+    entries = [sconn(pid, ("0.0.0.0", 80), status="LISTEN") for pid in (903, 902, None, 900)]
+    entries += [sconn(pid, ("0.0.0.0", 80), status="LISTEN") for pid in (901, 899)]
+    assert connections_from_psutil(entries, start_time=times) == {
+        Connection(
+            "tcp", "0.0.0.0", 80, None, None, "LISTEN", 901, owners=(901, 902, 899, 900, 903)
+        )
     }
+
+
+def test_each_holders_start_time_is_asked_once_per_snapshot():
+    times = StartTimes({900: 2.0, 901: 1.0})
+    entries = [sconn(pid, ("0.0.0.0", 80), status="LISTEN") for pid in (900, 901)]
+    entries += [sconn(pid, ("0.0.0.0", 443), status="LISTEN") for pid in (901, 900)]
+    entries.append(sconn(900, ("127.0.0.1", 22), ("127.0.0.1", 5000)))
+    conns = connections_from_psutil(entries, start_time=times)
+    assert {conn.owners for conn in conns} == {(901, 900), (900,)}
+    assert sorted(times.asked) == [900, 901]
+
+
+def test_real_start_times_order_holders_and_a_gone_process_comes_last(monkeypatch):
+    # Entries as a platform that lists a socket once per holder (and where the socket's
+    # identity cannot be read) gives them, for real processes: this one, a child started
+    # after it, and a child already reaped.
+    monkeypatch.setattr(psutil_source, "_LINUX", False)
+    later = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        pids = [gone.pid, later.pid, os.getpid()]
+        entries = [sconn(pid, ("127.0.0.1", 80), status="LISTEN") for pid in pids]
+        (conn,) = connections_from_psutil(entries)
+    finally:
+        later.stdin.close()
+        later.wait(STOP_TIMEOUT)
+    assert conn.owners == (os.getpid(), later.pid, gone.pid)
+    assert conn.pid == os.getpid()
 
 
 def test_unowned_socket_keeps_no_pid():
@@ -66,7 +118,8 @@ def test_real_snapshot_holds_our_own_listener():
         snapshot = PsutilSource().snapshot()
     mine = [c for c in snapshot if c.lport == port and c.status == "LISTEN"]
     # Without root another user's socket has no pid; our own always has one.
-    assert mine == [Connection("tcp", "127.0.0.1", port, None, None, "LISTEN", os.getpid())]
+    me = os.getpid()
+    assert mine == [Connection("tcp", "127.0.0.1", port, None, None, "LISTEN", me, owners=(me,))]
 
 
 HOLD_SOURCE = (

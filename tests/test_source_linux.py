@@ -17,7 +17,8 @@ if not sys.platform.startswith("linux"):
     pytest.skip("the Linux source reads Linux's /proc and netlink", allow_module_level=True)
 
 from histstat.records import Connection  # noqa: E402
-from histstat.sources.linux import LinuxSource, SocketOwners, parse_proc_net  # noqa: E402
+from histstat.sources.linux import LinuxSource, parse_proc_net  # noqa: E402
+from histstat.sources.owners import SocketOwners  # noqa: E402
 from histstat.sources.psutil_source import PsutilSource  # noqa: E402
 
 HEADER = (
@@ -117,13 +118,13 @@ class FakeProc:
         (root / "net").mkdir()
         self.set_table([])
 
-    def process(self, pid: int, start: int, fds: dict) -> None:
+    def process(self, pid: int, start: int, fds: dict, state: str = "S") -> None:
         """(Re)create process ``pid``; ``fds`` maps fd numbers to link targets, an int
         meaning that socket inode."""
         self.remove(pid)
         base = self.root / str(pid)
         (base / "fd").mkdir(parents=True)
-        later = " ".join(["S"] + ["0"] * 18 + [str(start)] + ["0"] * 30)
+        later = " ".join([state] + ["0"] * 18 + [str(start)] + ["0"] * 30)
         (base / "stat").write_text(f"{pid} (a (weird) name) {later}\n")
         for fd, target in fds.items():
             link = f"socket:[{target}]" if isinstance(target, int) else target
@@ -151,17 +152,24 @@ class FakeProc:
 
 
 class CountingOwners(SocketOwners):
-    """SocketOwners that records which processes' descriptors it read."""
+    """SocketOwners that records which processes' descriptors it read, on a clock the
+    test moves (``clock``, in seconds), so the sweep reads only what the test lets it."""
 
     def __init__(self, proc) -> None:
         super().__init__(str(proc))
         self.scanned: list = []
+        self.clock = 0.0
 
-    def socket_inodes(self, pid: int) -> set:
+    def now(self) -> float:
+        return self.clock
+
+    def socket_inodes(self, pid: int):
         self.scanned.append(pid)
         return super().socket_inodes(pid)
 
-    def scan(self, inodes) -> dict:
+    def scan(self, inodes, after: float = 0.0) -> dict:
+        """One poll, ``after`` seconds after the previous one."""
+        self.clock += after
         self.scanned = []
         return dict(self.owners(inodes))
 
@@ -174,78 +182,161 @@ def fake_proc(tmp_path):
 def test_a_poll_of_known_inodes_reads_no_descriptors(fake_proc):
     fake_proc.process(100, start=10, fds={3: 1001, 4: 1002})
     owners = CountingOwners(fake_proc.root)
-    assert owners.scan({1001, 1002}) == {1001: 100, 1002: 100}
+    assert owners.scan({1001, 1002}) == {1001: (100,), 1002: (100,)}
     assert owners.scanned == [100]
-    assert owners.scan({1001, 1002}) == {1001: 100, 1002: 100}
+    assert owners.scan({1001, 1002}) == {1001: (100,), 1002: (100,)}
     assert owners.scanned == []
-    assert owners.scan({1001}) == {1001: 100}  # a socket closed: still nothing to read
+    assert owners.scan({1001}) == {1001: (100,)}  # a socket closed: still nothing to read
     assert owners.scanned == []
+
+
+def test_the_first_poll_reads_every_process_and_finds_every_holder(fake_proc):
+    fake_proc.process(100, start=10, fds={3: 1001})
+    fake_proc.process(200, start=20, fds={3: 2001, 4: 1001})
+    fake_proc.process(300, start=30, fds={0: "/dev/null", 1: "pipe:[77]", 3: 3001, 7: 1001})
+    owners = CountingOwners(fake_proc.root)
+    assert owners.scan({1001, 2001}) == {1001: (100, 200, 300), 2001: (200,)}
+    assert owners.scanned == [300, 200, 100]  # newest first
+
+
+def test_holders_are_ordered_by_start_time_then_pid(fake_proc):
+    # pid 50 is a later process than 400 (pids wrap): start time, not pid, comes first.
+    fake_proc.process(400, start=10, fds={3: 1001})
+    fake_proc.process(50, start=30, fds={3: 1001})
+    fake_proc.process(300, start=20, fds={3: 1001})
+    fake_proc.process(200, start=20, fds={5: 1001})  # the same tick as 300
+    owners = CountingOwners(fake_proc.root)
+    assert owners.scan({1001}) == {1001: (400, 200, 300, 50)}
 
 
 def test_a_new_socket_is_found_in_its_recent_owner_first_and_the_scan_stops_there(fake_proc):
     fake_proc.process(100, start=10, fds={3: 1001})
     fake_proc.process(200, start=20, fds={3: 2001})
-    fake_proc.process(300, start=30, fds={0: "/dev/null", 1: "pipe:[77]", 3: 3001})
+    fake_proc.process(300, start=30, fds={3: 3001})
     owners = CountingOwners(fake_proc.root)
-    assert owners.scan({1001}) == {1001: 100}
-    assert owners.scanned == [300, 200, 100]  # newest first, without a recent owner
+    assert owners.scan({1001}) == {1001: (100,)}
 
     fake_proc.process(100, start=10, fds={3: 1001, 5: 1005})
-    assert owners.scan({1001, 1005}) == {1001: 100, 1005: 100}
+    assert owners.scan({1001, 1005}) == {1001: (100,), 1005: (100,)}
     assert owners.scanned == [100]
 
-    assert owners.scan({1001, 1005, 3001}) == {1001: 100, 1005: 100, 3001: 300}
+    # 300 held 3001 before it was in the table: it is looked for from the newest pid.
+    assert owners.scan({1001, 1005, 3001}) == {1001: (100,), 1005: (100,), 3001: (300,)}
     assert owners.scanned == [100, 300]
+
+
+def test_a_process_forked_after_the_first_sight_is_found_at_the_next_poll(fake_proc):
+    fake_proc.process(100, start=10, fds={3: 1001})
+    fake_proc.process(200, start=20, fds={3: 2001})
+    owners = CountingOwners(fake_proc.root)
+    assert owners.scan({1001}) == {1001: (100,)}
+    fake_proc.process(150, start=40, fds={3: 1001, 4: 1501})  # a child, with a new pid
+    assert owners.scan({1001, 1501}) == {1001: (100, 150), 1501: (150,)}
+    assert owners.scanned == [150]
+    # A child is read once more at the next poll: it may close what it inherited (at
+    # exec, or like a server's worker that drops the listener).
+    fake_proc.process(150, start=40, fds={4: 1501})
+    assert owners.scan({1001, 1501}) == {1001: (100,), 1501: (150,)}
+    assert owners.scanned == [150]
+    assert owners.scan({1001, 1501}) == {1001: (100,), 1501: (150,)}
+    assert owners.scanned == []
+
+
+def test_the_sweep_finds_a_passed_socket_and_a_closed_copy_within_a_pass(fake_proc):
+    for pid in range(100, 110):
+        fake_proc.process(pid, start=pid, fds={3: pid * 10})
+    owners = CountingOwners(fake_proc.root)
+    table = {pid * 10 for pid in range(100, 110)}
+    assert owners.scan(table)[1000] == (100,)
+    # 100 and 101 pass their sockets to 109 and 108, processes that already ran: neither
+    # is a new process nor a new socket.
+    fake_proc.process(109, start=109, fds={3: 1090, 4: 1000})
+    fake_proc.process(108, start=108, fds={3: 1080, 4: 1010})
+    assert owners.scan(table, after=0.05)[1000] == (100,)
+    assert owners.scanned == []  # too soon for even one process of the sweep
+    seen = owners.scan(table, after=owners.SWEEP_SECONDS / 2)
+    assert owners.scanned == [100, 101, 102, 103, 104]  # half the processes, in order
+    assert seen[1000] == (100,)
+    seen = owners.scan(table, after=owners.SWEEP_SECONDS / 2)
+    assert owners.scanned == [105, 106, 107, 108, 109]
+    assert seen[1000] == (100, 109)
+    assert seen[1010] == (101, 108)
+    fake_proc.process(108, start=108, fds={3: 1080})  # 108 closes its copy
+    owners.scan(table, after=3 * owners.SWEEP_SECONDS)  # a whole pass at most, in one poll
+    assert owners.scanned == list(range(100, 110))
+    assert owners.scan(table)[1010] == (101,)
 
 
 def test_an_inode_no_process_owns_stops_causing_scans_until_it_leaves_the_table(fake_proc):
     fake_proc.process(100, start=10, fds={3: 1001})
     owners = CountingOwners(fake_proc.root)
-    assert owners.scan({1001, 9999}) == {1001: 100}
+    assert owners.scan({1001, 9999}) == {1001: (100,)}
     assert owners.scanned == [100]
     # One more look, for a socket caught before its descriptor was installed.
-    assert owners.scan({1001, 9999}) == {1001: 100}
+    assert owners.scan({1001, 9999}) == {1001: (100,)}
     assert owners.scanned == [100]
     for _ in range(3):
-        assert owners.scan({1001, 9999}) == {1001: 100}
+        assert owners.scan({1001, 9999}) == {1001: (100,)}
         assert owners.scanned == []
     # Gone from the table, it is forgotten: the same inode number again is looked for.
     owners.scan({1001})
     fake_proc.process(200, start=20, fds={3: 9999})
-    assert owners.scan({1001, 9999}) == {1001: 100, 9999: 200}
+    assert owners.scan({1001, 9999}) == {1001: (100,), 9999: (200,)}
 
 
 def test_a_socket_found_on_its_second_look_gets_its_owner(fake_proc):
     owners = CountingOwners(fake_proc.root)
     assert owners.scan({1001}) == {}
     fake_proc.process(100, start=10, fds={3: 1001})
-    assert owners.scan({1001}) == {1001: 100}
+    assert owners.scan({1001}) == {1001: (100,)}
 
 
 def test_a_reused_pid_never_keeps_the_old_processes_sockets(fake_proc):
-    # A forked child (200) shares the parent's socket; the parent's pid is found first.
     fake_proc.process(100, start=10, fds={3: 1001})
     owners = CountingOwners(fake_proc.root)
-    assert owners.scan({1001}) == {1001: 100}
-    # The parent exits and its pid goes to an unrelated process; the child holds 1001.
+    assert owners.scan({1001}) == {1001: (100,)}
+    # The parent exits and its pid goes to an unrelated process; a child holds 1001.
     fake_proc.process(100, start=99, fds={3: 5555})
     fake_proc.process(200, start=20, fds={3: 1001})
-    assert owners.scan({1001}) == {1001: 200}
+    assert owners.scan({1001}) == {1001: (200,)}
     # Had nobody else held it, it would have no owner rather than the wrong one.
     fake_proc.process(100, start=10, fds={3: 1002})
-    assert owners.scan({1002}) == {1002: 100}
+    assert owners.scan({1002}) == {1002: (100,)}
     fake_proc.process(100, start=11, fds={})
     assert owners.scan({1002}).get(1002) is None
 
 
+def test_a_holder_that_exits_leaves_the_others(fake_proc):
+    fake_proc.process(100, start=10, fds={3: 1001})
+    fake_proc.process(200, start=20, fds={3: 1001})
+    owners = CountingOwners(fake_proc.root)
+    assert owners.scan({1001}) == {1001: (100, 200)}
+    fake_proc.remove(100)
+    assert owners.scan({1001}) == {1001: (200,)}
+    assert owners.scanned == []  # gone from the list of pids: no read needed
+
+
+def test_a_zombie_holds_nothing(fake_proc):
+    fake_proc.process(100, start=10, fds={3: 1001})
+    fake_proc.process(200, start=20, fds={3: 1001})
+    owners = CountingOwners(fake_proc.root)
+    assert owners.scan({1001}) == {1001: (100, 200)}
+    # An exited process its parent has not reaped yet keeps its pid and start time,
+    # but the kernel has closed its descriptors.
+    fake_proc.process(200, start=20, fds={3: 1001}, state="Z")
+    assert owners.scan({1001}) == {1001: (100,)}
+
+
 def test_a_reused_descriptor_number_moves_the_socket_it_held_to_its_other_owner(fake_proc):
     fake_proc.process(100, start=10, fds={3: 1001})
-    fake_proc.process(200, start=20, fds={3: 1001})  # shared, found in the newest first
+    fake_proc.process(200, start=20, fds={3: 1001})
     owners = CountingOwners(fake_proc.root)
-    assert owners.scan({1001}) == {1001: 200}
-    # 200 closes its copy and its next socket gets the same descriptor number.
-    fake_proc.process(200, start=20, fds={3: 2002})
-    assert owners.scan({1001, 2002}) == {1001: 100, 2002: 200}
+    assert owners.scan({1001}) == {1001: (100, 200)}
+    # 100 closes its copy and its next socket gets the same descriptor number: looking
+    # for the new socket in 100 shows that it let go of the other.
+    fake_proc.process(100, start=10, fds={3: 2002})
+    assert owners.scan({1001, 2002}) == {1001: (200,), 2002: (100,)}
+    assert owners.scanned == [100]
 
 
 def test_vanished_and_unreadable_processes_are_skipped(fake_proc, tmp_path):
@@ -259,10 +350,21 @@ def test_vanished_and_unreadable_processes_are_skipped(fake_proc, tmp_path):
     (tmp_path / "240" / "stat").write_text("240 (x) S " + "0 " * 40)
     original = owners.pids
     owners.pids = lambda: original() + [300]
-    assert owners.scan({1001}) == {1001: 100}
+    assert owners.scan({1001}) == {1001: (100,)}
     assert owners.start_time(300) is None
-    assert owners.socket_inodes(300) == set()
-    assert owners.socket_inodes(240) == set()
+    assert owners.socket_inodes(300) is None
+    assert owners.socket_inodes(240) is None
+
+
+def test_an_unlistable_proc_keeps_what_is_known_and_still_checks_start_times(fake_proc):
+    fake_proc.process(100, start=10, fds={3: 1001})
+    owners = CountingOwners(fake_proc.root)
+    assert owners.scan({1001}) == {1001: (100,)}
+    owners.pids = lambda: None  # /proc could not be listed (no descriptor left)
+    assert owners.scan({1001}, after=owners.SWEEP_SECONDS) == {1001: (100,)}
+    assert owners.scanned == []
+    fake_proc.process(100, start=11, fds={})  # the pid of another process now
+    assert owners.scan({1001}) == {}
 
 
 def test_the_source_reads_a_proc_tree_and_reports_the_kernels_uid(fake_proc):
@@ -271,7 +373,7 @@ def test_the_source_reads_a_proc_tree_and_reports_the_kernels_uid(fake_proc):
     source = LinuxSource(proc=str(fake_proc.root))
     conns = source.snapshot()
     assert conns == {
-        Connection("tcp", "127.0.0.1", 40000, "127.0.0.1", 80, "ESTABLISHED", 100),
+        Connection("tcp", "127.0.0.1", 40000, "127.0.0.1", 80, "ESTABLISHED", 100, owners=(100,)),
         Connection("tcp", "127.0.0.1", 40001, "127.0.0.1", 80, "ESTABLISHED", None),
         Connection("tcp", "127.0.0.1", 40002, "127.0.0.1", 80, "ESTABLISHED", None),
     }
@@ -364,21 +466,6 @@ def holders():
             child.stdout.close()
 
 
-@pytest.fixture
-def live_source():
-    """A factory of LinuxSource on the live /proc, each closed at the end (its destroy
-    watcher is a thread and a netlink socket)."""
-    made: list = []
-
-    def make(**options) -> LinuxSource:
-        made.append(LinuxSource(**options))
-        return made[-1]
-
-    yield make
-    for source in made:
-        source.close()
-
-
 def _by_key(conns, ports: set) -> dict:
     """(proto, laddr, lport, raddr, rport, status) → pids, for the given local ports."""
     found: dict = {}
@@ -455,5 +542,8 @@ def test_a_socket_opened_between_polls_gets_its_owner_on_the_next_poll(holders, 
         mine.bind(("127.0.0.1", 0))
         mine.listen(1)
         port = mine.getsockname()[1]
-        found = [conn[:7] for conn in source.snapshot() if conn.lport == port]
-    assert found == [("tcp", "127.0.0.1", port, None, None, "LISTEN", os.getpid())]
+        found = [conn for conn in source.snapshot() if conn[:3] == ("tcp", "127.0.0.1", port)]
+    me = os.getpid()
+    assert [(conn[:7], conn.owners) for conn in found] == [
+        (("tcp", "127.0.0.1", port, None, None, "LISTEN", me), (me,))
+    ]

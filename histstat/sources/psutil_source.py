@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import psutil
@@ -40,26 +40,63 @@ def socket_identity(pid: int | None, fd: int | None) -> str | None:
         return None
 
 
-def _one_per_socket(key: SocketKey, holders: list[Holder]) -> list[Connection]:
-    """The records for one (proto, addresses, ports, status) held by several pids."""
+def process_start_time(pid: int) -> float | None:
+    """psutil's create time of ``pid``, None when it is gone or hides it."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+class _OwnerOrder:
+    """Orders a socket's holders, the likeliest opener first: the earliest start time,
+    the lowest pid on a tie, unknown start times last. Each pid's start time is asked
+    once per snapshot at most, and only for sockets with several holders."""
+
+    def __init__(self, start_time: Callable[[int], float | None]) -> None:
+        self._start_time = start_time
+        self._started: dict[int, float | None] = {}
+
+    def owners(self, pids: Iterable[int | None]) -> tuple[int, ...]:
+        known = {pid for pid in pids if pid is not None}
+        if len(known) < 2:
+            return tuple(known)
+        started = self._started
+        for pid in known:
+            if pid not in started:
+                started[pid] = self._start_time(pid)
+        return tuple(sorted(known, key=lambda pid: _start_order(started[pid], pid)))
+
+
+def _start_order(started: float | None, pid: int) -> tuple[bool, float, int]:
+    return started is None, started or 0.0, pid
+
+
+def _one_per_socket(key: SocketKey, holders: list[Holder], order: _OwnerOrder) -> list[Connection]:
+    """The records for one (proto, addresses, ports, status) listed for several pids."""
     pids_by_socket: dict[str | None, list[int | None]] = {}
     for pid, fd in holders:
         pids_by_socket.setdefault(socket_identity(pid, fd), []).append(pid)
     records = []
     for pids in pids_by_socket.values():
-        known = [pid for pid in pids if pid is not None]
-        records.append(Connection(*key, pid=min(known) if known else None))
+        owners = order.owners(pids)
+        records.append(Connection(*key, pid=owners[0] if owners else None, owners=owners))
     return records
 
 
-def connections_from_psutil(entries: Iterable[Any]) -> frozenset[Connection]:
+def connections_from_psutil(
+    entries: Iterable[Any], start_time: Callable[[int], float | None] = process_start_time
+) -> frozenset[Connection]:
     """Turn psutil ``sconn`` entries into one Connection per socket.
 
-    A socket held by several processes (a pre-fork server's listener) is one record.
-    On Linux psutil already lists it once, for one of its owners; where a platform lists
-    it once per owner, the lowest pid is kept, so the choice is the same every poll.
-    Distinct sockets on the same address and port (SO_REUSEPORT) stay distinct where
-    the platform tells them apart (Linux, by socket inode).
+    A socket held by several processes (a pre-fork server's listener, a shell's
+    ``exec 3<>/dev/tcp/…`` shared with its children) is one record, whose ``owners``
+    are the holders psutil lists, the likeliest opener first (the earliest
+    ``start_time``, the lowest pid on a tie; unknown start times last), and whose pid
+    is the first of them. On Linux psutil lists a socket once, for one of its holders;
+    where a platform lists it once per holder, all of them are owners. Distinct sockets
+    on the same address and port (SO_REUSEPORT) stay distinct where the platform tells
+    them apart (Linux, by socket inode).
     """
     holders_of: dict[SocketKey, list[Holder]] = {}
     for entry in entries:
@@ -77,12 +114,14 @@ def connections_from_psutil(entries: Iterable[Any]) -> frozenset[Connection]:
             None if status in (psutil.CONN_NONE, "", None) else status,
         )
         holders_of.setdefault(key, []).append((entry.pid, entry.fd))
+    order = _OwnerOrder(start_time)
     records = []
     for key, holders in holders_of.items():
         if len(holders) == 1:
-            records.append(Connection(*key, pid=holders[0][0]))
+            pid = holders[0][0]
+            records.append(Connection(*key, pid=pid, owners=() if pid is None else (pid,)))
         else:
-            records.extend(_one_per_socket(key, holders))
+            records.extend(_one_per_socket(key, holders, order))
     return frozenset(records)
 
 
