@@ -1,63 +1,371 @@
-"""The connection tracker: what is new and what went away since the previous poll."""
+"""The connection tracker: one story per socket, merged from snapshots and end events."""
 
 from __future__ import annotations
 
-from histstat.records import Connection, sort_key
+from collections import OrderedDict
+from typing import Any, NamedTuple
+
+from histstat.records import Connection, TcpCounters, sort_key
+from histstat.sources.base import NO_ENDS, End, Ends
+
+# A socket's identity without its cookie: (proto, laddr, lport, raddr, rport), plus the
+# owner's pid for a socket with no remote end (see identity_key). The network namespace
+# joins it here when sources report one.
+Identity = tuple[Any, ...]
+
+# How long an ended story is remembered once the table no longer holds it: longer than
+# the kernel keeps any remainder of a closed socket (TIME_WAIT and FIN_WAIT2 are 60 s on
+# Linux; LAST_ACK and CLOSING end after retransmissions), and than an end event may lag.
+ENDED_MEMORY = 180.0
+MAX_ENDED = 65536
+
+# States only a remainder (the kernel's timewait socket) or a closing socket is in: what
+# the table shows of a connection after its end, absorbed by the ended story.
+REMAINDER_STATES = frozenset(
+    ("FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK", "TIME_WAIT", "CLOSE")
+)
+# States whose sight means the full socket is gone (the kernel's timewait socket, or a
+# socket closed): without end events, the poll that sees one is the end.
+END_STATES = frozenset(("TIME_WAIT", "CLOSE"))
+# States that follow the peer's FIN: a socket seen in one has received it.
+AFTER_PEER_FIN = frozenset(("CLOSE_WAIT", "LAST_ACK", "CLOSING", "TIME_WAIT"))
+# States that follow our own FIN.
+AFTER_OUR_FIN = frozenset(("FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK", "TIME_WAIT"))
+
+
+def identity_key(conn: Connection | End) -> Identity:
+    """What identifies a socket when no cookie does. A connected socket's 5-tuple is
+    unique in its network namespace; sockets with no remote end (listeners, unbound UDP)
+    can share one (SO_REUSEPORT), so for them the owner tells them apart, as far as a
+    source lists a shared socket once per holder."""
+    key = (conn.proto, conn.laddr, conn.lport, conn.raddr, conn.rport)
+    if conn.raddr is None and isinstance(conn, Connection):
+        return (*key, conn.pid)
+    return key
+
+
+def _cookie(conn: Connection | End) -> int | None:
+    """The socket's cookie where it identifies it (an accepted socket starts at 0)."""
+    return conn.cookie or None
+
+
+class Story:
+    """One socket's story: from its first sight to its end (and the remainder the kernel
+    keeps after). Mutable, owned by the tracker; the poller hangs its rows on it."""
+
+    __slots__ = (
+        "key", "cookie", "conn", "first_seen", "from_start", "states", "ended", "end_time",
+        "end_wall", "exact_end", "end_counters", "last_conn", "pending_end", "rows",
+    )  # fmt: skip
+
+    def __init__(self, conn: Connection, now: float, from_start: bool) -> None:
+        self.key = identity_key(conn)
+        self.cookie = _cookie(conn)
+        self.conn = conn  # the latest record the table gave (or the end event's)
+        self.first_seen = now  # monotonic
+        self.from_start = from_start  # there at histstat's first poll
+        self.states: set[str] = {conn.status} if conn.status else set()  # every state seen
+        self.ended = False
+        self.end_time: float | None = None  # monotonic
+        self.end_wall: float | None = None  # wall clock, where an end event gave it
+        self.exact_end = False  # the kernel said when (an end event)
+        self.end_counters: TcpCounters | None = None  # the end event's
+        self.last_conn = conn  # the last record seen before the end
+        self.pending_end: float | None = None  # seen in an end state, its event awaited
+        self.rows: Any = None  # the poller's: what it showed of the story
+
+    @property
+    def last_status(self) -> str | None:
+        """The last state seen before the end."""
+        return self.last_conn.status
+
+    @property
+    def duration(self) -> float:
+        """Seconds from the first sight to the end (or to now, for a live one)."""
+        assert self.end_time is not None
+        return max(0.0, self.end_time - self.first_seen)
+
+    @property
+    def peer_fin_seen(self) -> bool:
+        return bool(self.states & AFTER_PEER_FIN)
+
+    @property
+    def our_fin_seen(self) -> bool:
+        return bool(self.states & AFTER_OUR_FIN)
+
+
+class Change(NamedTuple):
+    """Something a poll learnt of a story: ``open`` (first sight), ``state`` (a new
+    state; after its end, the remainder's), ``owner`` (the socket's holders changed),
+    ``close`` (its end)."""
+
+    kind: str
+    story: Story
+    conn: Connection
+
+
+def _payload(value: int, less: int) -> int:
+    return max(0, value - less)
+
+
+def payload_bytes(
+    story: Story, counters: TcpCounters | None, opened_here: bool
+) -> tuple[int | None, int | None]:
+    """(sent, received) payload bytes from a TCP socket's counters, by the definition in
+    docs/story.md: the kernel counts the peer's FIN in bytes_received, and our SYN (when
+    this end connected: ``opened_here``) and FIN in bytes_acked; bytes_sent counts
+    retransmissions, which bytes_retrans gives. Never negative; None where unknown."""
+    if counters is None or not story.conn.proto.startswith("tcp"):
+        return None, None
+    if counters.bytes_acked == 0 and counters.bytes_received == 0 and not counters.bytes_sent:
+        # The kernel clears them on an abort (tcp_disconnect): unknown, not zero.
+        return None, None
+    if counters.bytes_sent is not None:
+        sent = _payload(counters.bytes_sent, counters.bytes_retrans or 0)
+    else:  # before Linux 4.19: what the peer acknowledged, less our SYN and FIN
+        sent = _payload(counters.bytes_acked, int(opened_here) + int(story.our_fin_seen))
+    received = _payload(counters.bytes_received, int(story.peer_fin_seen))
+    return sent, received
+
+
+class Poll(NamedTuple):
+    """What one poll changed, in order, and how many ends it inferred after the kernel
+    said it had dropped end events (None: it said nothing of the kind)."""
+
+    changes: list[Change]
+    inferred_after_loss: int | None = None
 
 
 class ConnectionTracker:
-    """Compares each snapshot with the previous one by set difference (linear time).
+    """Merges snapshots and end events into one story per socket, in linear time.
 
-    A connection's identity is its whole record (proto, laddr, lport, raddr, rport,
-    status, pid), so a status change is a new connection, as in the original tool. It
-    remembers the poll that first saw each live connection, for durations; the last poll
-    that saw a connection now gone is simply the previous poll.
+    A snapshot's connection joins a live story by its cookie, else by its identity
+    (``identity_key``); else, in a closing state, the remainder of a story that ended
+    lately (ENDED_MEMORY, at most MAX_ENDED of them, by cookie and identity: a
+    remainder may carry another cookie than the end event); else it starts a story.
+    A story ends at its end event (``watches_ends``) or, without one, at the poll that
+    sees it in TIME_WAIT or CLOSE or no longer in the table; never twice, and never
+    because its owner went missing: the owner is not its identity.
     """
 
-    def __init__(self) -> None:
-        self._previous: frozenset[Connection] = frozenset()
-        self._first_seen: dict[Connection, float] = {}
+    def __init__(self, ended_memory: float = ENDED_MEMORY, max_ended: int = MAX_ENDED) -> None:
+        self._live: dict[Identity, Story] = {}  # stories the latest snapshot holds
+        self._live_cookies: dict[int, Story] = {}
+        self._ended: OrderedDict[Identity, tuple[float, Story]] = OrderedDict()  # gone too
+        self._ended_cookies: dict[int, Story] = {}
+        self._ended_memory = ended_memory
+        self._max_ended = max_ended
         self._first_poll: float | None = None
-        self._previous_poll: float | None = None
-        self._lifetimes: dict[Connection, tuple[float, bool]] = {}
+        self._current: frozenset[Connection] = frozenset()
 
-    def changes(
-        self, snapshot: frozenset[Connection], now: float
-    ) -> tuple[list[Connection], list[Connection]]:
-        """(new, gone) since the previous snapshot, each in a stable order; ``now`` is
-        the poll's monotonic time."""
-        new = sorted(snapshot - self._previous, key=sort_key)
-        gone = sorted(self._previous - snapshot, key=sort_key)
+    def update(
+        self,
+        snapshot: frozenset[Connection],
+        now: float,
+        ends: Ends = NO_ENDS,
+        watches_ends: bool = False,
+        wall: float | None = None,
+    ) -> Poll:
+        """The changes since the previous poll. ``now`` is the poll's monotonic time,
+        ``wall`` its wall-clock time (to place end events, which carry it); ``ends``
+        what the source reported since the previous poll, taken after the snapshot."""
         if self._first_poll is None:
             self._first_poll = now
-        self._lifetimes = {conn: self._lifetime(conn) for conn in gone}
-        for conn in gone:
-            del self._first_seen[conn]
-        for conn in new:
-            self._first_seen[conn] = now
-        self._previous = snapshot
-        self._previous_poll = now
-        return new, gone
+        from_start = now == self._first_poll
+        changes: list[Change] = []
+        closes: list[Change] = []
+        seen: dict[Identity, Story] = {}
+        seen_cookies: dict[int, Story] = {}
+        for conn in self._merged(snapshot):
+            story = self._story_of(conn)
+            if story is None:
+                story = Story(conn, now, from_start)
+                changes.append(Change("open", story, conn))
+            else:
+                self._follow(story, conn, now, watches_ends, changes, closes)
+            seen[story.key] = story
+            if story.cookie is not None:
+                seen_cookies[story.cookie] = story
+        if wall is None:
+            wall = now
+        # Stories the table no longer holds join the ended ones (their end events may
+        # be in this batch), and end now where none was.
+        held = set(seen.values())
+        gone = [story for story in self._live.values() if story not in held]
+        for story in gone:
+            self._remember_ended(story, now)
+        self._live, self._live_cookies = seen, seen_cookies
+        for end in ends.ends:
+            self._apply_end(end, now, wall, changes, closes)
+        for story in gone:
+            if not story.ended:
+                self._end(story, now, closes)
+        # A story seen in an end state whose end event never came: the event was lost
+        # (the kernel drops one silently when an allocation fails).
+        for story in seen.values():
+            if story.pending_end is not None and not story.ended:
+                if ends.lost or story.pending_end < now:
+                    self._end(story, story.pending_end, closes)
+        inferred = None
+        if ends.lost:
+            inferred = sum(
+                1 for change in closes if change.kind == "close" and not change.story.exact_end
+            )
+        self._forget_expired(now)
+        self._current = snapshot
+        return Poll(changes + closes, inferred)
 
-    def new_since(self, snapshot: frozenset[Connection], now: float = 0.0) -> list[Connection]:
-        """Connections in ``snapshot`` absent from the previous one, in a stable order."""
-        return self.changes(snapshot, now)[0]
+    @staticmethod
+    def _merged(snapshot: frozenset[Connection]) -> list[Connection]:
+        """The snapshot in a stable order, one record per socket: a source that lists a
+        shared connected socket once per holder (psutil) gives one record, the lowest
+        pid first, with every holder in ``owners``."""
+        ordered = sorted(snapshot, key=sort_key)
+        merged: dict[Identity, Connection] = {}
+        for conn in ordered:
+            key = identity_key(conn)
+            known = merged.get(key)
+            if known is None:
+                merged[key] = conn
+            elif conn.pid is not None and known.pid != conn.pid:
+                owners = known.owners or ((known.pid,) if known.pid is not None else ())
+                if conn.pid not in owners:
+                    owners = (*owners, conn.pid)
+                if known.pid is None:
+                    known = known._replace(pid=conn.pid)
+                merged[key] = known._replace(owners=owners)
+        return list(merged.values())
 
-    def _lifetime(self, conn: Connection) -> tuple[float, bool]:
-        first = self._first_seen[conn]
-        assert self._previous_poll is not None  # a connection gone was seen by a poll
-        return self._previous_poll - first, first == self._first_poll
+    def _story_of(self, conn: Connection) -> Story | None:
+        """The story this record belongs to, live or ended lately; None: a new socket."""
+        cookie = _cookie(conn)
+        if cookie is not None:
+            story = self._live_cookies.get(cookie) or self._ended_cookies.get(cookie)
+            if story is not None:
+                return story
+        key = identity_key(conn)
+        story = self._live.get(key)
+        if story is not None:
+            if cookie is not None and story.cookie is not None and story.cookie != cookie:
+                # Another socket on the same 5-tuple: the known one's remainder turns
+                # into a new connection only by a new SYN, which starts a new story.
+                if conn.status not in REMAINDER_STATES:
+                    return None
+            return story
+        entry = self._ended.get(key)
+        if entry is not None and conn.status in REMAINDER_STATES:
+            return entry[1]
+        return None
 
-    def lifetime(self, gone: Connection) -> tuple[float, bool]:
-        """(seconds from the first to the last poll that saw it, whether it was already
-        there at the first poll: then the seconds are only a lower bound)."""
-        return self._lifetimes[gone]
+    def _follow(
+        self,
+        story: Story,
+        conn: Connection,
+        now: float,
+        watches_ends: bool,
+        changes: list[Change],
+        closes: list[Change],
+    ) -> None:
+        """A known story seen again: its state and owner changes, and its end where the
+        state says so."""
+        previous = story.conn
+        if not story.ended and conn.status not in END_STATES:
+            story.last_conn = conn
+        if story.cookie is None and _cookie(conn) is not None:
+            story.cookie = _cookie(conn)
+        entry = self._ended.get(story.key)
+        if entry is not None and entry[1] is story:  # a remainder back in the table
+            self._forget_ended(story)
+        story.conn = conn
+        if conn.status != previous.status:
+            if conn.status:
+                story.states.add(conn.status)
+            if not story.ended and conn.status in END_STATES:
+                if watches_ends:
+                    story.pending_end = now  # its end event is due; the last state stays
+                else:
+                    self._end(story, now, closes)
+            (closes if story.ended else changes).append(Change("state", story, conn))
+        elif conn.pid != previous.pid or conn.owners != previous.owners:
+            (closes if story.ended else changes).append(Change("owner", story, conn))
+
+    def _end(self, story: Story, when: float, closes: list[Change]) -> None:
+        story.ended = True
+        story.end_time = when
+        closes.append(Change("close", story, story.last_conn))
+
+    def _apply_end(
+        self, end: End, now: float, wall: float, changes: list[Change], closes: list[Change]
+    ) -> None:
+        story = None
+        if end.cookie:
+            story = self._live_cookies.get(end.cookie) or self._ended_cookies.get(end.cookie)
+        complete = end.laddr is not None and end.rport not in (None, 0)
+        if story is None and complete:
+            key = identity_key(end)
+            story = self._live.get(key)
+            if story is None:
+                entry = self._ended.get(key)
+                story = entry[1] if entry is not None else None
+        when = now - max(0.0, wall - end.time)
+        if story is None:
+            if not complete or end.laddr is None or end.lport is None:
+                return  # an abort no poll saw: only a cookie is left, nothing to show
+            conn = Connection(end.proto, end.laddr, end.lport, end.raddr, end.rport,
+                              "CLOSE", None, end.cookie or None)  # fmt: skip
+            story = Story(conn, when, False)
+            changes.append(Change("open", story, conn))
+            self._remember_ended(story, now)
+        if story.ended:
+            return  # a close is never reported twice
+        story.exact_end = True
+        story.end_wall = end.time
+        story.end_counters = end.counters
+        self._end(story, when, closes)
+
+    def _remember_ended(self, story: Story, now: float) -> None:
+        self._ended[story.key] = (now, story)
+        self._ended.move_to_end(story.key)
+        if story.cookie is not None:
+            self._ended_cookies[story.cookie] = story
+        while len(self._ended) > self._max_ended:
+            _, (_, old) = self._ended.popitem(last=False)
+            self._drop_cookie(old)
+
+    def _forget_ended(self, story: Story) -> None:
+        self._ended.pop(story.key, None)
+        self._drop_cookie(story)
+
+    def _drop_cookie(self, story: Story) -> None:
+        if story.cookie is not None and self._ended_cookies.get(story.cookie) is story:
+            del self._ended_cookies[story.cookie]
+
+    def _forget_expired(self, now: float) -> None:
+        while self._ended:
+            since, story = next(iter(self._ended.values()))
+            if now - since <= self._ended_memory:
+                return
+            self._ended.popitem(last=False)
+            self._drop_cookie(story)
+
+    def live(self) -> list[Story]:
+        """The stories of the latest snapshot, ended remainders included."""
+        return list(self._live.values())
 
     @property
     def current(self) -> frozenset[Connection]:
         """The latest snapshot."""
-        return self._previous
+        return self._current
 
     def live_pids(self) -> set[int]:
         """Pids that own a socket in the latest snapshot."""
-        return {conn.pid for conn in self._previous if conn.pid is not None}
+        pids = set()
+        for conn in self._current:
+            if conn.pid is not None:
+                pids.add(conn.pid)
+            pids.update(conn.owners)
+        return pids
+
+    def remembered(self) -> int:
+        """Ended stories kept in memory (bounded by MAX_ENDED)."""
+        return len(self._ended)
