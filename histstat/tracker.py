@@ -55,7 +55,7 @@ class Story:
 
     __slots__ = (
         "key", "cookie", "conn", "first_seen", "from_start", "states", "ended", "end_time",
-        "end_wall", "exact_end", "end_counters", "last_conn", "pending_end", "rows",
+        "end_wall", "exact_end", "end_counters", "last_conn", "pending_end", "rows", "order",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, now: float, from_start: bool) -> None:
@@ -73,6 +73,7 @@ class Story:
         self.last_conn = conn  # the last record seen before the end
         self.pending_end: float | None = None  # seen in an end state, its event awaited
         self.rows: Any = None  # the poller's: what it showed of the story
+        self.order = sort_key(conn)  # where its rows go among those of one poll
 
     @property
     def last_status(self) -> str | None:
@@ -126,6 +127,10 @@ def payload_bytes(
         sent = _payload(counters.bytes_acked, int(opened_here) + int(story.our_fin_seen))
     received = _payload(counters.bytes_received, int(story.peer_fin_seen))
     return sent, received
+
+
+def _order(change: Change) -> tuple[str, str, int, str, int, str, int]:
+    return change.story.order
 
 
 class Poll(NamedTuple):
@@ -213,27 +218,31 @@ class ConnectionTracker:
             )
         self._forget_expired(now)
         self._current = snapshot
+        # A stable order, whatever the snapshot's; a story's own changes keep theirs.
+        changes.sort(key=_order)
+        closes.sort(key=_order)
         return Poll(changes + closes, inferred)
 
     @staticmethod
     def _merged(snapshot: frozenset[Connection]) -> list[Connection]:
-        """The snapshot in a stable order, one record per socket: a source that lists a
-        shared connected socket once per holder (psutil) gives one record, the lowest
-        pid first, with every holder in ``owners``."""
-        ordered = sorted(snapshot, key=sort_key)
+        """One record per socket: a source that lists a shared connected socket once
+        per holder (psutil) gives one record, of the lowest pid, with every holder in
+        ``owners``. Linear: only the sockets listed more than once are sorted."""
         merged: dict[Identity, Connection] = {}
-        for conn in ordered:
+        shared: dict[Identity, list[Connection]] = {}
+        for conn in snapshot:
             key = identity_key(conn)
             known = merged.get(key)
             if known is None:
                 merged[key] = conn
-            elif conn.pid is not None and known.pid != conn.pid:
-                owners = known.owners or ((known.pid,) if known.pid is not None else ())
-                if conn.pid not in owners:
-                    owners = (*owners, conn.pid)
-                if known.pid is None:
-                    known = known._replace(pid=conn.pid)
-                merged[key] = known._replace(owners=owners)
+            else:
+                shared.setdefault(key, [known]).append(conn)
+        for key, records in shared.items():
+            records.sort(key=sort_key)
+            pids = sorted({conn.pid for conn in records if conn.pid is not None})
+            first = next((conn for conn in records if conn.pid is not None), records[0])
+            owners = tuple(dict.fromkeys((*first.owners, *pids)))
+            merged[key] = first._replace(owners=owners) if len(owners) > 1 else first
         return list(merged.values())
 
     def _story_of(self, conn: Connection) -> Story | None:
