@@ -80,10 +80,10 @@ class StoryRows:
 
     __slots__ = ("owner", "opened", "direction", "skipped")
 
-    def __init__(self, direction: str | None, skipped: bool) -> None:
+    def __init__(self, skipped: bool) -> None:
         self.owner: Owner | None = None
         self.opened: PendingRow | None = None
-        self.direction = direction
+        self.direction: str | None = None  # decided with the open row
         self.skipped = skipped
 
 
@@ -184,9 +184,7 @@ class Poller:
     def _row_of(self, change: Change, seen: datetime.datetime, now: float, first: bool):
         story, conn = change.story, change.conn
         if change.kind == "open":
-            story.rows = StoryRows(
-                self._listeners.direction(conn, now), self._skip_existing and first
-            )
+            story.rows = StoryRows(self._skip_existing and first)
         rows: StoryRows = story.rows
         if conn.pid is not None and change.kind != "close":
             self._learn_owner(rows, conn)
@@ -276,6 +274,9 @@ class Poller:
         else:
             facts = facts._replace(user=self._socket_user(conn))
         owners, count = self._owner_refs(owner) if owner is not None else (None, None)
+        # Decided when shown, from the listeners known by then: /proc/net/tcp (psutil)
+        # may miss a listener in the poll that first lists a connection it accepted.
+        rows.direction = self._listeners.direction(conn, now)
         place = self._geoip.place_of(conn.raddr) if self._geoip is not None else None
         row = make_row(
             shown._replace(pid=owner.pid if owner is not None else None),

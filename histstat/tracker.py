@@ -186,6 +186,11 @@ class ConnectionTracker:
             if story is None:
                 story = Story(conn, now, from_start)
                 changes.append(Change("open", story, conn))
+                if conn.status in END_STATES:  # first seen as what its end leaves
+                    if watches_ends:
+                        story.pending_end = now
+                    else:
+                        self._end(story, now, closes)
             else:
                 self._follow(story, conn, now, watches_ends, changes, closes)
             seen[story.key] = story

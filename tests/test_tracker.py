@@ -288,3 +288,17 @@ def test_a_port_counts_as_listening_until_its_last_listener_closes():
     listeners.closed(worker_b, now=1000.0)
     assert listeners.direction(ACCEPTED, 1029.0) == "in"
     assert listeners.direction(ACCEPTED, 1031.0) == "out"
+
+
+def test_a_socket_first_seen_in_time_wait_ends_at_once_without_end_events():
+    tracker = ConnectionTracker()
+    time_wait = ESTABLISHED._replace(status="TIME_WAIT", pid=None)
+    poll = tracker.update(frozenset({time_wait}), now=0.0)
+    assert kinds(poll) == [("open", "TIME_WAIT"), ("close", "TIME_WAIT")]
+    assert tracker.update(frozenset({time_wait}), now=1.0).changes == []
+    events = ConnectionTracker()
+    assert kinds(events.update(frozenset({time_wait}), now=0.0, watches_ends=True)) == [
+        ("open", "TIME_WAIT")
+    ]
+    poll = events.update(frozenset({time_wait}), now=1.0, watches_ends=True)
+    assert kinds(poll) == [("close", "TIME_WAIT")]  # its end event never came
