@@ -90,6 +90,9 @@ def check_json_rows(rows, child, started: datetime.datetime) -> None:
         assert row["date"] == seen.strftime("%y-%m-%d")
 
 
+OWNED = ["pname", "owners", "owners_count"]  # JSON keys: every process holding the socket
+
+
 def test_json_reports_listener_and_both_ends_ipv4(spawn_child, run_histstat):
     started = datetime.datetime.now().astimezone()
     child = spawn_child()
@@ -102,11 +105,15 @@ def test_json_reports_listener_and_both_ends_ipv4(spawn_child, run_histstat):
     assert_exactly_child_connections(v4_rows, child, v6=False)
     check_json_rows(v4_rows, child, started)
     # The original's columns, with the connection's story around them (JSON schema).
-    story = ["status", "direction", "attribution"]
-    with_story = [key for column in COLUMNS for key in (story if column == "status" else [column])]
+    story = {"status": ["status", "direction", "attribution"], "pname": OWNED}
+    with_story = [key for column in COLUMNS for key in story.get(column, [column])]
     assert list(v4_rows[0]) == ["event", *with_story, "command_length", "timestamp"]
     assert {row["event"] for row in v4_rows} == {"open"}
     assert {row["attribution"] for row in v4_rows} == {"socket"}
+    # Every holder: here the child alone.
+    assert {(row["owners_count"], str(row["owners"])) for row in v4_rows} == {
+        (1, str([{"pid": child.pid, "name": v4_rows[0]["pname"]}]))
+    }
 
 
 def test_json_reports_listener_and_both_ends_ipv6(spawn_child, run_histstat):
