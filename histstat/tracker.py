@@ -231,7 +231,7 @@ class ConnectionTracker:
     @staticmethod
     def _merged(snapshot: frozenset[Connection]) -> list[Connection]:
         """One record per socket: a source that lists a shared connected socket once
-        per holder (psutil) gives one record, of the lowest pid, with every holder in
+        per holder gives one record, of the lowest pid, with every holder in
         ``owners``. Linear: only the sockets listed more than once are sorted."""
         merged: dict[Identity, Connection] = {}
         shared: dict[Identity, list[Connection]] = {}

@@ -35,10 +35,11 @@ from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT, read_line
 
 # The csv module refuses fields over 128 KiB by default; a command line may be longer.
 csv.field_size_limit(1 << 30)
-# A poll may start late and take a while on a loaded machine: the slack, in seconds, for
-# everything the interval alone does not bound.
-SLACK = 1.0
-HOLD = 2.0  # seconds the child of the duration test keeps its connection at least
+# A poll may start late and take a while on a loaded machine (the psutil source's poll
+# took up to 1.2 s while other test suites ran): the slack, in seconds, for everything
+# the interval alone does not bound.
+SLACK = 2.0
+HOLD = 3.0  # seconds the child of the duration test keeps its connection at least
 HOST = "127.0.0.1"
 # The text columns with --closed: event first, duration right after status.
 CLOSED_COLUMNS = ("event", *KEY_FIELDS, "duration", *COLUMNS[6:])
@@ -332,7 +333,7 @@ def test_closed_reports_one_open_and_one_close_row_per_connection(spawn_story, r
     assert_clean_end(plain.stop())
 
     low, high = duration_bounds(lifetime)
-    assert low >= HOLD - 1.5  # the bounds tell a lifetime apart from nothing
+    assert low > 0  # the bounds tell a lifetime apart from nothing
     for key in both:
         story = stories[endpoints(key)]
         # One connection, one story: its states in between are no rows of their own.
@@ -373,11 +374,12 @@ def test_duration_is_within_one_interval_of_the_true_life(spawn_story, run_hists
     js = run_histstat("-j", "--closed", "-i", "1", "--pid", child.pid)
     wait_for_keys(js, [child.listener])
     child.connect()
-    lifetime = child.close(hold=1.5)
+    lifetime = child.close(hold=4.0)
     stories = wait_for_stories(js, [child.client(), child.server()], "close")
     assert_clean_end(js.stop())
 
     low, high = duration_bounds(lifetime, interval=1.0)
+    assert low > 0  # the bounds tell a lifetime apart from nothing
     for story in stories.values():
         (close_row,) = [row for row in story if row["event"] == "close"]
         assert low <= close_row["duration"] <= high, (close_row, lifetime)
@@ -727,6 +729,7 @@ def test_a_connection_no_poll_caught_gets_one_open_and_one_close_row(spawn_story
 
 
 CHURN_SOURCE = """
+import collections
 import socket
 import struct
 import sys
@@ -737,58 +740,82 @@ server.bind(("127.0.0.1", 0))
 server.listen(512)
 print(server.getsockname()[1], flush=True)
 sys.stdin.readline()
-mode, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+mode, rate, seconds, hold = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 linger = struct.pack("ii", 1, 0)
+held = collections.deque()  # (opened, client, accepted), oldest first
+
+
+def close(client, accepted):
+    if mode == "rst":
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    client.close()
+    accepted.close()
+
+
 started = time.monotonic()
 made = 0
 while time.monotonic() < started + seconds:
     client = socket.create_connection(server.getsockname())
     accepted, _ = server.accept()
-    if mode == "rst":
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-    client.close()
-    accepted.close()
+    held.append((time.monotonic(), client, accepted))
     made += 1
+    while held and held[0][0] < time.monotonic() - hold:
+        close(*held.popleft()[1:])
     ahead = started + made / rate - time.monotonic()
     if ahead > 0:
         time.sleep(ahead)
+while held:
+    close(*held.popleft()[1:])
 print(made, flush=True)
 sys.stdin.readline()
 """
 
 
 @pytest.mark.parametrize(
-    ("mode", "rate", "seconds"),
-    [("rst", 1000, 3.0), ("graceful", 1000, 2.0)],
+    ("mode", "rate", "seconds", "hold"),
+    [("rst", 1000, 3.0, 0.2), ("graceful", 1000, 2.0, 0.0)],
     ids=["1000-per-second-with-rst", "2000-closed-in-2-seconds"],
 )
-def test_a_burst_of_connections_closes_each_exactly_once(run_histstat, mode, rate, seconds):
+def test_a_burst_of_connections_closes_each_exactly_once(run_histstat, mode, rate, seconds, hold):
+    """Connections that come and go fast, each (with RST) living 0.2 s: while some
+    leave their process's descriptor table between the dump and the descriptor scan,
+    none is closed while still in the table (closed, then opened again)."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHURN_SOURCE, mode, str(rate), str(seconds)],
+        [sys.executable, "-c", CHURN_SOURCE, mode, str(rate), str(seconds), str(hold)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
     try:
         port = int(read_line(child.stdout, DEFAULT_TIMEOUT))
         js = run_histstat(
-            "-j", "--closed", *INTERVAL, "--port", port, "-f", "event,laddr,lport,raddr,rport"
+            "-j",
+            "--closed",
+            *INTERVAL,
+            "--port",
+            port,
+            "-f",
+            "event,laddr,lport,raddr,rport,status,timestamp",
         )
         js.until(lambda: js.rows(), what="the listener's row")
         child.stdin.write(b"go\n")
         child.stdin.flush()
         made = int(read_line(child.stdout, DEFAULT_TIMEOUT + seconds))
 
+        times: dict = {}
+
         def counts():
+            times.clear()
             found: dict = {}
             for row in js.rows():
                 if row["rport"] is not None:
                     key = (row["lport"], row["rport"])
                     found.setdefault(key, []).append(row["event"])
+                    times.setdefault(key, []).append((row["status"], row["timestamp"][11:]))
             return found
 
         def all_closed():
             found = counts()
-            return found if all(events.count("close") for events in found.values()) else None
+            return all(events.count("close") for events in found.values())
 
         js.until(all_closed, what="a close row for every connection opened")
         assert_clean_end(js.stop())
@@ -799,7 +826,7 @@ def test_a_burst_of_connections_closes_each_exactly_once(run_histstat, mode, rat
     assert found, "no connection of the burst was seen"
     for key, events in found.items():
         # No false close: a socket still in the table is never ended and opened again.
-        assert events == ["open", "close"], (key, events)
+        assert events == ["open", "close"], (key, events, times[key])
 
 
 # --------------------------------------------------------------------------- 10. bytes
