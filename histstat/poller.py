@@ -169,17 +169,9 @@ class Poller:
                 "table, at the poll's time and without bytes"
             )
         self._listeners.forget_expired(now)
-        self._processes.retain(self._tracker.live_pids() | self._owner_pids())
+        # A story keeps its owner's facts itself: the cache needs only the live owners.
+        self._processes.retain(self._tracker.live_pids())
         return rows
-
-    def _owner_pids(self) -> set[int]:
-        """Pids whose facts later rows of a live story still need."""
-        pids = set()
-        for story in self._tracker.live():
-            rows = story.rows
-            if rows is not None and rows.owner is not None:
-                pids.add(rows.owner.pid)
-        return pids
 
     def _row_of(self, change: Change, seen: datetime.datetime, now: float, first: bool):
         story, conn = change.story, change.conn

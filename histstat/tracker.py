@@ -56,6 +56,7 @@ class Story:
     __slots__ = (
         "key", "cookie", "conn", "first_seen", "from_start", "states", "ended", "end_time",
         "end_wall", "exact_end", "end_counters", "last_conn", "pending_end", "rows", "order",
+        "held",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, now: float, from_start: bool) -> None:
@@ -74,6 +75,7 @@ class Story:
         self.pending_end: float | None = None  # seen in an end state, its event awaited
         self.rows: Any = None  # the poller's: what it showed of the story
         self.order = sort_key(conn)  # where its rows go among those of one poll
+        self.held = 0  # records of the latest snapshot that are this socket
 
     @property
     def last_status(self) -> str | None:
@@ -156,6 +158,8 @@ class ConnectionTracker:
     def __init__(self, ended_memory: float = ENDED_MEMORY, max_ended: int = MAX_ENDED) -> None:
         self._live: dict[Identity, Story] = {}  # stories the latest snapshot holds
         self._live_cookies: dict[int, Story] = {}
+        self._records: dict[Connection, Story] = {}  # the latest snapshot's, to its story
+        self._awaiting: dict[Story, None] = {}  # seen as TIME_WAIT, their end event due
         self._ended: OrderedDict[Identity, tuple[float, Story]] = OrderedDict()  # gone too
         self._ended_cookies: dict[int, Story] = {}
         self._ended_memory = ended_memory
@@ -173,38 +177,50 @@ class ConnectionTracker:
     ) -> Poll:
         """The changes since the previous poll. ``now`` is the poll's monotonic time,
         ``wall`` its wall-clock time (to place end events, which carry it); ``ends``
-        what the source reported since the previous poll, taken after the snapshot."""
+        what the source reported since the previous poll, taken after the snapshot.
+
+        Only the records that differ from the previous snapshot's cost Python work: the
+        set differences run in C, as the table's unchanged majority needs no look."""
         if self._first_poll is None:
             self._first_poll = now
         from_start = now == self._first_poll
         changes: list[Change] = []
         closes: list[Change] = []
-        seen: dict[Identity, Story] = {}
-        seen_cookies: dict[int, Story] = {}
-        for conn in self._merged(snapshot):
-            story = self._story_of(conn)
-            if story is None:
+        records = self._records
+        left: dict[Story, None] = {}  # stories that lost a record: gone, unless matched
+        for record in self._current - snapshot:
+            went = records.pop(record)
+            went.held -= 1
+            left[went] = None
+        for group in self._merged(snapshot - self._current):
+            conn = group[0]
+            found = self._story_of(conn)
+            if found is None:
                 story = Story(conn, now, from_start)
                 changes.append(Change("open", story, conn))
+                self._hold(story)
                 if conn.status in END_STATES:  # first seen as what its end leaves
                     if watches_ends:
-                        story.pending_end = now
+                        self._wait_for_end(story, now)
                     else:
                         self._end(story, now, closes)
             else:
+                story = found
+                if story.held == 0 and story not in left:  # a remainder of an ended one
+                    self._forget_ended(story)
+                    self._hold(story)
                 self._follow(story, conn, now, watches_ends, changes, closes)
-            seen[story.key] = story
-            if story.cookie is not None:
-                seen_cookies[story.cookie] = story
+            for record in group[1:]:
+                records[record] = story
+            story.held += len(group) - 1
         if wall is None:
             wall = now
         # Stories the table no longer holds join the ended ones (their end events may
         # be in this batch), and end now where none was.
-        held = set(seen.values())
-        gone = [story for story in self._live.values() if story not in held]
+        gone = [story for story in left if story.held == 0]
         for story in gone:
+            self._let_go(story)
             self._remember_ended(story, now)
-        self._live, self._live_cookies = seen, seen_cookies
         for end in ends.ends:
             self._apply_end(end, now, wall, changes, closes)
         for story in gone:
@@ -212,10 +228,13 @@ class ConnectionTracker:
                 self._end(story, now, closes)
         # A story seen in an end state whose end event never came: the event was lost
         # (the kernel drops one silently when an allocation fails).
-        for story in seen.values():
-            if story.pending_end is not None and not story.ended:
-                if ends.lost or story.pending_end < now:
-                    self._end(story, story.pending_end, closes)
+        for story in list(self._awaiting):
+            if story.ended:
+                del self._awaiting[story]
+            elif ends.lost or (story.pending_end is not None and story.pending_end < now):
+                del self._awaiting[story]
+                assert story.pending_end is not None
+                self._end(story, story.pending_end, closes)
         inferred = None
         if ends.lost:
             inferred = sum(
@@ -228,27 +247,43 @@ class ConnectionTracker:
         closes.sort(key=_order)
         return Poll(changes + closes, inferred)
 
+    def _hold(self, story: Story) -> None:
+        """A story the table holds: findable by identity and cookie."""
+        self._live[story.key] = story
+        if story.cookie is not None:
+            self._live_cookies[story.cookie] = story
+
+    def _let_go(self, story: Story) -> None:
+        if self._live.get(story.key) is story:
+            del self._live[story.key]
+        if story.cookie is not None and self._live_cookies.get(story.cookie) is story:
+            del self._live_cookies[story.cookie]
+        self._awaiting.pop(story, None)
+
+    def _wait_for_end(self, story: Story, now: float) -> None:
+        story.pending_end = now
+        self._awaiting[story] = None
+
     @staticmethod
-    def _merged(snapshot: frozenset[Connection]) -> list[Connection]:
-        """One record per socket: a source that lists a shared connected socket once
-        per holder gives one record, of the lowest pid, with every holder in
-        ``owners``. Linear: only the sockets listed more than once are sorted."""
-        merged: dict[Identity, Connection] = {}
-        shared: dict[Identity, list[Connection]] = {}
-        for conn in snapshot:
-            key = identity_key(conn)
-            known = merged.get(key)
-            if known is None:
-                merged[key] = conn
+    def _merged(records: frozenset[Connection]) -> list[list[Connection]]:
+        """The records grouped by socket, the group's record first: a source that lists
+        a shared connected socket once per holder gives one record, of the lowest pid,
+        with every holder in ``owners``."""
+        merged: dict[Identity, list[Connection]] = {}
+        for conn in records:
+            merged.setdefault(identity_key(conn), []).append(conn)
+        groups = []
+        for group in merged.values():
+            if len(group) > 1:
+                group.sort(key=sort_key)
+                pids = sorted({conn.pid for conn in group if conn.pid is not None})
+                first = next((conn for conn in group if conn.pid is not None), group[0])
+                owners = tuple(dict.fromkeys((*first.owners, *pids)))
+                group = [first._replace(owners=owners) if len(owners) > 1 else first, *group]
             else:
-                shared.setdefault(key, [known]).append(conn)
-        for key, records in shared.items():
-            records.sort(key=sort_key)
-            pids = sorted({conn.pid for conn in records if conn.pid is not None})
-            first = next((conn for conn in records if conn.pid is not None), records[0])
-            owners = tuple(dict.fromkeys((*first.owners, *pids)))
-            merged[key] = first._replace(owners=owners) if len(owners) > 1 else first
-        return list(merged.values())
+                group = [group[0], group[0]]
+            groups.append(group)
+        return groups
 
     def _story_of(self, conn: Connection) -> Story | None:
         """The story this record belongs to, live or ended lately; None: a new socket."""
@@ -285,18 +320,17 @@ class ConnectionTracker:
         previous = story.conn
         if not story.ended and conn.status not in END_STATES:
             story.last_conn = conn
-        if story.cookie is None and _cookie(conn) is not None:
-            story.cookie = _cookie(conn)
-        entry = self._ended.get(story.key)
-        if entry is not None and entry[1] is story:  # a remainder back in the table
-            self._forget_ended(story)
+        cookie = _cookie(conn)
+        if story.cookie is None and cookie is not None:
+            story.cookie = cookie
+            self._live_cookies[cookie] = story
         story.conn = conn
         if conn.status != previous.status:
             if conn.status:
                 story.states.add(conn.status)
             if not story.ended and conn.status in END_STATES:
                 if watches_ends:
-                    story.pending_end = now  # its end event is due; the last state stays
+                    self._wait_for_end(story, now)  # its event is due; the last state stays
                 else:
                     self._end(story, now, closes)
             (closes if story.ended else changes).append(Change("state", story, conn))
@@ -372,13 +406,8 @@ class ConnectionTracker:
         return self._current
 
     def live_pids(self) -> set[int]:
-        """Pids that own a socket in the latest snapshot."""
-        pids = set()
-        for conn in self._current:
-            if conn.pid is not None:
-                pids.add(conn.pid)
-            pids.update(conn.owners)
-        return pids
+        """Pids that own a socket in the latest snapshot (the likeliest openers)."""
+        return {conn.pid for conn in self._current if conn.pid is not None}
 
     def remembered(self) -> int:
         """Ended stories kept in memory (bounded by MAX_ENDED)."""
