@@ -225,7 +225,7 @@ class Poller:
         """The user the kernel names as the socket's owner, where the source knows it:
         an unprivileged run sees other users' sockets without their pids, but not
         without their uid. Never for TIME_WAIT, which the kernel reports as uid 0."""
-        if conn.status == "TIME_WAIT" or conn.pid is not None:
+        if conn.status == "TIME_WAIT":
             return None
         uid = self._source.uid_of(conn)
         return None if uid is None else user_name(uid)
@@ -263,7 +263,7 @@ class Poller:
         attribution = None
         if owner is not None:
             attribution = "socket" if conn.pid is not None else "earlier"
-        else:
+        if facts.user is None and attribution != "earlier":  # the socket's own owner uid
             facts = facts._replace(user=self._socket_user(conn))
         owners, count = self._owner_refs(owner) if owner is not None else (None, None)
         # Decided when shown, from the listeners known by then: /proc/net/tcp (psutil)
