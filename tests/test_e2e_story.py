@@ -630,8 +630,8 @@ def test_by_default_a_connection_is_one_open_row(spawn_story, run_histstat):
         wait_for_keys(histstat, [child.listener], output)
     child.connect()
     both = [child.client(), child.server()]
-    for histstat, output in ((js, "json"), (text, "plain")):
-        wait_for_keys(histstat, both, output)
+    for histstat, output in ((js, "json"), (text, "plain"), (witness, "json")):
+        wait_for_keys(histstat, both, output, pid=child.pid)
     child.close(gap=0.3)
     wait_for_keys(witness, [child.client("TIME_WAIT")], event="state")
     header = header_of(text)
