@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
@@ -54,9 +55,9 @@ class Story:
     keeps after). Mutable, owned by the tracker; the poller hangs its rows on it."""
 
     __slots__ = (
-        "key", "cookie", "conn", "first_seen", "from_start", "states", "ended", "end_time",
-        "end_wall", "exact_end", "end_counters", "last_conn", "pending_end", "rows", "order",
-        "held",
+        "key", "cookie", "conn", "first_seen", "from_start", "peer_fin_seen", "our_fin_seen",
+        "ended", "end_time", "end_wall", "exact_end", "end_counters", "last_conn",
+        "pending_end", "rows", "held",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, now: float, from_start: bool) -> None:
@@ -65,7 +66,9 @@ class Story:
         self.conn = conn  # the latest record the table gave (or the end event's)
         self.first_seen = now  # monotonic
         self.from_start = from_start  # there at histstat's first poll
-        self.states: set[str] = {conn.status} if conn.status else set()  # every state seen
+        self.peer_fin_seen = False  # seen in a state that follows the peer's FIN
+        self.our_fin_seen = False  # seen in a state that follows our FIN
+        self.saw(conn.status)
         self.ended = False
         self.end_time: float | None = None  # monotonic
         self.end_wall: float | None = None  # wall clock, where an end event gave it
@@ -74,7 +77,6 @@ class Story:
         self.last_conn = conn  # the last record seen before the end
         self.pending_end: float | None = None  # seen in an end state, its event awaited
         self.rows: Any = None  # the poller's: what it showed of the story
-        self.order = sort_key(conn)  # where its rows go among those of one poll
         self.held = 0  # records of the latest snapshot that are this socket
 
     @property
@@ -88,13 +90,12 @@ class Story:
         assert self.end_time is not None
         return max(0.0, self.end_time - self.first_seen)
 
-    @property
-    def peer_fin_seen(self) -> bool:
-        return bool(self.states & AFTER_PEER_FIN)
-
-    @property
-    def our_fin_seen(self) -> bool:
-        return bool(self.states & AFTER_OUR_FIN)
+    def saw(self, status: str | None) -> None:
+        """A state seen: what it says of the FINs (for payload_bytes)."""
+        if status in AFTER_PEER_FIN:
+            self.peer_fin_seen = True
+        if status in AFTER_OUR_FIN:
+            self.our_fin_seen = True
 
 
 class Change(NamedTuple):
@@ -131,8 +132,12 @@ def payload_bytes(
     return sent, received
 
 
-def _order(change: Change) -> tuple[str, str, int, str, int, str, int]:
-    return change.story.order
+def _order(change: Change) -> tuple[Any, ...]:
+    """Where a change goes among those of one poll: by socket (its identity, unknown
+    parts as "" and -1), so a story's own changes keep their order (a stable sort)."""
+    return tuple("" if part is None else part for part in change.story.key[:4]) + tuple(
+        -1 if part is None else part for part in change.story.key[4:]
+    )
 
 
 class Poll(NamedTuple):
@@ -181,6 +186,24 @@ class ConnectionTracker:
 
         Only the records that differ from the previous snapshot's cost Python work: the
         set differences run in C, as the table's unchanged majority needs no look."""
+        # The first poll makes a story per socket: tens of thousands of objects, none in
+        # a cycle, over which the cyclic collector would run again and again.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._update(snapshot, now, ends, watches_ends, wall)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _update(
+        self,
+        snapshot: frozenset[Connection],
+        now: float,
+        ends: Ends,
+        watches_ends: bool,
+        wall: float | None,
+    ) -> Poll:
         if self._first_poll is None:
             self._first_poll = now
         from_start = now == self._first_poll
@@ -326,8 +349,7 @@ class ConnectionTracker:
             self._live_cookies[cookie] = story
         story.conn = conn
         if conn.status != previous.status:
-            if conn.status:
-                story.states.add(conn.status)
+            story.saw(conn.status)
             if not story.ended and conn.status in END_STATES:
                 if watches_ends:
                     self._wait_for_end(story, now)  # its event is due; the last state stays

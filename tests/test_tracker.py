@@ -236,7 +236,8 @@ def test_live_pids_are_the_socket_owners_of_the_latest_poll():
 )
 def test_payload_bytes_leave_out_syn_and_fin(counters, states, opened_here, expected):
     story = Story(ESTABLISHED, 0.0, False)
-    story.states = set(states)
+    for status in states:
+        story.saw(status)
     assert payload_bytes(story, counters, opened_here) == expected
 
 
