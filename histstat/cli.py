@@ -207,8 +207,22 @@ def get_parser() -> _Parser:
     story.add_argument(
         "--closed",
         action="store_true",
-        help="also write a row when a connection goes away: event close, with its "
-        "duration (a '>' marks one that predates histstat)",
+        help="also write one row when a connection ends: event close, with its last state, "
+        "its duration (a '>' marks one that predates histstat) and, where the kernel says "
+        "(Linux end events), its payload bytes",
+    )
+    story.add_argument(
+        "--transitions",
+        action="store_true",
+        help="also write a row when a connection changes state: event state, with the new "
+        "status (the FIN_WAIT2 and TIME_WAIT the kernel keeps after the end included)",
+    )
+    story.add_argument(
+        "--update",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="every SECONDS, write a row for each live TCP connection: event update, with "
+        "its payload bytes so far where the source gives them (the Linux source)",
     )
     story.add_argument(
         "-r",
@@ -335,6 +349,16 @@ def _source_name(parser: _Parser, asked: str, from_environment: bool) -> str:
         parser.error(f"{'HISTSTAT_SOURCE' if from_environment else 'argument --source'}: {exc}")
 
 
+def _story_rows(args: argparse.Namespace) -> bool:
+    """Whether rows other than open rows are written: then the event column shows."""
+    return bool(args.closed or args.transitions or args.update)
+
+
+def _byte_rows(args: argparse.Namespace) -> bool:
+    """Whether rows that carry bytes (close, update) are written."""
+    return bool(args.closed or args.update)
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     parser = get_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -373,7 +397,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
         quiet=args.quiet,
         hashes=hashes,
         fields=args.fields
-        or default_fields(args.hash, args.closed, args.resolve, bool(args.geoip)),
+        or default_fields(
+            args.hash, _story_rows(args), args.resolve, bool(args.geoip), _byte_rows(args)
+        ),
         row_filter=RowFilter(
             protos=protocols(args.tcp, args.udp, args.ipv4, args.ipv6),
             ports=args.port,
@@ -394,6 +420,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         duration=args.duration,
         color=args.color,
         closed=args.closed,
+        transitions=args.transitions,
+        update=args.update,
         skip_existing=args.skip_existing,
         resolve=args.resolve or bool(args.fields and "rhost" in args.fields),
         geoip=tuple(args.geoip),

@@ -24,6 +24,8 @@ class Config:
     duration: float | None = None
     color: str = "auto"
     closed: bool = False
+    transitions: bool = False  # a row per change of state
+    update: float | None = None  # seconds between update rows of live TCP connections
     skip_existing: bool = False  # no rows for what the first poll finds
     resolve: bool = False
     geoip: tuple[str, ...] = ()  # paths of MaxMind databases

@@ -154,7 +154,9 @@ class RowFilter:
             and (self.rports is None or _in_ranges(conn.rport, self.rports))
             and (self.laddrs is None or _in_networks(conn.laddr, self.laddrs))
             and (self.raddrs is None or _in_networks(conn.raddr, self.raddrs))
-            and (self.pids is None or conn.pid in self.pids)
+            and (
+                self.pids is None or conn.pid in self.pids or not self.pids.isdisjoint(conn.owners)
+            )
             and (self.statuses is None or status in self.statuses)
             and status not in self.excluded_statuses
         )

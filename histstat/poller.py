@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from histstat.attribution import Endpoint, EndpointMemory, ListenerMemory
+from histstat.attribution import ListenerMemory
 from histstat.enrich import ProcessCache, user_name
 from histstat.filters import RowFilter
 from histstat.hashing import Hashes
 from histstat.pending import Fill, PendingRow
-from histstat.records import Connection, ProcessFacts, Row
-from histstat.tracker import ConnectionTracker
+from histstat.records import (
+    MAX_OWNERS,
+    UNKNOWN_PROCESS,
+    Connection,
+    ProcessFacts,
+    ProcessRef,
+    Row,
+    sort_key,
+)
+from histstat.sources.base import NO_ENDS
+from histstat.tracker import Change, ConnectionTracker, Story, payload_bytes
 
 if TYPE_CHECKING:  # optional stages, imported by the runner only when asked for
     from histstat.geoip import GeoIP
@@ -59,26 +69,46 @@ def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime, **m
 
 
 class Owner(NamedTuple):
-    """Who held an endpoint: enough to attribute its orphan later."""
+    """Who held a socket: enough to attribute its later, ownerless states."""
 
     pid: int
-    facts: ProcessFacts | None  # None: its row was filtered out, facts never read
+    facts: ProcessFacts | None  # None: not read yet (its rows were filtered out)
     hashes: Future[Hashes] | None
-    seen: float = 0.0  # wall-clock time it was seen owned, to detect a reused pid
+    seen: float = 0.0  # wall-clock time it was seen holding it, to detect a reused pid
+    owners: tuple[int, ...] = ()  # every holder then, the likeliest opener first
+
+
+class StoryRows:
+    """What the poller keeps of one story: its owner, its open row once shown, and its
+    direction; ``skipped`` (--skip-existing) stories never get a row."""
+
+    __slots__ = ("owner", "opened", "direction", "skipped")
+
+    def __init__(self, skipped: bool) -> None:
+        self.owner: Owner | None = None
+        self.opened: PendingRow | None = None
+        self.direction: str | None = None  # decided with the open row
+        self.skipped = skipped
+
+
+def _wall_time(seconds: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(seconds).astimezone()
 
 
 class Poller:
     """source → tracker → filters → enrich: the rows of one poll.
 
-    Besides new connections it reports, with ``closed``, those gone since the previous
-    poll, repeating their open row's facts. It fills ``direction`` from the listeners
-    it remembers and attributes sockets the kernel keeps without a process to the
-    process that held the same endpoint earlier.
+    One story per socket (the tracker's): an ``open`` row the first time it passes the
+    filters, ``state`` rows for its later states with ``transitions``, a ``close`` row
+    at its end with ``closed``, and ``update`` rows of its bytes every ``update``
+    seconds. The owner found at any poll stays with the story: rows of a moment when no
+    process held the socket say ``attribution: "earlier"``. It fills ``direction`` from
+    the listeners it remembers.
 
-    With ``skip_existing`` the connections of the first poll get no rows, open or close,
-    nor do their later states (a CLOSE_WAIT, the TIME_WAIT they leave) while their
-    endpoints stay in the table; yet they teach the memories all the same: a listener
-    that was already there still makes later connections on its port "in".
+    With ``skip_existing`` the stories of the first poll get no rows, whatever happens
+    to them later (their remainders are the same stories); yet they teach the memories
+    all the same: a listener that was already there still makes later connections on
+    its port "in".
     """
 
     def __init__(
@@ -91,6 +121,9 @@ class Poller:
         resolver: ReverseResolver | None = None,
         geoip: GeoIP | None = None,
         skip_existing: bool = False,
+        transitions: bool = False,
+        update: float | None = None,
+        notice: Callable[[str], None] | None = None,
     ) -> None:
         self._source = source
         self._tracker = tracker
@@ -100,63 +133,97 @@ class Poller:
         self._resolver = resolver
         self._geoip = geoip
         self._listeners = ListenerMemory()
-        self._endpoints = EndpointMemory()
-        self._shown: dict[Connection, PendingRow] = {}  # with --closed: open rows shown
         self._skip_existing = skip_existing
+        self._transitions = transitions
+        self._update = update
+        self._next_update = -math.inf
+        self._notice = notice
         self._polled = False
-        # --skip-existing: the endpoints of the first poll's connections, while the
-        # table still holds a socket on them; their later states are the same story.
-        self._existing: set[Endpoint] = set()
 
     def poll(self) -> list[PendingRow]:
         # Local time with its UTC offset, taken once: every row of a poll shares it.
         seen = datetime.datetime.now().astimezone()
         now = time.monotonic()
-        new, gone = self._tracker.changes(self._source.snapshot(), now)
+        due = self._update is not None and now >= self._next_update
+        snapshot = self._source.snapshot(counters=True) if due else self._source.snapshot()
+        # Asked after the snapshot: the Linux source joins the end events at its first.
+        watches = self._source.watches_ends()
+        ends = self._source.ends() if watches else NO_ENDS
+        result = self._tracker.update(snapshot, now, ends, watches, seen.timestamp())
         first = not self._polled
-        if self._skip_existing and first:
-            self._existing = {conn[:5] for conn in new}
-        elif self._existing and any(conn[:5] in self._existing for conn in gone):
-            self._existing &= {conn[:5] for conn in self._tracker.current}
         self._polled = True
-        rows = [self._close_row(conn, seen, now) for conn in gone]
-        rows = [row for row in rows if row is not None]
-        # A process's socket turns orphan in the kernel the moment it lets go, so an
-        # orphan of a connection gone this poll is among this poll's new pid-less ones.
-        orphans = {conn[:5] for conn in new if conn.pid is None}
-        for conn in gone:
-            if conn.status == "LISTEN":
-                self._listeners.closed(conn, now)
-            if conn.pid is not None:
-                self._endpoints.touch(conn, now, orphaned=conn[:5] in orphans)
-            else:  # an orphan's story ended: its endpoint may be someone else's next
-                self._endpoints.forget(conn)
         # Listeners first, so that a connection accepted in the same poll reads "in".
-        for conn in new:
-            if conn.status == "LISTEN":
-                self._listeners.opened(conn)
-        for conn in new:
-            row = self._open_row(conn, seen, now, conn[:5] not in self._existing, first)
+        for change in result.changes:
+            if change.kind == "open" and change.conn.status == "LISTEN":
+                self._listeners.opened(change.conn)
+        rows: list[PendingRow] = []
+        for change in result.changes:
+            row = self._row_of(change, seen, now, first)
             if row is not None:
                 rows.append(row)
-        self._endpoints.forget_expired(now)
+        if due:
+            assert self._update is not None
+            self._next_update = now + self._update
+            rows.extend(self._update_rows(seen, now))
+        if result.inferred_after_loss is not None and self._notice is not None:
+            count = result.inferred_after_loss
+            self._notice(
+                "the kernel dropped end events (its buffer overflowed): "
+                f"{count} {'end was' if count == 1 else 'ends were'} inferred from the socket "
+                "table, at the poll's time and without bytes"
+            )
         self._listeners.forget_expired(now)
+        # A story keeps its owner's facts itself: the cache needs only the live owners.
         self._processes.retain(self._tracker.live_pids())
         return rows
 
-    def _close_row(self, conn: Connection, seen: datetime.datetime, now: float):
-        opened = self._shown.pop(conn, None)
-        if opened is None:
+    def _row_of(self, change: Change, seen: datetime.datetime, now: float, first: bool):
+        story, conn = change.story, change.conn
+        if change.kind == "open":
+            story.rows = StoryRows(self._skip_existing and first)
+        rows: StoryRows = story.rows
+        if conn.pid is not None and change.kind != "close":
+            self._learn_owner(rows, conn)
+        if change.kind == "close":
+            if story.conn.status == "LISTEN":
+                self._listeners.closed(story.conn, now)
+            return self._close_row(story, seen) if self._closed else None
+        if rows.skipped:
             return None
-        duration, from_start = self._tracker.lifetime(conn)
-        row = opened.row._replace(
-            event="close",
-            duration=round(duration, 6),
-            duration_from_start=from_start,
-            timestamp=seen,
-        )
-        # The open row's waits, already spent: a close row never waits again.
-        return PendingRow(row, opened.fills, opened.queued)
+        if rows.opened is None:
+            return self._open_row(story, conn, seen, now)
+        if change.kind == "state" and self._transitions:
+            if not self._filter.keeps_connection(self._with_owner(conn, rows)):
+                return None
+            return self._later_row(story, conn, "state", seen)
+        return None
+
+    def _learn_owner(self, rows: StoryRows, conn: Connection) -> None:
+        assert conn.pid is not None
+        owners = conn.owners or (conn.pid,)
+        known = rows.owner
+        if known is not None and known.pid == conn.pid:
+            if known.owners != owners:
+                rows.owner = known._replace(owners=owners, seen=time.time())
+            return
+        rows.owner = Owner(conn.pid, None, None, time.time(), owners)
+
+    @staticmethod
+    def _with_owner(conn: Connection, rows: StoryRows) -> Connection:
+        """The record as filters see it: an ownerless moment keeps the story's owner."""
+        if conn.pid is None and rows.owner is not None:
+            return conn._replace(pid=rows.owner.pid, owners=rows.owner.owners)
+        return conn
+
+    def _owner_facts(self, owner: Owner) -> Owner | None:
+        """The owner with its facts read; None when its pid is another process now."""
+        if owner.facts is not None:
+            return owner
+        created = self._processes.created(owner.pid)
+        if created is not None and created > owner.seen + 1.0:
+            return None  # that pid is another process now: never a wrong owner
+        facts = self._processes.lookup(owner.pid) if created is not None else None
+        return owner._replace(facts=facts or ProcessFacts())  # exited: the pid alone is known
 
     def _socket_user(self, conn: Connection) -> str | None:
         """The user the kernel names as the socket's owner, where the source knows it:
@@ -167,72 +234,139 @@ class Poller:
         uid = self._source.uid_of(conn)
         return None if uid is None else user_name(uid)
 
-    def _owner(self, conn: Connection) -> Owner | None:
-        """The earlier holder of an orphan's endpoint, with its facts."""
-        if conn.pid is not None or conn.raddr is None:
-            return None
-        owner = self._endpoints.owner_of(conn)
-        if owner is not None and owner.facts is None:  # its own row was filtered out
-            created = self._processes.created(owner.pid)
-            if created is not None and created > owner.seen + 1.0:
-                return None  # that pid is another process now: never a wrong owner
-            facts = self._processes.lookup(owner.pid) if created is not None else None
-            facts = facts or ProcessFacts()  # exited since: the pid alone is known
-            owner = owner._replace(facts=facts, hashes=self._processes.hashes(owner.pid, facts))
-        return owner
+    def _owner_refs(self, owner: Owner) -> tuple[tuple[ProcessRef, ...], int]:
+        """The holders as a row lists them (at most MAX_OWNERS), and how many."""
+        assert owner.facts is not None
+        refs = []
+        for pid in owner.owners[:MAX_OWNERS]:
+            name = owner.facts.name if pid == owner.pid else self._processes.lookup(pid).name
+            refs.append(ProcessRef(pid, name))
+        return tuple(refs), len(owner.owners)
 
-    def _open_row(
-        self,
-        conn: Connection,
-        seen: datetime.datetime,
-        now: float,
-        shown: bool = True,
-        from_start: bool = False,
-    ):
-        """The open row of a new connection; None when the filters leave it out, or when
-        it is not ``shown`` (--skip-existing), learnt from then as if it were.
-        ``from_start``: it was there at histstat's first poll."""
-        owner = self._owner(conn)
-        pid = owner.pid if owner is not None else conn.pid
-        if not self._filter.keeps_connection(conn if owner is None else conn._replace(pid=pid)):
-            if conn.pid is not None:  # its orphan may need it, at no process cost now
-                self._endpoints.remember(conn, Owner(conn.pid, None, None, time.time()), now)
+    def _open_row(self, story: Story, conn: Connection, seen: datetime.datetime, now: float):
+        """The story's open row, the first time it passes the filters; None until then."""
+        rows: StoryRows = story.rows
+        shown = self._with_owner(conn, rows)
+        if not self._filter.keeps_connection(shown):
             return None  # decided on socket fields: no process lookup spent on it
+        owner = rows.owner
         if owner is not None:
-            assert owner.facts is not None  # _owner reads the facts of one filtered out
-            facts = owner.facts
-        else:
-            facts = self._processes.lookup(conn.pid)
+            owner = self._owner_facts(owner)
+            if owner is None:  # its pid was reused: the story has no known owner
+                rows.owner = None
+                shown = conn
+                if not self._filter.keeps_connection(shown):
+                    return None
+            else:
+                rows.owner = owner
+        facts = owner.facts if owner is not None and owner.facts is not None else UNKNOWN_PROCESS
         if not self._filter.keeps_process(facts):
             return None
-        hashes = owner.hashes if owner is not None else self._processes.hashes(pid, facts)
-        if owner is None and conn.pid is not None:
-            self._endpoints.remember(conn, Owner(conn.pid, facts, hashes), now)
-        if not shown:
-            # Learnt from exactly as a shown row, facts and hashes included: its process
-            # may be gone by the time its orphan appears.
-            return None
-        attribution = "earlier" if owner is not None else "socket" if pid is not None else None
-        if facts.user is None and owner is None:
+        if owner is not None and owner.hashes is None:  # asked only for rows kept
+            owner = rows.owner = owner._replace(hashes=self._processes.hashes(owner.pid, facts))
+        attribution = None
+        if owner is not None:
+            attribution = "socket" if conn.pid is not None else "earlier"
+        if facts.user is None and attribution != "earlier":  # the socket's own owner uid
             facts = facts._replace(user=self._socket_user(conn))
+        owners, count = self._owner_refs(owner) if owner is not None else (None, None)
+        # Decided when shown, from the listeners known by then: /proc/net/tcp (psutil)
+        # may miss a listener in the poll that first lists a connection it accepted.
+        rows.direction = self._listeners.direction(conn, now)
         place = self._geoip.place_of(conn.raddr) if self._geoip is not None else None
         row = make_row(
-            conn._replace(pid=pid),
+            shown._replace(pid=owner.pid if owner is not None else None),
             facts,
             seen,
-            direction=self._listeners.direction(conn, now),
+            direction=rows.direction,
             attribution=attribution,
-            duration_from_start=from_start,
+            duration_from_start=story.from_start,  # open rows too: formats tell what predates
+            owners=owners,
+            owners_count=count,
             **(place._asdict() if place is not None else {}),
         )
         fills = []
+        hashes = owner.hashes if owner is not None else None
         if hashes is not None:
             fills.append(Fill(hashes, _with_hashes, MAX_HASH_WAIT))
         if self._resolver is not None and conn.raddr is not None:
             name = self._resolver.name_of(conn.raddr)
             if name is not None:
                 fills.append(Fill(name, _with_name, MAX_NAME_WAIT))
-        pending = PendingRow(row, tuple(fills), now)
-        if self._closed:
-            self._shown[conn] = pending
+        rows.opened = PendingRow(row, tuple(fills), now)
+        return rows.opened
+
+    def _later_row(self, story: Story, conn: Connection, event: str, seen: datetime.datetime,
+                   **more) -> PendingRow:  # fmt: skip
+        """A row after the open row: its facts, the socket's state and attribution now."""
+        rows: StoryRows = story.rows
+        opened = rows.opened
+        assert opened is not None
+        row = opened.row
+        fills = opened.fills
+        owner = rows.owner
+        if row.pid is None and owner is not None:  # an owner found since the open row
+            found = self._owner_facts(owner)
+            if found is not None and found.facts is not None:
+                facts = found.facts
+                if found.hashes is None:
+                    found = found._replace(hashes=self._processes.hashes(found.pid, facts))
+                rows.owner = found
+                refs, count = self._owner_refs(found)
+                row = row._replace(
+                    pid=found.pid, pname=facts.name, user=facts.user, command=facts.command,
+                    command_length=facts.command_length, exe=facts.exe,
+                    owners=refs, owners_count=count,
+                )  # fmt: skip
+                if found.hashes is not None:
+                    fills = (*fills, Fill(found.hashes, _with_hashes, MAX_HASH_WAIT))
+        attribution = None
+        if row.pid is not None:
+            attribution = "socket" if conn.pid is not None else "earlier"
+        row = row._replace(
+            event=event, status=conn.status, timestamp=seen, attribution=attribution, **more
+        )
+        # The open row's waits, already spent: a later row never waits again.
+        return PendingRow(row, fills, opened.queued)
+
+    def _close_row(self, story: Story, seen: datetime.datetime):
+        rows: StoryRows = story.rows
+        if rows is None or rows.skipped or rows.opened is None:
+            return None
+        sent, received = payload_bytes(story, story.end_counters, rows.direction == "out")
+        pending = self._later_row(
+            story,
+            story.last_conn,
+            "close",
+            _wall_time(story.end_wall) if story.end_wall is not None else seen,
+            duration=round(story.duration, 6),
+            duration_from_start=story.from_start,
+            bytes_sent=sent,
+            bytes_received=received,
+        )
         return pending
+
+    def _update_rows(self, seen: datetime.datetime, now: float) -> list[PendingRow]:
+        """A row of bytes so far for each live TCP connection shown."""
+        found = []
+        for story in sorted(self._tracker.live(), key=lambda s: sort_key(s.conn)):
+            rows: StoryRows | None = story.rows
+            if story.ended or rows is None or rows.opened is None:
+                continue
+            conn = story.conn
+            if not conn.proto.startswith("tcp") or conn.raddr is None:
+                continue
+            sent, received = payload_bytes(story, conn.counters, rows.direction == "out")
+            found.append(
+                self._later_row(
+                    story,
+                    conn,
+                    "update",
+                    seen,
+                    duration=round(max(0.0, now - story.first_seen), 6),
+                    duration_from_start=story.from_start,
+                    bytes_sent=sent,
+                    bytes_received=received,
+                )  # fmt: skip
+            )
+        return found

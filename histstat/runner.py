@@ -424,6 +424,9 @@ def run(config: Config, env: Environment) -> int:
                 resolver=resolver,
                 geoip=geoip,
                 skip_existing=config.skip_existing,
+                transitions=config.transitions,
+                update=config.update,
+                notice=env.notice,
             )
             loop = PollLoop(config, env, poller, writer, opened, stdout, signals)
             try:

@@ -1,63 +1,436 @@
-"""The connection tracker: what is new and what went away since the previous poll."""
+"""The connection tracker: one story per socket, merged from snapshots and end events."""
 
 from __future__ import annotations
 
-from histstat.records import Connection, sort_key
+import gc
+from collections import OrderedDict
+from typing import Any, NamedTuple
+
+from histstat.records import Connection, TcpCounters, sort_key
+from histstat.sources.base import NO_ENDS, End, Ends
+
+# A socket's identity without its cookie: (proto, laddr, lport, raddr, rport), plus the
+# owner's pid for a socket with no remote end (see identity_key). The network namespace
+# joins it here when sources report one.
+Identity = tuple[Any, ...]
+
+# How long an ended story is remembered once the table no longer holds it: longer than
+# the kernel keeps any remainder of a closed socket (TIME_WAIT and FIN_WAIT2 are 60 s on
+# Linux; LAST_ACK and CLOSING end after retransmissions), and than an end event may lag.
+ENDED_MEMORY = 180.0
+MAX_ENDED = 65536
+
+# States only a remainder (the kernel's timewait socket) or a closing socket is in: what
+# the table shows of a connection after its end, absorbed by the ended story.
+REMAINDER_STATES = frozenset(
+    ("FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK", "TIME_WAIT", "CLOSE")
+)
+# States whose sight means the full socket is gone (the kernel's timewait socket, or a
+# socket closed): without end events, the poll that sees one is the end.
+END_STATES = frozenset(("TIME_WAIT", "CLOSE"))
+# States that follow the peer's FIN: a socket seen in one has received it.
+AFTER_PEER_FIN = frozenset(("CLOSE_WAIT", "LAST_ACK", "CLOSING", "TIME_WAIT"))
+# States that follow our own FIN.
+AFTER_OUR_FIN = frozenset(("FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK", "TIME_WAIT"))
+
+
+def identity_key(conn: Connection | End) -> Identity:
+    """What identifies a socket when no cookie does. A connected socket's 5-tuple is
+    unique in its network namespace; sockets with no remote end (listeners, unbound UDP)
+    can share one (SO_REUSEPORT), so for them the owner tells them apart, as far as a
+    source lists a shared socket once per holder."""
+    key = (conn.proto, conn.laddr, conn.lport, conn.raddr, conn.rport)
+    if conn.raddr is None and isinstance(conn, Connection):
+        return (*key, conn.pid)
+    return key
+
+
+def _cookie(conn: Connection | End) -> int | None:
+    """The socket's cookie where it identifies it (an accepted socket starts at 0)."""
+    return conn.cookie or None
+
+
+class Story:
+    """One socket's story: from its first sight to its end (and the remainder the kernel
+    keeps after). Mutable, owned by the tracker; the poller hangs its rows on it."""
+
+    __slots__ = (
+        "key", "cookie", "conn", "first_seen", "from_start", "peer_fin_seen", "our_fin_seen",
+        "ended", "end_time", "end_wall", "exact_end", "end_counters", "last_conn",
+        "pending_end", "rows", "held",
+    )  # fmt: skip
+
+    def __init__(self, conn: Connection, now: float, from_start: bool) -> None:
+        self.key = identity_key(conn)
+        self.cookie = _cookie(conn)
+        self.conn = conn  # the latest record the table gave (or the end event's)
+        self.first_seen = now  # monotonic
+        self.from_start = from_start  # there at histstat's first poll
+        self.peer_fin_seen = False  # seen in a state that follows the peer's FIN
+        self.our_fin_seen = False  # seen in a state that follows our FIN
+        self.saw(conn.status)
+        self.ended = False
+        self.end_time: float | None = None  # monotonic
+        self.end_wall: float | None = None  # wall clock, where an end event gave it
+        self.exact_end = False  # the kernel said when (an end event)
+        self.end_counters: TcpCounters | None = None  # the end event's
+        self.last_conn = conn  # the last record seen before the end
+        self.pending_end: float | None = None  # seen in an end state, its event awaited
+        self.rows: Any = None  # the poller's: what it showed of the story
+        self.held = 0  # records of the latest snapshot that are this socket
+
+    @property
+    def last_status(self) -> str | None:
+        """The last state seen before the end."""
+        return self.last_conn.status
+
+    @property
+    def duration(self) -> float:
+        """Seconds from the first sight to the end (or to now, for a live one)."""
+        assert self.end_time is not None
+        return max(0.0, self.end_time - self.first_seen)
+
+    def saw(self, status: str | None) -> None:
+        """A state seen: what it says of the FINs (for payload_bytes)."""
+        if status in AFTER_PEER_FIN:
+            self.peer_fin_seen = True
+        if status in AFTER_OUR_FIN:
+            self.our_fin_seen = True
+
+
+class Change(NamedTuple):
+    """Something a poll learnt of a story: ``open`` (first sight), ``state`` (a new
+    state; after its end, the remainder's), ``owner`` (the socket's holders changed),
+    ``close`` (its end)."""
+
+    kind: str
+    story: Story
+    conn: Connection
+
+
+def _payload(value: int, less: int) -> int:
+    return max(0, value - less)
+
+
+def payload_bytes(
+    story: Story, counters: TcpCounters | None, opened_here: bool
+) -> tuple[int | None, int | None]:
+    """(sent, received) payload bytes from a TCP socket's counters, by the definition in
+    docs/story.md: the kernel counts the peer's FIN in bytes_received, and our SYN (when
+    this end connected: ``opened_here``) and FIN in bytes_acked; bytes_sent counts
+    retransmissions, which bytes_retrans gives. Never negative; None where unknown."""
+    if counters is None or not story.conn.proto.startswith("tcp"):
+        return None, None
+    if counters.bytes_acked == 0 and counters.bytes_received == 0 and not counters.bytes_sent:
+        # The kernel clears them on an abort (tcp_disconnect): unknown, not zero.
+        return None, None
+    if counters.bytes_sent is not None:
+        sent = _payload(counters.bytes_sent, counters.bytes_retrans or 0)
+    else:  # before Linux 4.19: what the peer acknowledged, less our SYN and FIN
+        sent = _payload(counters.bytes_acked, int(opened_here) + int(story.our_fin_seen))
+    received = _payload(counters.bytes_received, int(story.peer_fin_seen))
+    return sent, received
+
+
+def _order(change: Change) -> tuple[Any, ...]:
+    """Where a change goes among those of one poll: by socket (its identity, unknown
+    parts as "" and -1), so a story's own changes keep their order (a stable sort)."""
+    return tuple("" if part is None else part for part in change.story.key[:4]) + tuple(
+        -1 if part is None else part for part in change.story.key[4:]
+    )
+
+
+class Poll(NamedTuple):
+    """What one poll changed, in order, and how many ends it inferred after the kernel
+    said it had dropped end events (None: it said nothing of the kind)."""
+
+    changes: list[Change]
+    inferred_after_loss: int | None = None
 
 
 class ConnectionTracker:
-    """Compares each snapshot with the previous one by set difference (linear time).
+    """Merges snapshots and end events into one story per socket, in linear time.
 
-    A connection's identity is its whole record (proto, laddr, lport, raddr, rport,
-    status, pid), so a status change is a new connection, as in the original tool. It
-    remembers the poll that first saw each live connection, for durations; the last poll
-    that saw a connection now gone is simply the previous poll.
+    A snapshot's connection joins a live story by its cookie, else by its identity
+    (``identity_key``); else, in a closing state, the remainder of a story that ended
+    lately (ENDED_MEMORY, at most MAX_ENDED of them, by cookie and identity: a
+    remainder may carry another cookie than the end event); else it starts a story.
+    A story ends at its end event (``watches_ends``) or, without one, at the poll that
+    sees it in TIME_WAIT or CLOSE or no longer in the table; never twice, and never
+    because its owner went missing: the owner is not its identity.
     """
 
-    def __init__(self) -> None:
-        self._previous: frozenset[Connection] = frozenset()
-        self._first_seen: dict[Connection, float] = {}
+    def __init__(self, ended_memory: float = ENDED_MEMORY, max_ended: int = MAX_ENDED) -> None:
+        self._live: dict[Identity, Story] = {}  # stories the latest snapshot holds
+        self._live_cookies: dict[int, Story] = {}
+        self._records: dict[Connection, Story] = {}  # the latest snapshot's, to its story
+        self._awaiting: dict[Story, None] = {}  # seen as TIME_WAIT, their end event due
+        self._ended: OrderedDict[Identity, tuple[float, Story]] = OrderedDict()  # gone too
+        self._ended_cookies: dict[int, Story] = {}
+        self._ended_memory = ended_memory
+        self._max_ended = max_ended
         self._first_poll: float | None = None
-        self._previous_poll: float | None = None
-        self._lifetimes: dict[Connection, tuple[float, bool]] = {}
+        self._current: frozenset[Connection] = frozenset()
 
-    def changes(
-        self, snapshot: frozenset[Connection], now: float
-    ) -> tuple[list[Connection], list[Connection]]:
-        """(new, gone) since the previous snapshot, each in a stable order; ``now`` is
-        the poll's monotonic time."""
-        new = sorted(snapshot - self._previous, key=sort_key)
-        gone = sorted(self._previous - snapshot, key=sort_key)
+    def update(
+        self,
+        snapshot: frozenset[Connection],
+        now: float,
+        ends: Ends = NO_ENDS,
+        watches_ends: bool = False,
+        wall: float | None = None,
+    ) -> Poll:
+        """The changes since the previous poll. ``now`` is the poll's monotonic time,
+        ``wall`` its wall-clock time (to place end events, which carry it); ``ends``
+        what the source reported since the previous poll, taken after the snapshot.
+
+        Only the records that differ from the previous snapshot's cost Python work: the
+        set differences run in C, as the table's unchanged majority needs no look."""
+        # The first poll makes a story per socket: tens of thousands of objects, none in
+        # a cycle, over which the cyclic collector would run again and again.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._update(snapshot, now, ends, watches_ends, wall)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _update(
+        self,
+        snapshot: frozenset[Connection],
+        now: float,
+        ends: Ends,
+        watches_ends: bool,
+        wall: float | None,
+    ) -> Poll:
         if self._first_poll is None:
             self._first_poll = now
-        self._lifetimes = {conn: self._lifetime(conn) for conn in gone}
-        for conn in gone:
-            del self._first_seen[conn]
-        for conn in new:
-            self._first_seen[conn] = now
-        self._previous = snapshot
-        self._previous_poll = now
-        return new, gone
+        from_start = now == self._first_poll
+        changes: list[Change] = []
+        closes: list[Change] = []
+        records = self._records
+        left: dict[Story, None] = {}  # stories that lost a record: gone, unless matched
+        for record in self._current - snapshot:
+            went = records.pop(record)
+            went.held -= 1
+            left[went] = None
+        for group in self._merged(snapshot - self._current):
+            conn = group[0]
+            found = self._story_of(conn)
+            if found is None:
+                story = Story(conn, now, from_start)
+                changes.append(Change("open", story, conn))
+                self._hold(story)
+                if conn.status in END_STATES:  # first seen as what its end leaves
+                    if watches_ends:
+                        self._wait_for_end(story, now)
+                    else:
+                        self._end(story, now, closes)
+            else:
+                story = found
+                if story.held == 0 and story not in left:  # a remainder of an ended one
+                    self._forget_ended(story)
+                    self._hold(story)
+                self._follow(story, conn, now, watches_ends, changes, closes)
+            for record in group[1:]:
+                records[record] = story
+            story.held += len(group) - 1
+        if wall is None:
+            wall = now
+        # Stories the table no longer holds join the ended ones (their end events may
+        # be in this batch), and end now where none was.
+        gone = [story for story in left if story.held == 0]
+        for story in gone:
+            self._let_go(story)
+            self._remember_ended(story, now)
+        for end in ends.ends:
+            self._apply_end(end, now, wall, changes, closes)
+        for story in gone:
+            if not story.ended:
+                self._end(story, now, closes)
+        # A story seen in an end state whose end event never came: the event was lost
+        # (the kernel drops one silently when an allocation fails).
+        for story in list(self._awaiting):
+            if story.ended:
+                del self._awaiting[story]
+            elif ends.lost or (story.pending_end is not None and story.pending_end < now):
+                del self._awaiting[story]
+                assert story.pending_end is not None
+                self._end(story, story.pending_end, closes)
+        inferred = None
+        if ends.lost:
+            inferred = sum(
+                1 for change in closes if change.kind == "close" and not change.story.exact_end
+            )
+        self._forget_expired(now)
+        self._current = snapshot
+        # A stable order, whatever the snapshot's; a story's own changes keep theirs.
+        changes.sort(key=_order)
+        closes.sort(key=_order)
+        return Poll(changes + closes, inferred)
 
-    def new_since(self, snapshot: frozenset[Connection], now: float = 0.0) -> list[Connection]:
-        """Connections in ``snapshot`` absent from the previous one, in a stable order."""
-        return self.changes(snapshot, now)[0]
+    def _hold(self, story: Story) -> None:
+        """A story the table holds: findable by identity and cookie."""
+        self._live[story.key] = story
+        if story.cookie is not None:
+            self._live_cookies[story.cookie] = story
 
-    def _lifetime(self, conn: Connection) -> tuple[float, bool]:
-        first = self._first_seen[conn]
-        assert self._previous_poll is not None  # a connection gone was seen by a poll
-        return self._previous_poll - first, first == self._first_poll
+    def _let_go(self, story: Story) -> None:
+        if self._live.get(story.key) is story:
+            del self._live[story.key]
+        if story.cookie is not None and self._live_cookies.get(story.cookie) is story:
+            del self._live_cookies[story.cookie]
+        self._awaiting.pop(story, None)
 
-    def lifetime(self, gone: Connection) -> tuple[float, bool]:
-        """(seconds from the first to the last poll that saw it, whether it was already
-        there at the first poll: then the seconds are only a lower bound)."""
-        return self._lifetimes[gone]
+    def _wait_for_end(self, story: Story, now: float) -> None:
+        story.pending_end = now
+        self._awaiting[story] = None
+
+    @staticmethod
+    def _merged(records: frozenset[Connection]) -> list[list[Connection]]:
+        """The records grouped by socket, the group's record first: a source that lists
+        a shared connected socket once per holder gives one record, of the lowest pid,
+        with every holder in ``owners``."""
+        merged: dict[Identity, list[Connection]] = {}
+        for conn in records:
+            merged.setdefault(identity_key(conn), []).append(conn)
+        groups = []
+        for group in merged.values():
+            if len(group) > 1:
+                group.sort(key=sort_key)
+                pids = sorted({conn.pid for conn in group if conn.pid is not None})
+                first = next((conn for conn in group if conn.pid is not None), group[0])
+                owners = tuple(dict.fromkeys((*first.owners, *pids)))
+                group = [first._replace(owners=owners) if len(owners) > 1 else first, *group]
+            else:
+                group = [group[0], group[0]]
+            groups.append(group)
+        return groups
+
+    def _story_of(self, conn: Connection) -> Story | None:
+        """The story this record belongs to, live or ended lately; None: a new socket."""
+        cookie = _cookie(conn)
+        if cookie is not None:
+            story = self._live_cookies.get(cookie) or self._ended_cookies.get(cookie)
+            if story is not None:
+                return story
+        key = identity_key(conn)
+        story = self._live.get(key)
+        if story is not None:
+            if cookie is not None and story.cookie is not None and story.cookie != cookie:
+                # Another socket on the same 5-tuple: the known one's remainder turns
+                # into a new connection only by a new SYN, which starts a new story.
+                if conn.status not in REMAINDER_STATES:
+                    return None
+            return story
+        entry = self._ended.get(key)
+        if entry is not None and conn.status in REMAINDER_STATES:
+            return entry[1]
+        return None
+
+    def _follow(
+        self,
+        story: Story,
+        conn: Connection,
+        now: float,
+        watches_ends: bool,
+        changes: list[Change],
+        closes: list[Change],
+    ) -> None:
+        """A known story seen again: its state and owner changes, and its end where the
+        state says so."""
+        previous = story.conn
+        if not story.ended and conn.status not in END_STATES:
+            story.last_conn = conn
+        cookie = _cookie(conn)
+        if story.cookie is None and cookie is not None:
+            story.cookie = cookie
+            self._live_cookies[cookie] = story
+        story.conn = conn
+        if conn.status != previous.status:
+            story.saw(conn.status)
+            if not story.ended and conn.status in END_STATES:
+                if watches_ends:
+                    self._wait_for_end(story, now)  # its event is due; the last state stays
+                else:
+                    self._end(story, now, closes)
+            (closes if story.ended else changes).append(Change("state", story, conn))
+        elif conn.pid != previous.pid or conn.owners != previous.owners:
+            (closes if story.ended else changes).append(Change("owner", story, conn))
+
+    def _end(self, story: Story, when: float, closes: list[Change]) -> None:
+        story.ended = True
+        story.end_time = when
+        closes.append(Change("close", story, story.last_conn))
+
+    def _apply_end(
+        self, end: End, now: float, wall: float, changes: list[Change], closes: list[Change]
+    ) -> None:
+        story = None
+        if end.cookie:
+            story = self._live_cookies.get(end.cookie) or self._ended_cookies.get(end.cookie)
+        complete = end.laddr is not None and end.rport not in (None, 0)
+        if story is None and complete:
+            key = identity_key(end)
+            story = self._live.get(key)
+            if story is None:
+                entry = self._ended.get(key)
+                story = entry[1] if entry is not None else None
+        when = now - max(0.0, wall - end.time)
+        if story is None:
+            if not complete or end.laddr is None or end.lport is None:
+                return  # an abort no poll saw: only a cookie is left, nothing to show
+            conn = Connection(end.proto, end.laddr, end.lport, end.raddr, end.rport,
+                              "CLOSE", None, end.cookie or None)  # fmt: skip
+            story = Story(conn, when, False)
+            changes.append(Change("open", story, conn))
+            self._remember_ended(story, now)
+        if story.ended:
+            return  # a close is never reported twice
+        story.exact_end = True
+        story.end_wall = end.time
+        story.end_counters = end.counters
+        self._end(story, when, closes)
+
+    def _remember_ended(self, story: Story, now: float) -> None:
+        self._ended[story.key] = (now, story)
+        self._ended.move_to_end(story.key)
+        if story.cookie is not None:
+            self._ended_cookies[story.cookie] = story
+        while len(self._ended) > self._max_ended:
+            _, (_, old) = self._ended.popitem(last=False)
+            self._drop_cookie(old)
+
+    def _forget_ended(self, story: Story) -> None:
+        self._ended.pop(story.key, None)
+        self._drop_cookie(story)
+
+    def _drop_cookie(self, story: Story) -> None:
+        if story.cookie is not None and self._ended_cookies.get(story.cookie) is story:
+            del self._ended_cookies[story.cookie]
+
+    def _forget_expired(self, now: float) -> None:
+        while self._ended:
+            since, story = next(iter(self._ended.values()))
+            if now - since <= self._ended_memory:
+                return
+            self._ended.popitem(last=False)
+            self._drop_cookie(story)
+
+    def live(self) -> list[Story]:
+        """The stories of the latest snapshot, ended remainders included."""
+        return list(self._live.values())
 
     @property
     def current(self) -> frozenset[Connection]:
         """The latest snapshot."""
-        return self._previous
+        return self._current
 
     def live_pids(self) -> set[int]:
-        """Pids that own a socket in the latest snapshot."""
-        return {conn.pid for conn in self._previous if conn.pid is not None}
+        """Pids that own a socket in the latest snapshot (the likeliest openers)."""
+        return {conn.pid for conn in self._current if conn.pid is not None}
+
+    def remembered(self) -> int:
+        """Ended stories kept in memory (bounded by MAX_ENDED)."""
+        return len(self._ended)

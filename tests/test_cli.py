@@ -97,6 +97,9 @@ USAGE_ERRORS = [
     (["--duration", "nan"], ("'nan'",), ()),
     (["--duration", "inf"], ("'inf'",), ()),
     (["--duration", "soon"], ("'soon'",), ()),
+    (["--update", "0"], ("--update", "'0'"), ()),
+    (["--update", "-1"], ("--update", "'-1'"), ()),
+    (["--update", "often"], ("--update", "'often'"), ()),
     # Numbers are ASCII decimal only, and an interval is at least 0.01 s.
     (["--duration", "1_0"], ("--duration", "'1_0'"), ()),
     (["-i", "1e-300"], ("-i/--interval", "'1e-300'"), ()),
@@ -281,6 +284,17 @@ def test_numbers_in_ascii_decimal_are_taken(option, value, expected):
         option, "--command-limit"
     )
     assert getattr(parse_config([flag, value]), option) == expected
+
+
+def test_story_options_reach_the_config_and_bring_the_event_column():
+    config = parse_config(["--transitions", "--update", "2.5"])
+    assert (config.transitions, config.update, config.closed) == (True, 2.5, False)
+    assert config.fields[0] == "event" and "duration" in config.fields
+    plain = parse_config([])
+    assert (plain.transitions, plain.update) == (False, None) and "event" not in plain.fields
+    keys = parse_config(["-j", "--update", "1"]).fields
+    assert "bytes_sent" in keys and "owners" in keys
+    assert "bytes_sent" not in parse_config(["-j", "--transitions"]).fields
 
 
 def test_command_limit_is_65536_characters_by_default():

@@ -1,6 +1,7 @@
 """The SQLite sink: schema, types, transactions, refusals that leave files untouched."""
 
 import datetime
+import json
 import os
 import sqlite3
 import stat
@@ -11,7 +12,7 @@ from histstat import __version__
 from histstat.output import sqlite as sqlite_module
 from histstat.output.base import SinkError
 from histstat.output.sqlite import MIGRATIONS, ROW_COLUMNS, SCHEMA_VERSION, SqliteSink, row_values
-from histstat.records import Row
+from histstat.records import ProcessRef, Row
 
 SEEN = datetime.datetime(2026, 11, 26, 3, 4, 5, 678, tzinfo=datetime.timezone.utc)
 
@@ -169,18 +170,39 @@ def test_every_older_schema_is_migrated_keeping_its_rows(tmp_path, version):
     path = tmp_path / "h.db"
     make_database(path, version)
     sink, _ = open_sink(path)
-    new_row = make_row(event="close", duration=2.5, direction="in", command_length=22,
-                       ppid=1, parent="systemd")  # fmt: skip
+    new_row = make_row(
+        event="close", duration=2.5, direction="in", command_length=22, bytes_sent=5000,
+        bytes_received=7000, owners=(ProcessRef(4242, "python3"),), owners_count=1,
+        ppid=1, parent="systemd",
+    )  # fmt: skip
     sink.write(row_values(new_row))
     sink.close()
     assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert schema_of(path) == schema_of(fresh)  # the same tables, columns and indexes
-    old = [(22, "sshd", "open", None, None, None, None, None)] if version else []
+    old = [(22, "sshd", "open", *[None] * 9)] if version else []
     assert query(
         path,
-        "SELECT lport, command, event, duration, direction, command_length, ppid, parent "
-        "FROM connections ORDER BY id",
-    ) == [*old, (8000, "python3 -m http.server", "close", 2.5, "in", 22, 1, "systemd")]
+        "SELECT lport, command, event, duration, direction, command_length, bytes_sent, "
+        "bytes_received, owners, owners_count, ppid, parent FROM connections ORDER BY id",
+    ) == [
+        *old,
+        (8000, "python3 -m http.server", "close", 2.5, "in", 22, 5000, 7000,
+         '[{"pid": 4242, "name": "python3"}]', 1, 1, "systemd"),
+    ]  # fmt: skip
+
+
+def test_owners_are_stored_as_json_text_with_bad_bytes_as_hex(tmp_path):
+    path = tmp_path / "h.db"
+    sink, _ = open_sink(path)
+    holders = (ProcessRef(1, "bash"), ProcessRef(2, "x\udcff\n"), ProcessRef(3, None))
+    sink.write(row_values(make_row(owners=holders, owners_count=40)))
+    sink.write(row_values(make_row()))
+    sink.close()
+    (stored, count), unknown = query(path, "SELECT owners, owners_count FROM connections")
+    assert json.loads(stored) == [
+        {"pid": 1, "name": "bash"}, {"pid": 2, "name": "x\\xff\n"}, {"pid": 3, "name": None},
+    ]  # fmt: skip
+    assert count == 40 and unknown == (None, None)
 
 
 def test_command_length_is_stored_as_an_integer(tmp_path):

@@ -90,6 +90,9 @@ def check_json_rows(rows, child, started: datetime.datetime) -> None:
         assert row["date"] == seen.strftime("%y-%m-%d")
 
 
+OWNED = ["pname", "owners", "owners_count"]  # JSON keys: every process holding the socket
+
+
 def test_json_reports_listener_and_both_ends_ipv4(spawn_child, run_histstat):
     started = datetime.datetime.now().astimezone()
     child = spawn_child()
@@ -101,19 +104,23 @@ def test_json_reports_listener_and_both_ends_ipv4(spawn_child, run_histstat):
     assert v4_rows == [row for row in rows if row["proto"] in ("tcp", "udp")]
     assert_exactly_child_connections(v4_rows, child, v6=False)
     check_json_rows(v4_rows, child, started)
-    # The original's columns, with the connection's story around them and the parent
-    # after the process name (JSON schema).
-    around = {
+    # The original's columns, with the connection's story around them, and the owners
+    # and the parent after the process name (JSON schema).
+    story = {
         "status": ["status", "direction", "attribution"],
-        "pname": ["pname", "ppid", "parent"],
+        "pname": [*OWNED, "ppid", "parent"],
     }
-    keys = [key for column in COLUMNS for key in around.get(column, [column])]
-    assert list(v4_rows[0]) == ["event", *keys, "command_length", "timestamp"]
+    with_story = [key for column in COLUMNS for key in story.get(column, [column])]
+    assert list(v4_rows[0]) == ["event", *with_story, "command_length", "timestamp"]
     assert {(row["ppid"], row["parent"]) for row in v4_rows} == {
         (os.getpid(), psutil.Process().name())
     }
     assert {row["event"] for row in v4_rows} == {"open"}
     assert {row["attribution"] for row in v4_rows} == {"socket"}
+    # Every holder: here the child alone.
+    assert {(row["owners_count"], str(row["owners"])) for row in v4_rows} == {
+        (1, str([{"pid": child.pid, "name": v4_rows[0]["pname"]}]))
+    }
 
 
 def test_json_reports_listener_and_both_ends_ipv6(spawn_child, run_histstat):

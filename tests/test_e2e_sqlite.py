@@ -40,6 +40,7 @@ def test_database_holds_the_same_values_as_json(spawn_child, run_histstat, tmp_p
     stored = sorted(db_rows(db, child.pid), key=lambda row: str(connection_key(row)))
     assert len(stored) == len(json_rows) == len(child.connections())
     for in_json, in_db in zip(json_rows, stored):
+        in_db["owners"] = json.loads(in_db["owners"])  # JSON text in the database
         assert {key: in_db[key] for key in in_json} == in_json
         assert (
             in_db["epoch"]

@@ -27,7 +27,7 @@ from histstat.output.format import (
     text_fields,
 )
 from histstat.output.pretty import format_pretty_row, pretty_fields
-from histstat.records import Row
+from histstat.records import ProcessRef, Row
 from support.rows import SEEN, sample_row
 
 
@@ -91,8 +91,8 @@ def test_json_has_real_types_and_null_for_unknown():
     obj = json.loads(format_json_row(row, json_fields(False)))
     assert list(obj) == [
         "event", "proto", "laddr", "lport", "raddr", "rport", "status", "direction",
-        "attribution", "pid", "pname", "ppid", "parent", "time", "date", "user", "command",
-        "command_length", "timestamp",
+        "attribution", "pid", "pname", "owners", "owners_count", "ppid", "parent", "time",
+        "date", "user", "command", "command_length", "timestamp",
     ]  # fmt: skip
     assert obj["event"] == "open"
     assert obj["lport"] == 8000 and obj["pid"] == 4242
@@ -281,8 +281,9 @@ def test_every_known_field_has_a_value():
     row = make_row(md5="a" * 32, sha256="b" * 64, event="close", duration=1.5,
                    duration_from_start=False, direction="in", attribution="socket",
                    rhost="localhost", country="DE", asn=64496, as_org="Example",
-                   command_length=27, ppid=1, parent="systemd",
-                   args=("python3", "-m", "http.server", "8000"),
+                   command_length=27, bytes_sent=5000, bytes_received=7000,
+                   owners=(ProcessRef(4242, "python3"),), owners_count=1, ppid=1,
+                   parent="systemd", args=("python3", "-m", "http.server", "8000"),
                    started=SEEN - datetime.timedelta(seconds=90))  # fmt: skip
     obj = json.loads(format_json_row(row, ALL_FIELDS))
     assert list(obj) == list(ALL_FIELDS)
@@ -302,6 +303,42 @@ def test_layouts_of_the_connection_story():
     assert keys[keys.index("status") + 1 :][:4] == (
         "duration", "duration_from_start", "direction", "attribution",
     )  # fmt: skip
+
+
+def test_bytes_follow_the_lifecycle_keys_where_close_or_update_rows_come():
+    keys = json_fields(False, closed=True, with_bytes=True)
+    assert keys[keys.index("status") + 1 :][:6] == (
+        "duration", "duration_from_start", "bytes_sent", "bytes_received", "direction",
+        "attribution",
+    )  # fmt: skip
+    assert "bytes_sent" not in json_fields(False, closed=True)  # --transitions alone
+    assert "bytes_sent" not in text_fields(False, closed=True, with_bytes=True)  # -f only
+
+
+HOLDERS = (ProcessRef(100, "bash"), ProcessRef(101, "a,102/forged\n"), ProcessRef(103, None))
+
+
+def test_owners_in_json_are_a_list_of_pid_and_name():
+    row = make_row(owners=HOLDERS, owners_count=20)
+    obj = json.loads(format_json_row(row, ("owners", "owners_count")))
+    assert obj == {
+        "owners": [
+            {"pid": 100, "name": "bash"},
+            {"pid": 101, "name": "a,102/forged\n"},
+            {"pid": 103, "name": None},
+        ],
+        "owners_count": 20,
+    }
+    assert json.loads(format_json_row(make_row(), ("owners",))) == {"owners": None}
+
+
+def test_owners_in_text_and_csv_are_pid_slash_name_items_that_split_apart_again():
+    row = make_row(owners=HOLDERS, owners_count=3)
+    cell = format_plain_row(row, ("owners",))
+    assert cell == "100/bash,101/a\\x2c102/forged\\n,103/-"
+    assert [item.split("/", 1)[0] for item in cell.split(",")] == ["100", "101", "103"]
+    assert format_csv_row(row, ("owners_count", "owners")) == '3,"' + cell + '"'
+    assert format_plain_row(make_row(), ("owners", "owners_count")) == "-\t-"
 
 
 TEXT_FIELDS_OF_THE_ORIGINAL = (

@@ -19,6 +19,7 @@ from histstat.pending import Fill, PendingRow
 from histstat.poller import MAX_HASH_WAIT, MAX_NAME_WAIT, Poller, _with_hashes, make_row
 from histstat.records import Connection, ProcessFacts
 from histstat.resolve import ReverseResolver
+from histstat.sources.base import NO_ENDS
 from histstat.tracker import ConnectionTracker
 
 SEEN = datetime.datetime(2026, 11, 26, 12, 0, 0, tzinfo=datetime.timezone.utc)
@@ -139,8 +140,14 @@ class StaticSource:
     def __init__(self, *snapshots):
         self._snapshots = list(snapshots)
 
-    def snapshot(self):
+    def snapshot(self, counters=False):
         return self._snapshots.pop(0)
+
+    def watches_ends(self):
+        return False
+
+    def ends(self):
+        return NO_ENDS
 
     def uid_of(self, conn):
         return None
@@ -263,17 +270,19 @@ def test_without_closed_nothing_is_written_when_a_connection_goes():
     assert rows_of(poller) == []
 
 
-def test_orphan_is_attributed_to_the_earlier_owner_of_its_endpoint():
+def test_a_later_state_is_no_new_open_row_and_with_transitions_stays_attributed():
     cache = CountingCache()
-    poller = Poller(
-        StaticSource(frozenset({SERVER, ACCEPTED, CLIENT}), frozenset({SERVER, ORPHAN})),
-        ConnectionTracker(),
-        cache,
-    )
+    snapshots = (frozenset({SERVER, ACCEPTED, CLIENT}), frozenset({SERVER, ORPHAN}))
+    quiet = Poller(StaticSource(*snapshots), ConnectionTracker(), CountingCache())
+    rows_of(quiet)
+    assert rows_of(quiet) == []  # TIME_WAIT is the client's story going on, not a connection
+    poller = Poller(StaticSource(*snapshots), ConnectionTracker(), cache, transitions=True)
     first = {row.lport: row for row in rows_of(poller)}
     assert first[50000].attribution == "socket"
     (orphan,) = rows_of(poller)
-    assert (orphan.status, orphan.pid, orphan.pname) == ("TIME_WAIT", 20, "proc20")
+    assert (orphan.event, orphan.status, orphan.pid, orphan.pname) == (
+        "state", "TIME_WAIT", 20, "proc20",
+    )  # fmt: skip
     assert orphan.attribution == "earlier"
 
 
@@ -285,13 +294,14 @@ def test_attribution_decides_a_pid_filter_and_reads_facts_only_then():
         cache,
         RowFilter(statuses=frozenset({"TIME_WAIT"}), pids=frozenset({20})),
     )
-    assert rows_of(poller) == []  # the ESTABLISHED row is filtered out...
+    assert rows_of(poller) == []  # the ESTABLISHED moment is filtered out...
     assert cache.looked_up == []  # ...at no process cost
-    (orphan,) = rows_of(poller)  # its orphan is attributed, so --pid 20 keeps it
+    (orphan,) = rows_of(poller)  # the story is attributed, so --pid 20 keeps its TIME_WAIT
+    assert (orphan.event, orphan.status) == ("open", "TIME_WAIT")
     assert (orphan.pid, orphan.pname, orphan.attribution) == (20, "proc20", "earlier")
 
 
-def test_a_reused_pid_is_never_credited_with_an_earlier_orphan():
+def test_a_reused_pid_is_never_credited_with_an_earlier_owner():
     cache = CountingCache()
     poller = Poller(
         StaticSource(frozenset({CLIENT}), frozenset({ORPHAN})),
@@ -303,15 +313,17 @@ def test_a_reused_pid_is_never_credited_with_an_earlier_orphan():
     cache.started[20] = time.time() + 60  # pid 20 is now a process started after
     (orphan,) = rows_of(poller)
     assert (orphan.pid, orphan.attribution) == (None, None)
-    assert cache.looked_up == [None]
+    assert cache.looked_up == []
 
 
-def test_a_long_connection_still_attributes_its_orphan():
+def test_a_long_connection_still_attributes_its_remainder():
     clock = [1000.0]
     poller = Poller(
         StaticSource(frozenset({CLIENT}), frozenset({CLIENT}), frozenset({ORPHAN})),
         ConnectionTracker(),
         CountingCache(),
+        closed=True,
+        transitions=True,
     )
     real_monotonic = time.monotonic
     try:
@@ -320,10 +332,16 @@ def test_a_long_connection_still_attributes_its_orphan():
         clock[0] += 3600  # an hour later, still open
         assert rows_of(poller) == []
         clock[0] += 1
-        (orphan,) = rows_of(poller)
+        closed, orphan = rows_of(poller)
     finally:
         time.monotonic = real_monotonic
-    assert (orphan.pid, orphan.attribution) == (20, "earlier")
+    assert (closed.event, closed.status, closed.pid, closed.attribution) == (
+        "close", "ESTABLISHED", 20, "socket",
+    )  # fmt: skip
+    assert closed.duration == 3601.0
+    assert (orphan.event, orphan.status, orphan.pid, orphan.attribution) == (
+        "state", "TIME_WAIT", 20, "earlier",
+    )  # fmt: skip
 
 
 def test_direction_of_both_ends_of_a_local_connection():
@@ -393,18 +411,19 @@ def test_socket_uid_names_the_user_when_the_process_is_unknown():
     assert users == {50001: user_name(0), 50002: None}
 
 
-def test_a_connection_gone_without_an_orphan_is_forgotten_at_once():
-    later_orphan = ORPHAN._replace(status="LAST_ACK")
+def test_a_new_connection_on_the_endpoint_of_one_gone_is_a_new_story():
+    later = CLIENT._replace(pid=30)
     poller = Poller(
-        StaticSource(frozenset({CLIENT}), frozenset(), frozenset({later_orphan})),
+        StaticSource(frozenset({CLIENT}), frozenset(), frozenset({later})),
         ConnectionTracker(),
         CountingCache(),
+        closed=True,
     )
     rows_of(poller)
-    assert rows_of(poller) == []  # reset: gone entirely, nothing kept for it
-    assert len(poller._endpoints) == 0
-    (stray,) = rows_of(poller)  # a later socket on that endpoint is not the client's
-    assert (stray.pid, stray.attribution) == (None, None)
+    (closed,) = rows_of(poller)  # reset: gone entirely
+    assert (closed.event, closed.pid) == ("close", 20)
+    (opened,) = rows_of(poller)
+    assert (opened.event, opened.pid, opened.attribution) == ("open", 30, "socket")
 
 
 # --------------------------------------------------------------------------- chunks, busy

@@ -1,90 +1,249 @@
-"""The tracker reports what is new since the previous poll, by set difference."""
+"""The tracker: one story per socket from snapshots and end events; the listeners."""
 
-from histstat.attribution import EndpointMemory, ListenerMemory
-from histstat.records import Connection
-from histstat.tracker import ConnectionTracker
+import pytest
+
+from histstat.attribution import ListenerMemory
+from histstat.records import Connection, TcpCounters
+from histstat.sources.base import End, Ends
+from histstat.tracker import ConnectionTracker, Story, payload_bytes
 
 LISTENER = Connection("tcp", "127.0.0.1", 8000, None, None, "LISTEN", 10)
 ESTABLISHED = Connection("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, "ESTABLISHED", 10)
 UDP = Connection("udp", "0.0.0.0", 53, None, None, None, None)
 
 
-def test_first_poll_reports_every_current_connection():
+def kinds(poll, *wanted):
+    """(kind, status) of a poll's changes, optionally only of the ``wanted`` kinds."""
+    return [(c.kind, c.conn.status) for c in poll.changes if not wanted or c.kind in wanted]
+
+
+def test_first_poll_opens_a_story_per_socket():
     tracker = ConnectionTracker()
-    assert set(tracker.new_since(frozenset({LISTENER, ESTABLISHED, UDP}))) == {
-        LISTENER,
-        ESTABLISHED,
-        UDP,
-    }
+    poll = tracker.update(frozenset({LISTENER, ESTABLISHED, UDP}), now=0.0)
+    assert {c.conn for c in poll.changes} == {LISTENER, ESTABLISHED, UDP}
+    assert {c.kind for c in poll.changes} == {"open"}
+    assert all(c.story.from_start for c in poll.changes)
 
 
-def test_unchanged_connections_are_not_reported_again():
+def test_unchanged_connections_change_nothing():
     tracker = ConnectionTracker()
-    tracker.new_since(frozenset({LISTENER, ESTABLISHED}))
-    assert tracker.new_since(frozenset({LISTENER, ESTABLISHED})) == []
+    tracker.update(frozenset({LISTENER, ESTABLISHED}), now=0.0)
+    assert tracker.update(frozenset({LISTENER, ESTABLISHED}), now=1.0).changes == []
 
 
-def test_only_the_new_connection_is_reported():
+def test_a_change_of_state_is_the_same_story_not_a_new_connection():
     tracker = ConnectionTracker()
-    tracker.new_since(frozenset({LISTENER}))
-    assert tracker.new_since(frozenset({LISTENER, ESTABLISHED})) == [ESTABLISHED]
+    (opened,) = tracker.update(frozenset({ESTABLISHED}), now=0.0).changes
+    closing = ESTABLISHED._replace(status="FIN_WAIT2", pid=None)
+    (change,) = tracker.update(frozenset({closing}), now=1.0).changes
+    assert (change.kind, change.story, change.conn) == ("state", opened.story, closing)
+    assert not change.story.ended
 
 
-def test_status_change_is_a_new_row():
+def test_an_owner_lost_by_the_descriptor_scan_never_ends_the_socket():
     tracker = ConnectionTracker()
-    tracker.new_since(frozenset({LISTENER, ESTABLISHED}))
+    tracker.update(frozenset({ESTABLISHED}), now=0.0)
+    ownerless = ESTABLISHED._replace(pid=None)
+    assert kinds(tracker.update(frozenset({ownerless}), now=1.0)) == [("owner", "ESTABLISHED")]
+    assert kinds(tracker.update(frozenset({ESTABLISHED}), now=2.0)) == [("owner", "ESTABLISHED")]
+
+
+def test_without_end_events_time_wait_is_the_end_and_its_remainder_the_same_story():
+    tracker = ConnectionTracker()
+    tracker.update(frozenset({ESTABLISHED}), now=0.0)
+    fin_wait2 = ESTABLISHED._replace(status="FIN_WAIT2", pid=None)
+    time_wait = fin_wait2._replace(status="TIME_WAIT")
+    assert kinds(tracker.update(frozenset({fin_wait2}), now=1.0)) == [("state", "FIN_WAIT2")]
+    poll = tracker.update(frozenset({time_wait}), now=2.0)
+    # The end first (its last state FIN_WAIT2), then the remainder's state.
+    assert kinds(poll) == [("close", "FIN_WAIT2"), ("state", "TIME_WAIT")]
+    story = poll.changes[0].story
+    assert (story.last_status, story.duration, story.exact_end) == ("FIN_WAIT2", 2.0, False)
+    assert tracker.update(frozenset({time_wait}), now=3.0).changes == []
+    assert tracker.update(frozenset(), now=4.0).changes == []  # its remainder's end: nothing
+
+
+def test_a_socket_gone_from_the_table_ends_once_at_that_poll():
+    tracker = ConnectionTracker()
+    tracker.update(frozenset({LISTENER, ESTABLISHED}), now=10.0)
+    tracker.update(frozenset({LISTENER, ESTABLISHED}), now=11.0)
+    poll = tracker.update(frozenset({LISTENER}), now=12.0)
+    assert kinds(poll) == [("close", "ESTABLISHED")]
+    assert poll.changes[0].story.duration == 2.0
+    assert tracker.update(frozenset({LISTENER}), now=13.0).changes == []
+
+
+def test_a_new_connection_on_an_ended_5_tuple_is_a_new_story():
+    tracker = ConnectionTracker()
+    tracker.update(frozenset({ESTABLISHED}), now=0.0)
+    tracker.update(frozenset(), now=1.0)
+    (again,) = tracker.update(frozenset({ESTABLISHED}), now=2.0).changes
+    assert again.kind == "open" and not again.story.from_start
+
+
+def test_cookie_identifies_the_socket_before_the_5_tuple():
+    tracker = ConnectionTracker()
+    first = ESTABLISHED._replace(cookie=7)
+    (opened,) = tracker.update(frozenset({first}), now=0.0).changes
+    # The same 5-tuple with another cookie, in a state only a new connection is in.
+    other = first._replace(cookie=8, status="SYN_SENT")
+    poll = tracker.update(frozenset({other}), now=1.0)
+    assert kinds(poll) == [("open", "SYN_SENT"), ("close", "ESTABLISHED")]
+    assert poll.changes[1].story is opened.story
+
+
+def test_an_accepted_socket_whose_cookie_appears_later_stays_one_story():
+    tracker = ConnectionTracker()
+    tracker.update(frozenset({ESTABLISHED._replace(cookie=0)}), now=0.0)
+    poll = tracker.update(frozenset({ESTABLISHED._replace(cookie=42)}), now=1.0)
+    assert poll.changes == []
+    end = End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 42, 100.5, None)
+    poll = tracker.update(frozenset(), now=2.0, ends=Ends([end]), watches_ends=True, wall=101.0)
+    assert kinds(poll) == [("close", "ESTABLISHED")]
+    assert poll.changes[0].story.end_time == 1.5  # the event's time, not the poll's
+
+
+def test_an_end_event_ends_the_story_exactly_and_its_remainder_is_absorbed():
+    tracker = ConnectionTracker()
+    live = ESTABLISHED._replace(cookie=5)
+    tracker.update(frozenset({live}), now=0.0, watches_ends=True, wall=100.0)
+    counters = TcpCounters(5002, 7000, 5000, 0)
+    end = End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 5, 100.8, counters)
+    # The remainder carries another cookie than the end event: a dump never saw...
+    remainder = live._replace(status="FIN_WAIT2", pid=None, cookie=99)
+    poll = tracker.update(
+        frozenset({remainder}), now=1.0, ends=Ends([end]), watches_ends=True, wall=101.0
+    )
+    assert kinds(poll) == [("state", "FIN_WAIT2"), ("close", "FIN_WAIT2")]
+    story = poll.changes[-1].story
+    assert (story.exact_end, story.end_wall, story.end_counters) == (True, 100.8, counters)
+    time_wait = remainder._replace(status="TIME_WAIT", cookie=100)
+    poll = tracker.update(frozenset({time_wait}), now=2.0, watches_ends=True, wall=102.0)
+    assert kinds(poll) == [("state", "TIME_WAIT")]
+    assert poll.changes[0].story is story and story.ended
+    assert tracker.update(frozenset(), now=3.0, watches_ends=True, wall=103.0).changes == []
+
+
+def test_an_end_for_a_connection_no_poll_saw_opens_and_closes_it_once():
+    tracker = ConnectionTracker()
+    end = End("tcp", "127.0.0.1", 50001, "127.0.0.1", 8000, 11, 99.9, TcpCounters(2, 0, 0, 0))
+    poll = tracker.update(frozenset(), now=1.0, ends=Ends([end]), watches_ends=True, wall=100.0)
+    assert kinds(poll) == [("open", "CLOSE"), ("close", "CLOSE")]
+    # Its TIME_WAIT entry, with another cookie, in a later dump: the same story.
+    time_wait = Connection("tcp", "127.0.0.1", 50001, "127.0.0.1", 8000, "TIME_WAIT", None, 12)
+    poll = tracker.update(frozenset({time_wait}), now=2.0, watches_ends=True, wall=101.0)
+    assert kinds(poll) == [("state", "TIME_WAIT")]
+    # The same event twice (or late): never a second close.
+    poll = tracker.update(
+        frozenset({time_wait}), now=3.0, ends=Ends([end]), watches_ends=True, wall=102.0
+    )
+    assert poll.changes == []
+
+
+def test_an_abort_no_poll_saw_is_left_out_for_it_has_only_a_cookie():
+    tracker = ConnectionTracker()
+    end = End("tcp", None, 50001, "127.0.0.1", None, 11, 99.9, TcpCounters(0, 0, 0, 0))
+    poll = tracker.update(frozenset(), now=1.0, ends=Ends([end]), watches_ends=True, wall=100.0)
+    assert poll.changes == []
+
+
+def test_an_abort_joins_its_story_by_cookie_alone():
+    tracker = ConnectionTracker()
+    tracker.update(frozenset({ESTABLISHED._replace(cookie=3)}), now=0.0, watches_ends=True)
+    end = End("tcp", None, 8000, "127.0.0.1", None, 3, 0.5, TcpCounters(0, 0, 0, 0))
+    poll = tracker.update(frozenset(), now=1.0, ends=Ends([end]), watches_ends=True, wall=1.0)
+    assert kinds(poll) == [("close", "ESTABLISHED")] and poll.changes[0].story.exact_end
+
+
+def test_with_end_events_a_time_wait_waits_one_poll_for_its_event():
+    tracker = ConnectionTracker()
+    tracker.update(frozenset({ESTABLISHED}), now=0.0, watches_ends=True)
     time_wait = ESTABLISHED._replace(status="TIME_WAIT", pid=None)
-    assert tracker.new_since(frozenset({LISTENER, time_wait})) == [time_wait]
+    poll = tracker.update(frozenset({time_wait}), now=1.0, watches_ends=True)
+    assert kinds(poll) == [("state", "TIME_WAIT")]  # its end event may still be on its way
+    poll = tracker.update(frozenset({time_wait}), now=2.0, watches_ends=True)
+    assert kinds(poll) == [("close", "ESTABLISHED")]  # it was lost: inferred
+    assert poll.changes[0].story.end_time == 1.0
 
 
-def test_new_pid_on_same_endpoints_is_a_new_row():
+def test_lost_end_events_are_inferred_from_the_table_and_counted():
     tracker = ConnectionTracker()
-    tracker.new_since(frozenset({LISTENER}))
-    reused = LISTENER._replace(pid=11)
-    assert tracker.new_since(frozenset({reused})) == [reused]
+    a = ESTABLISHED._replace(cookie=1)
+    b = ESTABLISHED._replace(cookie=2, rport=50001)
+    c = ESTABLISHED._replace(cookie=3, rport=50002)
+    tracker.update(frozenset({a, b, c}), now=0.0, watches_ends=True)
+    got = End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 1, 0.9, None)
+    remainder = c._replace(status="TIME_WAIT", pid=None)
+    poll = tracker.update(
+        frozenset({remainder}), now=1.0, ends=Ends([got], lost=True), watches_ends=True, wall=1.0
+    )
+    closes = [c.story.cookie for c in poll.changes if c.kind == "close"]
+    assert sorted(closes) == [1, 2, 3]  # each once
+    assert poll.inferred_after_loss == 2  # b gone, c in TIME_WAIT: no event for either
+    assert tracker.update(frozenset({remainder}), now=2.0, watches_ends=True).changes == []
 
 
-def test_connection_that_left_and_came_back_is_new_again():
-    tracker = ConnectionTracker()
-    tracker.new_since(frozenset({LISTENER, ESTABLISHED}))
-    tracker.new_since(frozenset({LISTENER}))
-    assert tracker.new_since(frozenset({LISTENER, ESTABLISHED})) == [ESTABLISHED]
+def test_a_shared_socket_listed_per_holder_is_one_story_with_every_owner():
+    shared = [ESTABLISHED._replace(pid=pid) for pid in (30, 10, 20)]
+    (opened,) = ConnectionTracker().update(frozenset(shared), now=0.0).changes
+    assert (opened.conn.pid, opened.conn.owners) == (10, (10, 20, 30))
 
 
-def test_new_rows_come_in_a_stable_order_despite_unknown_fields():
-    conns = {LISTENER, ESTABLISHED, UDP, UDP._replace(lport=5353, pid=3)}
-    first = ConnectionTracker().new_since(frozenset(conns))
-    second = ConnectionTracker().new_since(frozenset(reversed(list(conns))))
-    assert first == second
-    assert len(first) == 4
+def test_listeners_sharing_a_port_are_told_apart_by_their_owner():
+    workers = frozenset({LISTENER, LISTENER._replace(pid=11)})
+    poll = ConnectionTracker().update(workers, now=0.0)
+    assert sorted(c.conn.pid for c in poll.changes) == [10, 11]
+
+
+def test_ended_stories_are_remembered_within_bounds():
+    tracker = ConnectionTracker(ended_memory=1e9, max_ended=1000)
+    for port in range(5000):
+        conn = ESTABLISHED._replace(rport=port)
+        tracker.update(frozenset({conn}), now=2.0 * port)
+        tracker.update(frozenset(), now=2.0 * port + 1)
+    assert tracker.remembered() == 1000
+    expiring = ConnectionTracker(ended_memory=10.0)
+    expiring.update(frozenset({ESTABLISHED}), now=0.0)
+    expiring.update(frozenset(), now=1.0)
+    expiring.update(frozenset(), now=12.0)
+    assert expiring.remembered() == 0
 
 
 def test_live_pids_are_the_socket_owners_of_the_latest_poll():
     tracker = ConnectionTracker()
-    tracker.new_since(frozenset({LISTENER, UDP}))
+    tracker.update(frozenset({LISTENER, UDP}), now=0.0)
     assert tracker.live_pids() == {10}
-    tracker.new_since(frozenset({UDP._replace(pid=7)}))
+    tracker.update(frozenset({UDP._replace(pid=7, owners=(7, 8))}), now=1.0)
     assert tracker.live_pids() == {7}
 
 
-def test_changes_report_what_went_away_with_its_lifetime():
-    tracker = ConnectionTracker()
-    tracker.changes(frozenset({LISTENER}), now=100.0)
-    tracker.changes(frozenset({LISTENER, ESTABLISHED}), now=101.0)
-    tracker.changes(frozenset({LISTENER, ESTABLISHED}), now=102.0)
-    new, gone = tracker.changes(frozenset({LISTENER}), now=103.0)
-    assert (new, gone) == ([], [ESTABLISHED])
-    # First seen at 101, last seen at 102 (the poll before the one that missed it).
-    assert tracker.lifetime(ESTABLISHED) == (1.0, False)
+@pytest.mark.parametrize(
+    ("counters", "states", "opened_here", "expected"),
+    [
+        # Measured on Linux 6.18 (docs/story.md): 5,000 bytes up, 7,000 down.
+        (TcpCounters(5002, 7000, 5000, 0), {"ESTABLISHED", "FIN_WAIT2"}, True, (5000, 7000)),
+        (TcpCounters(7001, 5001, 7000, 0), {"ESTABLISHED", "CLOSE_WAIT"}, False, (7000, 5000)),
+        (TcpCounters(5002, 7001, 5000, 0), {"ESTABLISHED", "TIME_WAIT"}, True, (5000, 7000)),
+        (TcpCounters(5002, 7000, 5300, 300), {"ESTABLISHED"}, True, (5000, 7000)),
+        (TcpCounters(5002, 7000), {"ESTABLISHED", "FIN_WAIT2"}, True, (5000, 7000)),  # < 4.19
+        (TcpCounters(7001, 5001), {"ESTABLISHED", "LAST_ACK"}, False, (7000, 5000)),
+        (TcpCounters(0, 5000, 0, 0), {"ESTABLISHED"}, False, (0, 5000)),  # reset by the peer
+        (TcpCounters(0, 0, 0, 0), {"ESTABLISHED"}, True, (None, None)),  # cleared: abort
+        (TcpCounters(0, 0), {"CLOSE_WAIT", "FIN_WAIT1"}, False, (None, None)),
+        (TcpCounters(1, 0, 0, 0), {"TIME_WAIT", "FIN_WAIT1"}, True, (0, 0)),  # never negative
+        (None, {"ESTABLISHED"}, True, (None, None)),
+    ],
+)
+def test_payload_bytes_leave_out_syn_and_fin(counters, states, opened_here, expected):
+    story = Story(ESTABLISHED, 0.0, False)
+    for status in states:
+        story.saw(status)
+    assert payload_bytes(story, counters, opened_here) == expected
 
 
-def test_connection_there_at_start_has_a_lower_bound_lifetime():
-    tracker = ConnectionTracker()
-    tracker.changes(frozenset({LISTENER, ESTABLISHED}), now=10.0)
-    tracker.changes(frozenset({LISTENER, ESTABLISHED}), now=15.0)
-    _, gone = tracker.changes(frozenset({LISTENER}), now=20.0)
-    assert gone == [ESTABLISHED]
-    assert tracker.lifetime(ESTABLISHED) == (5.0, True)
+def test_udp_has_no_bytes():
+    story = Story(UDP, 0.0, False)
+    assert payload_bytes(story, TcpCounters(1, 1, 1, 0), False) == (None, None)
 
 
 ACCEPTED = Connection("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, "ESTABLISHED", 10)
@@ -119,48 +278,6 @@ def test_a_listener_closed_recently_still_counts_then_is_forgotten():
     assert len(listeners) == 0
 
 
-def test_endpoint_memory_attributes_then_forgets_an_orphan():
-    memory = EndpointMemory(memory=60.0)
-    memory.remember(OUTGOING, "owner", now=0.0)
-    orphan = OUTGOING._replace(status="TIME_WAIT", pid=None)
-    memory.touch(OUTGOING, now=50.0)  # last seen owned at 50
-    memory.forget_expired(100.0)
-    assert memory.owner_of(orphan) == "owner"
-    memory.forget_expired(111.0)
-    assert memory.owner_of(orphan) is None
-
-
-def test_endpoint_memory_stays_bounded_under_a_stream_of_connections():
-    memory = EndpointMemory(memory=1e9, limit=1000)
-    for port in range(50_000):
-        conn = OUTGOING._replace(lport=port % 65536, rport=port)
-        memory.remember(conn, port, now=port)
-        memory.touch(conn, now=port)  # each closes at once
-    assert len(memory) == 1000
-    assert memory.owner_of(OUTGOING._replace(lport=49_999, rport=49_999)) == 49_999
-    assert memory.owner_of(OUTGOING._replace(lport=0, rport=0)) is None
-
-
-def test_a_long_lived_connection_keeps_its_owner_until_it_closes():
-    memory = EndpointMemory(memory=180.0)
-    memory.remember(OUTGOING, "owner", now=0.0)
-    memory.forget_expired(10_000.0)  # hours later, still open
-    assert memory.owner_of(OUTGOING) == "owner"
-    memory.touch(OUTGOING, now=10_000.0)  # closes now
-    memory.forget_expired(10_170.0)
-    assert memory.owner_of(OUTGOING) == "owner"
-    memory.forget_expired(10_181.0)
-    assert memory.owner_of(OUTGOING) is None
-
-
-def test_an_orphan_that_went_away_is_not_attributed_again():
-    memory = EndpointMemory()
-    memory.remember(OUTGOING, "owner", now=0.0)
-    memory.touch(OUTGOING, now=1.0)
-    memory.forget(OUTGOING)
-    assert memory.owner_of(OUTGOING) is None
-
-
 def test_a_port_counts_as_listening_until_its_last_listener_closes():
     listeners = ListenerMemory(memory=30.0)
     worker_a, worker_b = LISTENER, LISTENER._replace(pid=11)
@@ -172,3 +289,17 @@ def test_a_port_counts_as_listening_until_its_last_listener_closes():
     listeners.closed(worker_b, now=1000.0)
     assert listeners.direction(ACCEPTED, 1029.0) == "in"
     assert listeners.direction(ACCEPTED, 1031.0) == "out"
+
+
+def test_a_socket_first_seen_in_time_wait_ends_at_once_without_end_events():
+    tracker = ConnectionTracker()
+    time_wait = ESTABLISHED._replace(status="TIME_WAIT", pid=None)
+    poll = tracker.update(frozenset({time_wait}), now=0.0)
+    assert kinds(poll) == [("open", "TIME_WAIT"), ("close", "TIME_WAIT")]
+    assert tracker.update(frozenset({time_wait}), now=1.0).changes == []
+    events = ConnectionTracker()
+    assert kinds(events.update(frozenset({time_wait}), now=0.0, watches_ends=True)) == [
+        ("open", "TIME_WAIT")
+    ]
+    poll = events.update(frozenset({time_wait}), now=1.0, watches_ends=True)
+    assert kinds(poll) == [("close", "TIME_WAIT")]  # its end event never came

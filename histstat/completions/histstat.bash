@@ -7,7 +7,7 @@
 
 
 
-_shtab_histstat_option_strings=(-h --help -i --interval -l --log -p --prettify -j --json --csv --ecs -q --quiet -v --version --print-completion --hash --sqlite --syslog --syslog-facility --syslog-size --source --closed -r --resolve --geoip -f --fields --command-limit --color --once -c --count --duration --skip-existing --tcp --udp -4 -6 --port --lport --rport --laddr --raddr --pid --name --user --status --exclude-status)
+_shtab_histstat_option_strings=(-h --help -i --interval -l --log -p --prettify -j --json --csv --ecs -q --quiet -v --version --print-completion --hash --sqlite --syslog --syslog-facility --syslog-size --source --closed --transitions --update -r --resolve --geoip -f --fields --command-limit --color --once -c --count --duration --skip-existing --tcp --udp -4 -6 --port --lport --rport --laddr --raddr --pid --name --user --status --exclude-status)
 
 _shtab_histstat__l_COMPGEN=_shtab_compgen_files
 _shtab_histstat___log_COMPGEN=_shtab_compgen_files
@@ -35,6 +35,7 @@ _shtab_histstat___version_nargs=0
 _shtab_histstat___hash_nargs=0
 _shtab_histstat___syslog_nargs='?'
 _shtab_histstat___closed_nargs=0
+_shtab_histstat___transitions_nargs=0
 _shtab_histstat__r_nargs=0
 _shtab_histstat___resolve_nargs=0
 _shtab_histstat___once_nargs=0

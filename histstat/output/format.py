@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Callable
 
-from histstat.records import Row
+from histstat.records import ProcessRef, Row
 
 TEXT_FIELDS = (
     "proto", "laddr", "lport", "raddr", "rport", "status",
@@ -24,12 +24,15 @@ GEO_FIELDS = ("country", "asn", "as_org")
 # Every field a row can show, for -f/--fields.
 ALL_FIELDS = (
     "event", "proto", "laddr", "lport", "raddr", "rport", "rhost", *GEO_FIELDS, "status",
-    "duration", "duration_from_start", "direction", "attribution", "pid", "pname", "ppid",
-    "parent", "started", "time", "date", "user", "exe", "md5", "sha256", "command",
-    "command_length", "args", "timestamp",
+    "duration", "duration_from_start", "bytes_sent", "bytes_received", "direction",
+    "attribution", "pid", "pname", "owners", "owners_count", "ppid", "parent", "started",
+    "time", "date", "user", "exe", "md5", "sha256", "command", "command_length", "args",
+    "timestamp",
 )  # fmt: skip
-# The parent process's fields, after pname among JSON's keys.
+# The parent process's fields, after pname (and the owners) among JSON's keys.
 PARENT_FIELDS = ("ppid", "parent")
+BYTE_FIELDS = ("bytes_sent", "bytes_received")
+OWNER_FIELDS = ("owners", "owners_count")
 
 
 UNKNOWN = "-"
@@ -86,10 +89,15 @@ def _remote(fields: list[str], resolve: bool, geoip: bool) -> list[str]:
 
 
 def text_fields(
-    with_hashes: bool, closed: bool = False, resolve: bool = False, geoip: bool = False
+    with_hashes: bool,
+    closed: bool = False,
+    resolve: bool = False,
+    geoip: bool = False,
+    with_bytes: bool = False,
 ) -> tuple[str, ...]:
     """The text columns in order. The original's by default; hashes go just before the
-    command; with --closed, event comes first and duration follows status."""
+    command; with rows beside open rows (``closed``: --closed, --transitions, --update),
+    event comes first and duration follows status. Bytes and owners only through -f."""
     fields = _remote(list(TEXT_FIELDS), resolve, geoip)
     if with_hashes:
         fields[-1:-1] = HASH_FIELDS
@@ -100,18 +108,24 @@ def text_fields(
 
 
 def json_fields(
-    with_hashes: bool, closed: bool = False, resolve: bool = False, geoip: bool = False
+    with_hashes: bool,
+    closed: bool = False,
+    resolve: bool = False,
+    geoip: bool = False,
+    with_bytes: bool = False,
 ) -> tuple[str, ...]:
     """The JSON keys in order: event, the text columns with direction and attribution
-    after status (duration and duration_from_start too, with --closed), the parent
-    after pname, exe and hashes with --hash, command_length after the command, and the
-    timestamp."""
+    after status (duration and duration_from_start before them with rows beside open
+    rows, then bytes_sent and bytes_received with close or update rows), owners,
+    owners_count and the parent after pname, exe and hashes with --hash, command_length
+    after the command, and the timestamp."""
     fields = _remote(list(TEXT_FIELDS), resolve, geoip)
     after_status = fields.index("status") + 1
     lifecycle = ["duration", "duration_from_start"] if closed else []
+    lifecycle += list(BYTE_FIELDS) if with_bytes else []
     fields[after_status:after_status] = [*lifecycle, "direction", "attribution"]
     after_pname = fields.index("pname") + 1
-    fields[after_pname:after_pname] = PARENT_FIELDS
+    fields[after_pname:after_pname] = [*OWNER_FIELDS, *PARENT_FIELDS]
     if with_hashes:
         fields[-1:-1] = JSON_HASH_FIELDS
     return ("event", *fields, "command_length", "timestamp")
@@ -253,7 +267,27 @@ def field_value(row: Row, field: str):
     return read(row) if read is not None else getattr(row, field)
 
 
+def owners_text(owners: tuple[ProcessRef, ...]) -> str:
+    """``pid/name`` items joined by ``,``; a comma in a name is escaped (``\\x2c``), so
+    that the items split apart again, and an unknown name is ``-``."""
+    return ",".join(
+        f"{ref.pid}/"
+        + (UNKNOWN if ref.name is None else (escape_text(ref.name) or EMPTY).replace(",", "\\x2c"))
+        for ref in owners
+    )
+
+
+def owners_json(owners: tuple[ProcessRef, ...]) -> list[dict[str, object]]:
+    """The holders as JSON takes them (names as true text, bad bytes as \\xNN)."""
+    return [
+        {"pid": ref.pid, "name": None if ref.name is None else json_text(ref.name)}
+        for ref in owners
+    ]
+
+
 def _text_of(value, field: str, row: Row) -> str:
+    if field == "owners":
+        return owners_text(value)
     if field == "duration":
         # Seconds; ">" marks a lower bound: the connection predates histstat's start.
         return (">" if row.duration_from_start else "") + f"{value:.3f}"
@@ -323,7 +357,10 @@ def format_csv_row(row: Row, fields: Sequence[str]) -> str:
 
 def json_value(value: object) -> str:
     """One value in JSON, as json.dumps writes it (floats through their repr), with the
-    hidden characters of every string in it escaped: lists, tuples and objects too."""
+    hidden characters of every string in it escaped: lists, tuples and objects too. An
+    owner (ProcessRef) is an object: {"pid": ..., "name": ...}."""
+    if isinstance(value, ProcessRef):
+        return json_value(value._asdict())
     if isinstance(value, str):
         return _json_string_memo(value)
     if value is None:
@@ -353,6 +390,8 @@ def compact_json_value(value: object) -> str | None:
             if text is not None:
                 parts.append(_json_key(key) + text)
         return "{" + ", ".join(parts) + "}" if parts else None
+    if isinstance(value, ProcessRef):
+        return compact_json_value(value._asdict())
     if isinstance(value, (list, tuple)):
         items = [text for text in map(compact_json_value, value) if text is not None]
         return "[" + ", ".join(items) + "]" if items else None

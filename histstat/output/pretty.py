@@ -37,7 +37,7 @@ class Width(NamedTuple):
 # value from widening the whole view.
 WIDTHS = {
     "time": Width(8, 8), "date": Width(8, 8), "timestamp": Width(32, 32),
-    "event": Width(5, 5), "proto": Width(5, 5),
+    "event": Width(5, 6), "proto": Width(5, 5),
     "local": Width(15, 30), "remote": Width(15, 30),
     "laddr": Width(15, 26), "raddr": Width(15, 26), "lport": Width(5, 5), "rport": Width(5, 5),
     "rhost": Width(20, 40), "country": Width(7, 7), "asn": Width(6, 10), "as_org": Width(15, 30),
@@ -49,6 +49,8 @@ WIDTHS = {
     "command": Width(7, 40),  # only where it is not the last column
     "args": Width(7, 40),
     "command_length": Width(14, 14),
+    "bytes_sent": Width(10, 20), "bytes_received": Width(14, 20),
+    "owners": Width(12, 40), "owners_count": Width(12, 12),
 }  # fmt: skip
 
 # Endpoints are shown as ss shows them, address and port in one column.
@@ -59,9 +61,14 @@ FLEXIBLE = "command"  # the column a terminal shortens first, wherever it stands
 
 
 def pretty_fields(
-    with_hashes: bool, closed: bool = False, resolve: bool = False, geoip: bool = False
+    with_hashes: bool,
+    closed: bool = False,
+    resolve: bool = False,
+    geoip: bool = False,
+    with_bytes: bool = False,
 ) -> tuple[str, ...]:
-    """The default fields of -p: the time first, the event with --closed, the
+    """The default fields of -p: the time first, the event with --closed (--transitions,
+    --update), the
     connection, its process, hashes with --hash, and the command last. The date and a
     close row's duration are left to -f, plain, CSV and JSON: they would leave a
     100-column terminal no room for the user and the command."""

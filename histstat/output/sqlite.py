@@ -24,18 +24,19 @@ from histstat.output.files import (
     open_directory,
     open_path,
 )
-from histstat.output.format import field_value, json_text
+from histstat.output.format import field_value, json_text, owners_json
 from histstat.output.sinks import warn_if_exposed
 from histstat.records import Row
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Every row field, in the order of the connections table's columns after run_id.
 ROW_COLUMNS = (
     "timestamp", "epoch", "date", "time", "proto", "laddr", "lport", "raddr", "rport",
     "status", "pid", "pname", "user", "command", "exe", "md5", "sha256",
     "event", "duration", "duration_from_start", "direction", "attribution", "rhost",
-    "country", "asn", "as_org", "command_length", "ppid", "parent",
+    "country", "asn", "as_org", "command_length", "bytes_sent", "bytes_received", "owners",
+    "owners_count", "ppid", "parent",
 )  # fmt: skip
 
 # MIGRATIONS[n] takes a database from schema version n to n + 1.
@@ -94,7 +95,18 @@ MIGRATIONS = (
     """
     ALTER TABLE connections ADD COLUMN command_length INTEGER;
     """,
-    # 4: the parent process, its pid and name when histstat first read the process.
+    # 4: one story per connection (issue 10): rows may be state and update rows too; close
+    # and update rows carry payload bytes; every process holding the socket. The close
+    # row's timestamp is its end (the kernel's, where an end event gave it). NULL in rows
+    # of earlier versions.
+    """
+    ALTER TABLE connections ADD COLUMN bytes_sent INTEGER;  -- TCP close and update rows
+    ALTER TABLE connections ADD COLUMN bytes_received INTEGER;
+    ALTER TABLE connections ADD COLUMN owners TEXT;  -- JSON: [{"pid": 1, "name": "x"}]
+    ALTER TABLE connections ADD COLUMN owners_count INTEGER;  -- holders, listed or not
+    CREATE INDEX connections_by_event ON connections(event);
+    """,
+    # 5: the parent process, its pid and name when histstat first read the process.
     # NULL in rows of earlier versions.
     """
     ALTER TABLE connections ADD COLUMN ppid INTEGER;
@@ -192,6 +204,9 @@ def row_values(row: Row) -> tuple[Any, ...]:
             values.append(row.timestamp.timestamp())
             continue
         value = field_value(row, column)
+        if column == "owners" and value is not None:
+            values.append(json.dumps(owners_json(value), ensure_ascii=False))
+            continue
         values.append(json_text(value) if isinstance(value, str) else value)
     return tuple(values)
 
