@@ -187,18 +187,30 @@ def test_ecs_documents_of_a_child_of_a_known_parent(family, run_histstat, geoip_
     }
     closes = [d for d in docs if of_child(d, kin.child_pid, "connection-close")]
     ends = [d for d in opened + closes if d["histstat"]["status"] == "ESTABLISHED"]
+    # Each end's payload bytes, as the -j rows of the same ends say (null without end
+    # events: the psutil source).
+    sent = {
+        row["lport"]: (row["bytes_sent"], row["bytes_received"])
+        for row in rows
+        if row["event"] == "close" and row["pid"] == kin.child_pid
+    }
     for doc in ends:
         # Both ends' documents name the client as source, the listener's port as
         # destination; the remote side (the other end) carries its name and place.
         egress = doc["network"]["direction"] == "egress"
         source = {"ip": HOST, "port": kin.cport, **({} if egress else remote)}
         destination = {"ip": HOST, "port": kin.lport, **(remote if egress else {})}
-        assert doc["source"] == source, doc
-        assert doc["destination"] == destination, doc
-        assert doc["network"] == {
+        network = {
             "transport": "tcp", "type": "ipv4", "direction": doc["network"]["direction"],
             "community_id": flow,
         }  # fmt: skip
+        mine, theirs = sent.get(kin.cport if egress else kin.lport, (None, None))
+        if doc in closes and mine is not None:  # the initiator's bytes are the source's
+            source["bytes"], destination["bytes"] = (mine, theirs) if egress else (theirs, mine)
+            network["bytes"] = mine + theirs
+        assert doc["source"] == source, doc
+        assert doc["destination"] == destination, doc
+        assert doc["network"] == network, doc
         assert doc["process"] == {
             "pid": kin.child_pid,
             "name": child.name(),
