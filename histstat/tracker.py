@@ -209,6 +209,7 @@ class ConnectionTracker:
         from_start = now == self._first_poll
         changes: list[Change] = []
         closes: list[Change] = []
+        after: list[Change] = []  # what the table shows after an end: after any close
         records = self._records
         left: dict[Story, None] = {}  # stories that lost a record: gone, unless matched
         for record in self._current - snapshot:
@@ -232,7 +233,7 @@ class ConnectionTracker:
                 if story.held == 0 and story not in left:  # a remainder of an ended one
                     self._forget_ended(story)
                     self._hold(story)
-                self._follow(story, conn, now, watches_ends, changes, closes)
+                self._follow(story, conn, now, watches_ends, changes, closes, after)
             for record in group[1:]:
                 records[record] = story
             story.held += len(group) - 1
@@ -268,7 +269,8 @@ class ConnectionTracker:
         # A stable order, whatever the snapshot's; a story's own changes keep theirs.
         changes.sort(key=_order)
         closes.sort(key=_order)
-        return Poll(changes + closes, inferred)
+        after.sort(key=_order)
+        return Poll(changes + closes + after, inferred)
 
     def _hold(self, story: Story) -> None:
         """A story the table holds: findable by identity and cookie."""
@@ -337,9 +339,11 @@ class ConnectionTracker:
         watches_ends: bool,
         changes: list[Change],
         closes: list[Change],
+        after: list[Change],
     ) -> None:
         """A known story seen again: its state and owner changes, and its end where the
-        state says so."""
+        state says so. A TIME_WAIT or CLOSE is what the end leaves (``after``): its row
+        follows the close row, even one its end event brings later in the same poll."""
         previous = story.conn
         if not story.ended and conn.status not in END_STATES:
             story.last_conn = conn
@@ -355,7 +359,11 @@ class ConnectionTracker:
                     self._wait_for_end(story, now)  # its event is due; the last state stays
                 else:
                     self._end(story, now, closes)
-            (closes if story.ended else changes).append(Change("state", story, conn))
+            state = Change("state", story, conn)
+            if conn.status in END_STATES:
+                after.append(state)
+            else:
+                (closes if story.ended else changes).append(state)
         elif conn.pid != previous.pid or conn.owners != previous.owners:
             (closes if story.ended else changes).append(Change("owner", story, conn))
 

@@ -124,6 +124,19 @@ def test_an_end_event_ends_the_story_exactly_and_its_remainder_is_absorbed():
     assert tracker.update(frozenset(), now=3.0, watches_ends=True, wall=103.0).changes == []
 
 
+def test_a_time_wait_seen_with_its_end_event_follows_the_close_row():
+    tracker = ConnectionTracker()
+    live = ESTABLISHED._replace(cookie=5)
+    tracker.update(frozenset({live}), now=0.0, watches_ends=True, wall=100.0)
+    end = End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 5, 100.5, None)
+    time_wait = live._replace(status="TIME_WAIT", pid=None)
+    poll = tracker.update(
+        frozenset({time_wait}), now=1.0, ends=Ends([end]), watches_ends=True, wall=101.0
+    )
+    # What the end leaves comes after the end, although the poll saw it first.
+    assert kinds(poll) == [("close", "ESTABLISHED"), ("state", "TIME_WAIT")]
+
+
 def test_an_end_for_a_connection_no_poll_saw_opens_and_closes_it_once():
     tracker = ConnectionTracker()
     end = End("tcp", "127.0.0.1", 50001, "127.0.0.1", 8000, 11, 99.9, TcpCounters(2, 0, 0, 0))
