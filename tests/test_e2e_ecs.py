@@ -127,7 +127,9 @@ def file_hashes(path: str) -> tuple[str, str]:
 
 
 def action_of(doc: dict) -> str:
-    return doc.get("event", {}).get("action", "")
+    """An ECS document's event.action; "" for anything else (a -j row's event is text)."""
+    event = doc.get("event")
+    return event.get("action", "") if isinstance(event, dict) else ""
 
 
 def of_child(doc: dict, pid: int, action: str) -> bool:
