@@ -6,7 +6,7 @@ import datetime
 import math
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from histstat.attribution import ListenerMemory
 from histstat.enrich import ProcessCache, user_name
@@ -49,18 +49,27 @@ def _with_name(row: Row, name: str | None) -> Row:
     return row._replace(rhost=name)
 
 
+def fact_fields(facts: ProcessFacts) -> dict[str, Any]:
+    """A row's fields that come from its process."""
+    return {
+        "pname": facts.name,
+        "user": facts.user,
+        "command": facts.command,
+        "command_length": facts.command_length,
+        "exe": facts.exe,
+        "ppid": facts.ppid,
+        "parent": facts.parent,
+        "args": facts.args,
+        "started": facts.started,
+    }
+
+
 def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime, **more) -> Row:
+    # proto to pid: what a row shows of the socket
+    shown: dict[str, Any] = dict(zip(Row._fields[:7], conn[:7]))
     return Row(
-        *conn[:7],  # proto to pid: what a row shows of the socket
-        pname=facts.name,
-        user=facts.user,
-        command=facts.command,
-        command_length=facts.command_length,
-        exe=facts.exe,
-        ppid=facts.ppid,
-        parent=facts.parent,
-        args=facts.args,
-        started=facts.started,
+        **shown,
+        **fact_fields(facts),
         md5=None,
         sha256=None,
         timestamp=seen,
@@ -314,10 +323,8 @@ class Poller:
                 rows.owner = found
                 refs, count = self._owner_refs(found)
                 row = row._replace(
-                    pid=found.pid, pname=facts.name, user=facts.user, command=facts.command,
-                    command_length=facts.command_length, exe=facts.exe,
-                    owners=refs, owners_count=count,
-                )  # fmt: skip
+                    pid=found.pid, **fact_fields(facts), owners=refs, owners_count=count
+                )
                 if found.hashes is not None:
                     fills = (*fills, Fill(found.hashes, _with_hashes, MAX_HASH_WAIT))
         attribution = None

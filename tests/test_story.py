@@ -52,7 +52,10 @@ class Cache:
 
     def lookup(self, pid):
         self.looked_up.append(pid)
-        return ProcessFacts(name=f"proc{pid}", command=f"command of {pid}")
+        return ProcessFacts(
+            name=f"proc{pid}", command=f"command of {pid}", ppid=1, parent="init",
+            args=(f"proc{pid}", "--serve"),
+        )  # fmt: skip
 
     def hashes(self, pid, facts):
         return None
@@ -230,6 +233,8 @@ def test_an_owner_found_after_the_open_row_fills_the_later_rows():
     )  # fmt: skip
     (closed,) = rows_of(poller)
     assert (closed.status, closed.pid, closed.command) == ("CLOSE_WAIT", 10, "command of 10")
+    for row in (state, closed):  # every fact of the process, the parent's too
+        assert (row.ppid, row.parent, row.args) == (1, "init", ("proc10", "--serve"))
 
 
 def test_a_pid_filter_shows_the_open_row_once_the_owner_is_known():
