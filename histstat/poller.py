@@ -253,7 +253,10 @@ class Poller:
         return tuple(refs), len(owner.owners)
 
     def _open_row(self, story: Story, conn: Connection, seen: datetime.datetime, now: float):
-        """The story's open row, the first time it passes the filters; None until then."""
+        """The story's open row, the first time it passes the filters; None until then.
+        One known only by its end event was learnt of when that event came."""
+        if story.end_wall is not None and story.life_unseen:
+            seen = _wall_time(story.end_wall)
         rows: StoryRows = story.rows
         shown = self._with_owner(conn, rows)
         if not self._filter.keeps_connection(shown):
@@ -346,7 +349,7 @@ class Poller:
             story.last_conn,
             "close",
             _wall_time(story.end_wall) if story.end_wall is not None else seen,
-            duration=round(story.duration, 6),
+            duration=None if story.duration is None else round(story.duration, 6),
             duration_from_start=story.from_start,
             bytes_sent=sent,
             bytes_received=received,

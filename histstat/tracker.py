@@ -57,7 +57,7 @@ class Story:
     __slots__ = (
         "key", "cookie", "conn", "first_seen", "from_start", "peer_fin_seen", "our_fin_seen",
         "ended", "end_time", "end_wall", "exact_end", "end_counters", "last_conn",
-        "pending_end", "rows", "held",
+        "pending_end", "rows", "held", "freed_whole", "life_unseen",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, now: float, from_start: bool) -> None:
@@ -78,6 +78,13 @@ class Story:
         self.pending_end: float | None = None  # seen in an end state, its event awaited
         self.rows: Any = None  # the poller's: what it showed of the story
         self.held = 0  # records of the latest snapshot that are this socket
+        # Its end event came before the poll's dump, which held nothing of it: no
+        # FIN_WAIT2/TIME_WAIT remainder, so the end was the passive side's last ACK,
+        # after the peer's FIN (or a reset: see docs/story.md's Bytes).
+        self.freed_whole = False
+        # No poll saw it alive (first seen as what its end leaves, or known only by its
+        # end event): how long it lived is unknown.
+        self.life_unseen = conn.status in END_STATES
 
     @property
     def last_status(self) -> str | None:
@@ -85,9 +92,11 @@ class Story:
         return self.last_conn.status
 
     @property
-    def duration(self) -> float:
-        """Seconds from the first sight to the end (or to now, for a live one)."""
+    def duration(self) -> float | None:
+        """Seconds from the first sight to the end; None when no poll saw it alive."""
         assert self.end_time is not None
+        if self.life_unseen:
+            return None
         return max(0.0, self.end_time - self.first_seen)
 
     def saw(self, status: str | None) -> None:
@@ -128,7 +137,7 @@ def payload_bytes(
         sent = _payload(counters.bytes_sent, counters.bytes_retrans or 0)
     else:  # before Linux 4.19: what the peer acknowledged, less our SYN and FIN
         sent = _payload(counters.bytes_acked, int(opened_here) + int(story.our_fin_seen))
-    received = _payload(counters.bytes_received, int(story.peer_fin_seen))
+    received = _payload(counters.bytes_received, int(story.peer_fin_seen or story.freed_whole))
     return sent, received
 
 
@@ -216,9 +225,14 @@ class ConnectionTracker:
             went = records.pop(record)
             went.held -= 1
             left[went] = None
+        # Stories of sockets with no remote end that lost a record, by address and port.
+        unconnected_left: dict[Identity, list[Story]] = {}
+        for story in left:
+            if story.conn.raddr is None:
+                unconnected_left.setdefault(story.key[:5], []).append(story)
         for group in self._merged(snapshot - self._current):
             conn = group[0]
-            found = self._story_of(conn)
+            found = self._story_of(conn) or self._new_holder_of(conn, unconnected_left)
             if found is None:
                 story = Story(conn, now, from_start)
                 changes.append(Change("open", story, conn))
@@ -331,6 +345,23 @@ class ConnectionTracker:
             return entry[1]
         return None
 
+    def _new_holder_of(
+        self, conn: Connection, unconnected_left: dict[Identity, list[Story]]
+    ) -> Story | None:
+        """A socket with no remote end and no cookie whose record changed only by its
+        pid (part of its identity): the same listener named by another holder (psutil
+        names one of them, and a fork or an exit changes which), when a record of the
+        same address, port and state left the table this poll."""
+        if conn.raddr is not None or _cookie(conn) is not None:
+            return None
+        for story in unconnected_left.get(identity_key(conn)[:5], ()):
+            if story.held == 0 and not story.ended and story.conn.status == conn.status:
+                self._let_go(story)
+                story.key = identity_key(conn)
+                self._hold(story)
+                return story
+        return None
+
     def _follow(
         self,
         story: Story,
@@ -396,6 +427,7 @@ class ConnectionTracker:
             self._remember_ended(story, now)
         if story.ended:
             return  # a close is never reported twice
+        story.freed_whole = story.held == 0 and end.time <= wall
         story.exact_end = True
         story.end_wall = end.time
         story.end_counters = end.counters

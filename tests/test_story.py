@@ -145,7 +145,9 @@ def test_an_end_no_poll_saw_gets_one_open_and_one_close_row_and_its_time_wait_no
     rows_of(poller)
     opened, closed = rows_of(poller)
     assert (opened.event, opened.lport, opened.status) == ("open", 50001, "CLOSE")
-    assert (closed.event, closed.lport, closed.duration) == ("close", 50001, 0.0)
+    # Learnt of at its end: both rows have the end's time, and its life is unknown.
+    assert opened.timestamp == closed.timestamp and abs(opened.timestamp.timestamp() - at) < 1e-5
+    assert (closed.event, closed.lport, closed.duration) == ("close", 50001, None)
     assert (closed.bytes_sent, closed.bytes_received) == (0, 0)  # a SYN and a FIN, no data
     assert rows_of(poller) == []  # its TIME_WAIT: the same story
     assert rows_of(poller) == []

@@ -137,6 +137,29 @@ def test_a_time_wait_seen_with_its_end_event_follows_the_close_row():
     assert kinds(poll) == [("close", "ESTABLISHED"), ("state", "TIME_WAIT")]
 
 
+@pytest.mark.parametrize(
+    ("left", "arrived", "expected"),
+    [
+        # The passive side: freed at its last ACK, after the peer's FIN; nothing left.
+        (set(), 100.5, (7000, 5000)),
+        # The active closer: freed at FIN_WAIT2, before the peer's FIN; its remainder.
+        ({"FIN_WAIT2"}, 100.5, (7000, 5001)),
+        # An event that came after the poll's dump: the table cannot tell which side.
+        (set(), 101.5, (7000, 5001)),
+    ],
+)
+def test_an_end_that_left_nothing_in_the_table_counted_the_peers_fin(left, arrived, expected):
+    tracker = ConnectionTracker()
+    live = ESTABLISHED._replace(cookie=5)
+    tracker.update(frozenset({live}), now=0.0, watches_ends=True, wall=100.0)
+    counters = TcpCounters(7001, 5001, 7000, 0)
+    end = End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 5, arrived, counters)
+    snapshot = frozenset(live._replace(status=state, pid=None) for state in left)
+    poll = tracker.update(snapshot, now=1.0, ends=Ends([end]), watches_ends=True, wall=101.0)
+    (story,) = {change.story for change in poll.changes}
+    assert payload_bytes(story, story.end_counters, opened_here=False) == expected
+
+
 def test_an_end_for_a_connection_no_poll_saw_opens_and_closes_it_once():
     tracker = ConnectionTracker()
     end = End("tcp", "127.0.0.1", 50001, "127.0.0.1", 8000, 11, 99.9, TcpCounters(2, 0, 0, 0))
@@ -200,6 +223,16 @@ def test_a_shared_socket_listed_per_holder_is_one_story_with_every_owner():
     shared = [ESTABLISHED._replace(pid=pid) for pid in (30, 10, 20)]
     (opened,) = ConnectionTracker().update(frozenset(shared), now=0.0).changes
     assert (opened.conn.pid, opened.conn.owners) == (10, (10, 20, 30))
+
+
+def test_a_listener_named_by_another_holder_stays_one_story():
+    # psutil names one holder of a shared listener: a fork or an exit changes which.
+    tracker = ConnectionTracker()
+    (opened,) = tracker.update(frozenset({LISTENER}), now=0.0).changes
+    poll = tracker.update(frozenset({LISTENER._replace(pid=11)}), now=1.0)
+    assert kinds(poll) == [("owner", "LISTEN")] and poll.changes[0].story is opened.story
+    poll = tracker.update(frozenset({LISTENER}), now=2.0)
+    assert kinds(poll) == [("owner", "LISTEN")] and poll.changes[0].story is opened.story
 
 
 def test_listeners_sharing_a_port_are_told_apart_by_their_owner():
