@@ -144,6 +144,7 @@ def read_process_facts(proc: psutil.Process, command_limit: int = COMMAND_LIMIT)
         command_length=length,
         ppid=_ppid(proc),
         args=cut_arguments(args, command_limit),
+        args_count=len(args) if args else None,
     )
 
 
@@ -220,6 +221,7 @@ def read_linux_process_facts(
         command_length=length,
         ppid=_ppid(proc),
         args=cut_arguments(args, command_limit),
+        args_count=len(args) if args else None,
     )
 
 

@@ -61,6 +61,7 @@ def fact_fields(facts: ProcessFacts) -> dict[str, Any]:
         "parent": facts.parent,
         "args": facts.args,
         "started": facts.started,
+        "args_count": facts.args_count,
     }
 
 

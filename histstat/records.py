@@ -45,6 +45,7 @@ class ProcessFacts(NamedTuple):
     parent: str | None = None  # the parent's name
     args: tuple[str, ...] | None = None  # the arguments: " ".join(args) == command
     started: datetime.datetime | None = None  # local time, with its UTC offset
+    args_count: int | None = None  # the arguments, however many ``args`` kept
 
 
 UNKNOWN_PROCESS = ProcessFacts()
@@ -95,6 +96,7 @@ class Row(NamedTuple):
     parent: str | None = None  # the parent's name
     args: tuple[str, ...] | None = None  # argv, so quoting survives
     started: datetime.datetime | None = None  # the process's start time
+    args_count: int | None = None  # argc: the arguments, however many ``args`` kept
 
 
 def sort_key(conn: Connection) -> tuple[str, str, int, str, int, str, int]:

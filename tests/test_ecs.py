@@ -33,7 +33,7 @@ CLIENT_END = {"ip": "127.0.0.1", "port": 50000}
 def full_row(**changes):
     """The sample row with every fact histstat can know of it."""
     return sample_row(
-        ppid=1, parent="systemd", args=("python3", "-m", "http.server", "8000"),
+        ppid=1, parent="systemd", args=("python3", "-m", "http.server", "8000"), args_count=4,
         started=STARTED, md5="a" * 32, sha256="b" * 64, direction="in",
         attribution="socket", rhost="client.example", country="DE", asn=64496,
         as_org="Example AS", owners=(ProcessRef(4242, "python3"), ProcessRef(4243, None)),
@@ -202,6 +202,11 @@ def test_bytes_are_left_out_where_unknown():
     assert "bytes" not in doc["network"]
     one_side = document(full_row(event="update", bytes_sent=3))
     assert one_side["destination"]["bytes"] == 3 and "bytes" not in one_side["network"]
+
+
+def test_args_count_is_the_processs_not_what_the_command_limit_kept():
+    cut = ("python3", "-m...[+20 chars]")  # --command-limit kept two of four arguments
+    assert document(full_row(args=cut))["process"]["args_count"] == 4
 
 
 def test_process_user_host_agent_related_and_histstat_facts():

@@ -314,6 +314,7 @@ def test_facts_carry_arguments_cut_like_the_command():
     facts = cut.lookup(FAKE_PID)
     assert facts.args == ("x" * 6, "y y" + COMMAND_MARKER.format(removed=91))
     assert " ".join(facts.args) == facts.command
+    assert facts.args_count == 3  # the process's argc, not what the limit kept
     whole = ProcessCache(process=factory(proc), read=read_process_facts, command_limit=0)
     assert whole.lookup(FAKE_PID).args == tuple(proc.cmdline())
     unknown = FakeProcess(FAKE_PID, fail={"cmdline": psutil.AccessDenied(FAKE_PID)})

@@ -109,7 +109,8 @@ def _process(row: Row) -> dict[str, Any]:
         "executable": row.exe,
         "command_line": row.command,
         "args": None if row.args is None else list(row.args),
-        "args_count": None if row.args is None else len(row.args),
+        # argc, however many arguments --command-limit (or --syslog-size) kept
+        "args_count": row.args_count,
         "start": iso_time(row.started),
         "parent": {"pid": row.ppid, "name": row.parent},
         "hash": {"md5": row.md5, "sha256": row.sha256},
