@@ -155,6 +155,7 @@ def test_ecs_documents_of_a_child_of_a_known_parent(family, run_histstat, geoip_
     assert kin.tell("close") == [b"closed"]
     lifetime = time.monotonic() - connected
     ecs.wait_for_rows(lambda doc: of_child(doc, kin.child_pid, "connection-close"), 2)
+    js.wait_for_rows(lambda row: row["event"] == "close" and row["pid"] == kin.child_pid, 2)
     child = psutil.Process(kin.child_pid)
     created, exe_hashes = child.create_time(), file_hashes(f"/proc/{kin.child_pid}/exe")
     try:
