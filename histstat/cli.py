@@ -383,6 +383,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
         )
     if args.skip_existing and args.once:
         parser.error("--skip-existing leaves out all that --once would show: use one of them")
+    for option, given in (("--transitions", args.transitions), ("--update", args.update)):
+        if given and args.once:
+            parser.error(f"{option} shows what changes between polls, and --once polls once")
     if args.fields and args.ecs:
         parser.error("-f/--fields does not apply to --ecs: its documents have ECS's shape")
     chosen = (("json", args.json), ("pretty", args.prettify), ("csv", args.csv),

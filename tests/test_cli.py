@@ -117,6 +117,8 @@ USAGE_ERRORS = [
     (["--geoip", ""], ("--geoip",), ()),
     (["--once", "--skip-existing"], ("--skip-existing", "--once"), ()),
     (["--skip-existing", "-j", "--once"], ("--skip-existing", "--once"), ()),
+    (["--once", "--transitions"], ("--transitions", "--once"), ()),
+    (["--update", "5", "--once"], ("--update", "--once"), ()),
 ]
 
 
