@@ -163,6 +163,15 @@ def test_a_missing_socket_is_refused_in_one_line(tmp_path):
     )
 
 
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_a_path_that_is_no_socket_is_refused_as_such(tmp_path, kind):
+    path = tmp_path / kind
+    path.mkdir() if kind == "directory" else path.write_bytes(b"")
+    with pytest.raises(SinkError) as refused:
+        SyslogSink(str(path), "user", 8192, print).check()
+    assert str(refused.value) == f"cannot send to syslog socket '{path}': not a socket"
+
+
 def test_a_stream_socket_is_refused_with_the_reason(tmp_path):
     path = str(tmp_path / "stream.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import socket
+import stat
 import time
 from typing import Callable
 
@@ -165,6 +166,13 @@ class MessageFitter:
         return best
 
 
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 class SyslogSink:
     """Rows to the local syslog socket (``/dev/log``, or another path), one Unix
     datagram each: ``<PRI>Mmm dd hh:mm:ss histstat[PID]: MESSAGE``, as syslog(3) sends
@@ -228,7 +236,9 @@ class SyslogSink:
                 "datagrams, as journald, rsyslog (imuxsock) and syslog-ng (unix-dgram) take"
             )
         reason = exc.strerror or str(exc)
-        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+        if exc.errno == errno.ECONNREFUSED and not _is_socket(self.path):
+            reason = "not a socket"  # connect(2) says only "refused" to a file or directory
+        elif exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
             reason += " (is a syslog daemon running?)"
         return SinkError(f"cannot send to {self._what}: {reason}")
 
