@@ -336,9 +336,24 @@ def test_stale_instance_of_a_killed_process_is_removed_at_next_start(tracefs_roo
         end_child(killed)
         killed.stdout.close()
         end_child(sleeper)
-        for leftover in [stale, *others]:
-            if os.path.isdir(leftover):
-                os.rmdir(leftover)
+        remove_instances([stale, *others])
+
+
+def remove_instances(paths) -> None:
+    """Remove every instance left, each on its own: one that refuses for a moment (the
+    kernel says ENODEV or EBUSY while a dying reader lets go) never keeps the others."""
+
+    def gone() -> bool:
+        for path in paths:
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+        return not any(os.path.isdir(path) for path in paths)
+
+    wait_for(gone, describe=lambda: [path for path in paths if os.path.isdir(path)])
 
 
 # The mounting child: in its own mount namespace, unmounts tracefs if it is visible at
