@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
@@ -149,6 +150,11 @@ def _order(change: Change) -> tuple[Any, ...]:
     )
 
 
+def _by_end(change: Change) -> tuple[Any, ...]:
+    end = change.story.end_time
+    return (-math.inf if end is None else end, *_order(change))
+
+
 class Poll(NamedTuple):
     """What one poll changed, in order, and how many ends it inferred after the kernel
     said it had dropped end events (None: it said nothing of the kind)."""
@@ -282,7 +288,7 @@ class ConnectionTracker:
         self._current = snapshot
         # A stable order, whatever the snapshot's; a story's own changes keep theirs.
         changes.sort(key=_order)
-        closes.sort(key=_order)
+        closes.sort(key=_by_end)  # as the ends came, each story's changes together
         after.sort(key=_order)
         return Poll(changes + closes + after, inferred)
 

@@ -160,6 +160,19 @@ def test_an_end_that_left_nothing_in_the_table_counted_the_peers_fin(left, arriv
     assert payload_bytes(story, story.end_counters, opened_here=False) == expected
 
 
+def test_the_ends_of_one_poll_come_in_the_order_the_kernel_sent_them():
+    tracker = ConnectionTracker()
+    first = ESTABLISHED._replace(cookie=5)
+    second = ESTABLISHED._replace(rport=40000, cookie=6)  # sorts before the first
+    tracker.update(frozenset({first, second}), now=0.0, watches_ends=True, wall=100.0)
+    ends = [
+        End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 5, 100.2, None),
+        End("tcp", "127.0.0.1", 8000, "127.0.0.1", 40000, 6, 100.7, None),
+    ]
+    poll = tracker.update(frozenset(), now=1.0, ends=Ends(ends), watches_ends=True, wall=101.0)
+    assert [change.conn.rport for change in poll.changes] == [50000, 40000]
+
+
 def test_an_end_for_a_connection_no_poll_saw_opens_and_closes_it_once():
     tracker = ConnectionTracker()
     end = End("tcp", "127.0.0.1", 50001, "127.0.0.1", 8000, 11, 99.9, TcpCounters(2, 0, 0, 0))
