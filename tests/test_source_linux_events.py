@@ -22,7 +22,7 @@ from histstat.sources import destroy  # noqa: E402
 from histstat.sources.base import End  # noqa: E402
 from histstat.sources.destroy import DestroyWatcher  # noqa: E402
 from histstat.sources.linux import LinuxSource  # noqa: E402
-from histstat.sources.sock_diag import parse_destroys, tcp_counters  # noqa: E402
+from histstat.sources.sock_diag import SockDiag, parse_destroys, tcp_counters  # noqa: E402
 
 SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 CLIENT_BYTES, SERVER_BYTES = 5000, 7000
@@ -552,3 +552,23 @@ def test_malformed_or_short_destroy_messages_are_skipped_without_error():
         for _ in range(randomly.randint(1, 8)):
             data[randomly.randrange(len(data))] = randomly.randrange(256)
         parse_destroys(data, randomly.randint(0, len(data)), 0.0)
+
+
+def test_a_tcp_table_is_dumped_connections_first_then_listeners(monkeypatch):
+    """A listener made while one request walked the listening sockets would be missing
+    beside the connection it accepted a moment later: its listeners come after."""
+    asked = []
+
+    def recorded(self, sock, proto, family, protocol, states, endpoints, counters, mask):
+        asked.append((proto, mask))
+        return []
+
+    monkeypatch.setattr(SockDiag, "_dump", recorded)
+    diag = SockDiag()
+    try:
+        diag.dump("tcp", socket.AF_INET, socket.IPPROTO_TCP, {1: "ESTABLISHED"}, {})
+        diag.dump("udp", socket.AF_INET, socket.IPPROTO_UDP, {}, {})
+    finally:
+        diag.close()
+    listen = 1 << 10
+    assert asked == [("tcp", 0xFFE & ~listen), ("tcp", listen), ("udp", 0xFFE)]

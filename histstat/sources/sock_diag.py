@@ -43,6 +43,12 @@ _COOKIE_SWAPPED = sys.byteorder != "little"
 # (as /proc/net/tcp shows them), and leaving out BOUND_INACTIVE (13) keeps bound but
 # unconnected sockets out, which /proc/net/tcp does not show either.
 _ALL_STATES = 0xFFE
+# A TCP table is dumped in two requests, its connections, then its listeners: one
+# request walks the listening sockets first, so a listener made while the walk went on
+# could be missing beside a connection it accepted a moment later, which would then
+# read as "out". Each request walks only its own hash table, so two cost what one did.
+_LISTEN = 1 << 10
+_TCP_MASKS = (_ALL_STATES & ~_LISTEN, _LISTEN)
 _RECEIVE_SIZE = 1 << 16  # the kernel sends at most 32 KiB per datagram
 _DUMP_TIMEOUT = 5.0  # seconds
 
@@ -178,8 +184,13 @@ class SockDiag:
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
             # The kernel always ends a dump; the timeout only bounds the unforeseen.
             self._sock.settimeout(_DUMP_TIMEOUT)
+        masks = _TCP_MASKS if protocol == socket.IPPROTO_TCP else (_ALL_STATES,)
         try:
-            rows = self._dump(self._sock, proto, family, protocol, states, endpoints, counters)
+            rows = []
+            for mask in masks:
+                rows += self._dump(
+                    self._sock, proto, family, protocol, states, endpoints, counters, mask
+                )
         except BaseException:
             # A dump cut short leaves its remaining messages queued on the socket.
             self.close()
@@ -197,11 +208,12 @@ class SockDiag:
         states: dict[int, str],
         endpoints: dict[bytes, Endpoints | None],
         counters: bool,
+        mask: int,
     ) -> list[DiagRow]:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         seq = self._seq
-        info = counters and protocol == socket.IPPROTO_TCP
-        request = _DIAG_REQUEST.pack(family, protocol, _EXT_INFO if info else 0, 0, _ALL_STATES)
+        info = counters and protocol == socket.IPPROTO_TCP and mask != _LISTEN
+        request = _DIAG_REQUEST.pack(family, protocol, _EXT_INFO if info else 0, 0, mask)
         header = NLMSG_HEADER.pack(
             NLMSG_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0
         )
