@@ -11,10 +11,10 @@ import csv
 import io
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from typing import NamedTuple
 
 import pytest
@@ -29,10 +29,8 @@ UTF8_ENV = locale_env("C.UTF-8")
 INTERVAL = ("-i", "0.1")
 ATTACKER_PAIRS = 30
 # Peak memory histstat may use for one poll of the attacker's 61 rows. Before the command
-# line was cut, it took 350 MiB; a histstat that shows nothing takes about 25 MiB, and
-# one that shows these rows 38 MiB alone. In full runs of the suite two peaks of 130 and
-# 137 MiB were seen, cause not yet found: the bound catches the uncut 350, not those.
-MEMORY_BOUND = 192 << 20
+# line was cut, it took 350 MiB; a histstat that shows nothing takes about 25 MiB.
+MEMORY_BOUND = 128 << 20
 # The csv module refuses fields over 128 KiB by default; a command line may be longer.
 csv.field_size_limit(1 << 30)
 
@@ -54,33 +52,50 @@ class Measured(NamedTuple):
     peak_rss: int  # bytes
 
 
+# Runs the command as a child of its own and writes "exit code, peak RSS in KiB" to a
+# file. A process's ru_maxrss keeps the high-water mark of the memory image it replaced
+# at exec, and subprocess forks (vforks) from pytest, whose own peak grows test by test:
+# measured straight from pytest, histstat's peak read as pytest's (130, 208 MiB late in a
+# full run). Forked from this small interpreter instead, it starts from a few MiB.
+MEASURER = """
+import os, sys
+report, argv = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as out:
+    out.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
 def run_measured(args, tmp_path, timeout: float = 60.0) -> Measured:
     """Run histstat to its end with its output in files; its peak memory from the kernel."""
     out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    report = tmp_path / "measured"
+    command = [histstat_command(), *map(str, args)]
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(
-            [histstat_command(), *map(str, args)],
+            [sys.executable, "-c", MEASURER, str(report), *command],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
             env=UTF8_ENV,
+            start_new_session=True,  # histstat with it, should it have to be killed
         )
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            os.wait4(proc.pid, 0)
-            pytest.fail(f"histstat {args} did not end within {timeout:g} s")
-        time.sleep(0.02)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, for its rusage
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"histstat {args} did not end within {timeout:g} s")
+    returncode, peak_kib = map(int, report.read_text().split())
+    proc.returncode = returncode
     return Measured(
-        proc.returncode,
+        returncode,
         out_path.read_bytes(),
         err_path.read_text(errors="replace"),
-        usage.ru_maxrss * 1024,  # KiB on Linux
+        peak_kib * 1024,  # KiB on Linux
     )
 
 
