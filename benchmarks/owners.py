@@ -14,7 +14,8 @@ in the same run, as process CPU time per poll:
 * ``SocketOwners.owners`` of this checkout (every holder), with its clock moved by the
   interval at each poll, so each poll does the sweep's share of an ``-i`` run;
 * the same class as it was at ``--reference`` (one owner per socket, a git commit of this
-  repository; default: the commit before every-owner work), the ratio's reference;
+  repository; default: the commit before every-owner work), the ratio's reference, on
+  the same moved clock when it has one (a later commit's, with a sweep);
 * reading every process's descriptors at every poll (what psutil does), for scale;
 * the Linux source's whole snapshot (table dump and owners);
 
@@ -102,6 +103,24 @@ class SteppedOwners(SocketOwners):
         return super().socket_inodes(pid)
 
 
+def stepped(owners_class: type, interval: float) -> type:
+    """``owners_class`` on a clock that each poll moves by ``interval``, when it has a
+    clock (a reference with a sweep; the one-owner lookup has none)."""
+    if not hasattr(owners_class, "now"):
+        return owners_class
+
+    class Stepped(owners_class):  # type: ignore[valid-type,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.clock = 0.0
+
+        def now(self) -> float:
+            self.clock += interval
+            return self.clock
+
+    return Stepped
+
+
 class EveryProcessEveryPoll(SocketOwners):
     """Reads every process's descriptors at every poll: the cost of not being incremental."""
 
@@ -173,6 +192,8 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--reference", default=REFERENCE, help="git commit to compare with")
     args = parser.parse_args(argv)
     reference = reference_class(args.reference)
+    if reference is not None:
+        reference = stepped(reference, args.interval)
     children = Children()
     shared = socket.socket()
     pipe_read, pipe_write = os.pipe()

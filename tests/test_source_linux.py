@@ -118,13 +118,13 @@ class FakeProc:
         (root / "net").mkdir()
         self.set_table([])
 
-    def process(self, pid: int, start: int, fds: dict, state: str = "S") -> None:
-        """(Re)create process ``pid``; ``fds`` maps fd numbers to link targets, an int
-        meaning that socket inode."""
+    def process(self, pid: int, start: int, fds: dict, state: str = "S", ppid: int = 0) -> None:
+        """(Re)create process ``pid``, child of ``ppid``; ``fds`` maps fd numbers to link
+        targets, an int meaning that socket inode."""
         self.remove(pid)
         base = self.root / str(pid)
         (base / "fd").mkdir(parents=True)
-        later = " ".join([state] + ["0"] * 18 + [str(start)] + ["0"] * 30)
+        later = " ".join([state, str(ppid)] + ["0"] * 17 + [str(start)] + ["0"] * 30)
         (base / "stat").write_text(f"{pid} (a (weird) name) {later}\n")
         for fd, target in fds.items():
             link = f"socket:[{target}]" if isinstance(target, int) else target
@@ -240,6 +240,39 @@ def test_a_process_forked_after_the_first_sight_is_found_at_the_next_poll(fake_p
     assert owners.scanned == [150]
     assert owners.scan({1001, 1501}) == {1001: (100,), 1501: (150,)}
     assert owners.scanned == []
+
+
+def test_a_new_socket_first_found_in_new_children_is_found_in_their_parent_too(fake_proc):
+    fake_proc.process(1, start=1, fds={3: 101})
+    fake_proc.process(100, start=10, fds={0: "/dev/null"}, ppid=1)  # bash, read long ago
+    owners = CountingOwners(fake_proc.root)
+    assert owners.scan({101}) == {101: (1,)}
+    assert owners.scan({101}) == {101: (1,)}
+    # bash opens 5001 and forks two sleeps that share it: new processes, read first.
+    fake_proc.process(100, start=10, fds={3: 5001}, ppid=1)
+    fake_proc.process(200, start=20, fds={3: 5001}, ppid=100)
+    fake_proc.process(201, start=21, fds={3: 5001}, ppid=100)
+    assert owners.scan({101, 5001}) == {101: (1,), 5001: (100, 200, 201)}
+    # Up from the first sleep while each parent holds it (pid 1 does not: the climb
+    # stops there); the second sleep's parent was read already.
+    assert owners.scanned == [201, 100, 1, 200]
+    # A known socket in a new child reads no parent.
+    fake_proc.process(202, start=22, fds={3: 5001}, ppid=100)
+    assert owners.scan({101, 5001}) == {101: (1,), 5001: (100, 200, 201, 202)}
+    assert owners.scanned == [202, 201, 200]  # 201 and 200: read a second time
+
+
+def test_the_climb_through_parents_is_bounded(fake_proc):
+    chain = range(100, 100 + SocketOwners.ANCESTORS + 3)
+    for pid in chain:
+        fake_proc.process(pid, start=pid, fds={3: 5001}, ppid=pid - 1)
+    owners = CountingOwners(fake_proc.root)
+    assert owners.scan(set()) == {}
+    newest = chain[-1] + 1
+    fake_proc.process(newest, start=newest, fds={3: 5001}, ppid=newest - 1)
+    climbed = list(range(newest - 1, newest - 1 - SocketOwners.ANCESTORS, -1))
+    assert owners.scan({5001}) == {5001: tuple(sorted(climbed)) + (newest,)}
+    assert owners.scanned == [newest, *climbed]  # the oldest are left to the sweep
 
 
 def test_the_sweep_finds_a_passed_socket_and_a_closed_copy_within_a_pass(fake_proc):

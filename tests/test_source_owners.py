@@ -101,6 +101,35 @@ def test_the_reverse_shell_lists_bash_and_both_sleeps_with_bash_first(reverse_sh
     assert ss_pids(client_port, port) == holders
 
 
+def test_a_reverse_shell_that_connects_while_watched_lists_bash_first_at_first_sight(
+    listener, live_source
+):
+    # bash is an old process by the time it connects (read at two snapshots before), its
+    # two sleeps are new ones, read first: bash must still be found in the same snapshot.
+    port = listener.getsockname()[1]
+    script = f"read -r; exec 3<>/dev/tcp/127.0.0.1/{port}; sleep 15 <&3 & sleep 15"
+    shell = subprocess.Popen(["bash", "-c", script], stdin=subprocess.PIPE, start_new_session=True)
+    try:
+        source = live_source()
+        for _ in range(3):
+            assert all(shell.pid not in conn.owners for conn in source.snapshot())
+        shell.stdin.write(b"go\n")
+        shell.stdin.close()
+        accepted, (_, client_port) = listener.accept()
+        with accepted:
+            sleeps = [child.pid for child in children_of(shell.pid, 2)]
+            holders = {shell.pid, *sleeps}
+            # Both sleeps hold the socket (forked after the connect) before the snapshot.
+            wait_for(lambda: ss_pids(client_port, port) == holders)
+            conn = the_connection(source, client_port, port)
+            assert conn is not None
+            assert conn.owners == started_order(holders)
+            assert conn.owners[0] == conn.pid == shell.pid
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait(END_TIMEOUT)
+
+
 def test_a_holder_that_exits_leaves_owners_at_the_next_snapshot(reverse_shell, live_source):
     shell, client_port, port = reverse_shell
     sleeps = [child.pid for child in children_of(shell.pid, 2)]

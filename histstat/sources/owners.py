@@ -9,10 +9,11 @@ from collections.abc import Iterable, Iterator
 from histstat.shortage import note_shortage
 
 
-def _start_time(proc: str, pid: int) -> int | None:
+def _process_stat(proc: str, pid: int) -> tuple[int, int] | None:
     """The process's start time in clock ticks since boot (/proc/PID/stat field 22),
-    which tells a process from a later one given the same pid; None when it is gone or
-    a zombie (an exited process its parent has not reaped holds no descriptor)."""
+    which tells a process from a later one given the same pid, and its parent's pid
+    (field 4); None when it is gone or a zombie (an exited process its parent has not
+    reaped holds no descriptor)."""
     try:
         # os.open and one read: this runs for every owning process every poll, and a
         # file object costs twice as much.
@@ -24,7 +25,7 @@ def _start_time(proc: str, pid: int) -> int | None:
         # The command name (field 2) may hold spaces and parentheses; fields after its
         # closing parenthesis start at field 3.
         fields = data[data.rindex(b")") + 2 :].split(None, 20)
-        return None if fields[0] in (b"Z", b"X") else int(fields[19])
+        return None if fields[0] in (b"Z", b"X") else (int(fields[19]), int(fields[1]))
     except OSError as exc:
         note_shortage(exc)  # no descriptor left: the process looks gone
         return None
@@ -46,8 +47,11 @@ class SocketOwners:
     - the descriptors of each process that appeared since the previous poll, at that
       poll and the next (a child inherits sockets at fork and may close them at exec);
     - for sockets that no known holder has: the processes that lately got new sockets,
-      then every process from the newest pid down, stopping once each has a holder (its
-      creator, usually; others that existed before it are left to the sweep);
+      then every process from the newest pid down, stopping once each has a holder;
+    - the parent of a process first found holding a socket, and up while each parent
+      holds it (at most ``ANCESTORS``): new processes are read first, and a child shares
+      its parent's descriptors, so the parent that opened the socket is found with it
+      (other holders that existed before it are left to the sweep);
     - a slice of a sweep through every process, paced so that a whole pass takes about
       ``SWEEP_SECONDS`` whatever the interval: it finds holders that got a socket in
       another way (descriptor passing to a running process) and lets go of copies a
@@ -65,6 +69,7 @@ class SocketOwners:
     RECENT_OWNERS = 64
     UNOWNED_LIMIT = 1 << 16
     SWEEP_SECONDS = 10.0  # a pass of the sweep through every process
+    ANCESTORS = 8  # parents read up from the first holder found of a new socket
 
     def __init__(self, proc: str = "/proc") -> None:
         self.proc = proc
@@ -154,10 +159,18 @@ class SocketOwners:
             self._started.pop(pid, None)
         return got
 
-    def _scan(self, pid: int, current: set[int], scanned: set[int]) -> set[int] | None:
-        """Read which sockets of the table ``pid`` holds now and record them; the inodes
-        it got since it was last read, None when it was already read this poll or is
-        gone."""
+    def _scan(
+        self,
+        pid: int,
+        current: set[int],
+        scanned: set[int],
+        shared: set[int] | None = None,
+        depth: int = 0,
+    ) -> set[int] | None:
+        """Read which sockets of the table ``pid`` holds now and record them, then its
+        parent's, up while each holds a socket first found in it or its child (the
+        ``shared`` inodes of a child read first); the inodes ``pid`` got since it was
+        last read, None when it was already read this poll or is gone."""
         if pid in scanned:
             return None
         scanned.add(pid)
@@ -169,16 +182,24 @@ class SocketOwners:
             # Most processes hold none of the table's sockets: their start time is not
             # needed, and reading it would cost more than their descriptors did.
             return held
-        started = self.start_time(pid)
-        if started is None:
+        stat = self.process_stat(pid)
+        if stat is None:
             self._drop_pid(pid)
             return None
+        started, parent = stat
         if self._started.get(pid, started) != started:
             self._drop_pid(pid)  # the pid now belongs to another process
+        unheld = held.difference(self._holders)
         got = self._set_held(pid, started, held)
         if got:
             self._recent.pop(pid, None)
             self._recent[pid] = None
+        # A forked child shares its parent's descriptors, and new processes are read
+        # first: the parent that likely opened a socket first found in its child must be
+        # read now too, so that the snapshot that first shows the socket names it.
+        following = unheld if shared is None else unheld | (shared & held)
+        if following and depth < self.ANCESTORS and parent > 0:
+            self._scan(parent, current, scanned, following, depth + 1)
         return got
 
     def _scan_new_processes(self, listed: list[int], current: set[int], scanned: set[int]) -> None:
@@ -272,7 +293,12 @@ class SocketOwners:
         return time.monotonic()
 
     def start_time(self, pid: int) -> int | None:
-        return _start_time(self.proc, pid)
+        stat = _process_stat(self.proc, pid)
+        return None if stat is None else stat[0]
+
+    def process_stat(self, pid: int) -> tuple[int, int] | None:
+        """(start time, parent's pid); None when it is gone or a zombie."""
+        return _process_stat(self.proc, pid)
 
     def socket_inodes(self, pid: int) -> set[int] | None:
         """The inodes of the sockets among the process's descriptors; None when they
