@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
+from histstat.procfs import read_stat
 from histstat.shortage import note_shortage
 
 CLONE_NEWNET = 0x40000000  # linux/sched.h
@@ -32,22 +33,10 @@ class NamespaceGone(OSError):
 
 
 def process_start_time(pid: int | str, proc: str = "/proc") -> int | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22),
-    which tells a process from a later one given the same pid; None when it is gone."""
-    try:
-        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY)
-        try:
-            data = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        # The command name (field 2) may hold spaces and parentheses; the fields after
-        # its last closing parenthesis start at field 3.
-        return int(data[data.rindex(b")") + 2 :].split(None, 20)[19])
-    except OSError as exc:
-        note_shortage(exc)
-        return None
-    except (ValueError, IndexError):
-        return None
+    """The process's start time in clock ticks since boot, which tells a process from a
+    later one given the same pid; None when it is gone."""
+    stat = read_stat(pid, proc)
+    return None if stat is None else stat.start_time
 
 
 def namespace_inode(pid: int | str, proc: str = "/proc") -> int | None:

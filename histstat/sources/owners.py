@@ -6,31 +6,16 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 
+from histstat.procfs import read_stat
 from histstat.shortage import note_shortage
 
 
 def _process_stat(proc: str, pid: int) -> tuple[int, int] | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22),
-    which tells a process from a later one given the same pid, and its parent's pid
-    (field 4); None when it is gone or a zombie (an exited process its parent has not
-    reaped holds no descriptor)."""
-    try:
-        # os.open and one read: this runs for every owning process every poll, and a
-        # file object costs twice as much.
-        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY)
-        try:
-            data = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        # The command name (field 2) may hold spaces and parentheses; fields after its
-        # closing parenthesis start at field 3.
-        fields = data[data.rindex(b")") + 2 :].split(None, 20)
-        return None if fields[0] in (b"Z", b"X") else (int(fields[19]), int(fields[1]))
-    except OSError as exc:
-        note_shortage(exc)  # no descriptor left: the process looks gone
-        return None
-    except (ValueError, IndexError):
-        return None
+    """The process's start time (which tells a process from a later one given the same
+    pid) and its parent's pid; None when it is gone or a zombie (an exited process its
+    parent has not reaped holds no descriptor)."""
+    stat = read_stat(pid, proc)
+    return None if stat is None or stat.state in (b"Z", b"X") else (stat.start_time, stat.ppid)
 
 
 class SocketOwners:
