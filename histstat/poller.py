@@ -26,6 +26,7 @@ from histstat.sources.base import NO_ENDS
 from histstat.tracker import Change, ConnectionTracker, Story, payload_bytes
 
 if TYPE_CHECKING:  # optional stages, imported by the runner only when asked for
+    from histstat.connects import Connect, ConnectWatcher
     from histstat.geoip import GeoIP
     from histstat.resolve import ReverseResolver
     from histstat.sources import Source
@@ -82,10 +83,12 @@ class StoryRows:
     """What the poller keeps of one story: its owner, its open row once shown, and its
     direction; ``skipped`` (--skip-existing) stories never get a row."""
 
-    __slots__ = ("owner", "opened", "direction", "skipped")
+    __slots__ = ("owner", "opened", "direction", "skipped", "connect", "hashable")
 
     def __init__(self, skipped: bool) -> None:
         self.owner: Owner | None = None
+        self.connect: Connect | None = None  # the connect event its owner came from
+        self.hashable = True  # False: the owner's pid may be another process now
         self.opened: PendingRow | None = None
         self.direction: str | None = None  # decided with the open row
         self.skipped = skipped
@@ -124,8 +127,10 @@ class Poller:
         transitions: bool = False,
         update: float | None = None,
         notice: Callable[[str], None] | None = None,
+        connects: ConnectWatcher | None = None,
     ) -> None:
         self._source = source
+        self._connects = connects
         self._tracker = tracker
         self._processes = processes
         self._filter = row_filter or RowFilter()
@@ -149,7 +154,8 @@ class Poller:
         # Asked after the snapshot: the Linux source joins the end events at its first.
         watches = self._source.watches_ends()
         ends = self._source.ends() if watches else NO_ENDS
-        result = self._tracker.update(snapshot, now, ends, watches, seen.timestamp())
+        failed = self._connects.take_failed() if self._connects is not None else ()
+        result = self._tracker.update(snapshot, now, ends, watches, seen.timestamp(), failed)
         first = not self._polled
         self._polled = True
         # Listeners first, so that a connection accepted in the same poll reads "in".
@@ -172,6 +178,14 @@ class Poller:
                 f"{count} {'end was' if count == 1 else 'ends were'} inferred from the socket "
                 "table, at the poll's time and without bytes"
             )
+        if self._connects is not None and self._notice is not None:
+            lost = self._connects.lost_since_told()
+            if lost:
+                self._notice(
+                    f"the kernel's trace buffer overran: {lost} connect "
+                    f"{'event was' if lost == 1 else 'events were'} lost, and the "
+                    "connections they told of may go unattributed"
+                )
         self._listeners.forget_expired(now)
         # A story keeps its owner's facts itself: the cache needs only the live owners.
         self._processes.retain(self._tracker.live_pids())
@@ -215,6 +229,32 @@ class Poller:
             return conn._replace(pid=rows.owner.pid, owners=rows.owner.owners)
         return conn
 
+    @staticmethod
+    def _attribution(conn: Connection, rows: StoryRows) -> str:
+        """How the row's process was found (docs/story.md)."""
+        if conn.pid is not None:
+            return "socket"
+        return "connect" if rows.connect is not None else "earlier"
+
+    def _owner_from_connect(self, story: Story, rows: StoryRows) -> None:
+        """The process the kernel's connect event gave, for a story no poll saw owned:
+        its facts from the cache while that process (pid and start time) lives, else as
+        read at the connect; a process gone by then keeps its pid and name alone."""
+        assert self._connects is not None
+        connect = story.connect or self._connects.connect_of(story.key[:5])
+        if connect is None or connect.process is None:
+            return
+        process = connect.process
+        facts = process.facts
+        alive = process.created is not None and self._processes.created(process.pid) == (
+            process.created
+        )
+        if alive:
+            facts = self._processes.lookup(process.pid)
+        rows.connect = connect
+        rows.hashable = alive
+        rows.owner = Owner(process.pid, facts, None, connect.time, (process.pid,))
+
     def _owner_facts(self, owner: Owner) -> Owner | None:
         """The owner with its facts read; None when its pid is another process now."""
         if owner.facts is not None:
@@ -246,6 +286,8 @@ class Poller:
     def _open_row(self, story: Story, conn: Connection, seen: datetime.datetime, now: float):
         """The story's open row, the first time it passes the filters; None until then."""
         rows: StoryRows = story.rows
+        if rows.owner is None and conn.pid is None and self._connects is not None:
+            self._owner_from_connect(story, rows)
         shown = self._with_owner(conn, rows)
         if not self._filter.keeps_connection(shown):
             return None  # decided on socket fields: no process lookup spent on it
@@ -262,11 +304,13 @@ class Poller:
         facts = owner.facts if owner is not None and owner.facts is not None else UNKNOWN_PROCESS
         if not self._filter.keeps_process(facts):
             return None
-        if owner is not None and owner.hashes is None:  # asked only for rows kept
+        if owner is not None and owner.hashes is None and rows.hashable:  # only rows kept
             owner = rows.owner = owner._replace(hashes=self._processes.hashes(owner.pid, facts))
         attribution = None
         if owner is not None:
-            attribution = "socket" if conn.pid is not None else "earlier"
+            attribution = self._attribution(conn, rows)
+        if rows.connect is not None:  # when it happened, not when a poll saw it
+            seen = _wall_time(rows.connect.time)
         if facts.user is None and attribution != "earlier":  # the socket's own owner uid
             facts = facts._replace(user=self._socket_user(conn))
         owners, count = self._owner_refs(owner) if owner is not None else (None, None)
@@ -322,7 +366,7 @@ class Poller:
                     fills = (*fills, Fill(found.hashes, _with_hashes, MAX_HASH_WAIT))
         attribution = None
         if row.pid is not None:
-            attribution = "socket" if conn.pid is not None else "earlier"
+            attribution = self._attribution(conn, rows)
         row = row._replace(
             event=event, status=conn.status, timestamp=seen, attribution=attribution, **more
         )

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from histstat.cli import parse_config
 from histstat.config import Config
+from histstat.connects import ConnectWatcher, connects_notice
 from histstat.enrich import ProcessCache
 from histstat.environment import Environment, reader_gone
 from histstat.geoip import GeoIP, GeoIPError
@@ -413,8 +414,12 @@ def run(config: Config, env: Environment) -> int:
             env.say(NOT_PRIVILEGED_NOTICE)  # netstat's own words, without our prefix
         hasher = ExecutableHasher() if config.hashes else None
         resolver = ReverseResolver() if config.resolve else None
-        source = make_source(config.source, config.row_filter.protos)
+        events = config.kernel_events != "off"
+        source = make_source(config.source, config.row_filter.protos, watch_ends=events)
+        connects = None
         try:
+            if events and config.source == "linux":
+                connects = _connect_watcher(config, env)
             poller = Poller(
                 source,
                 ConnectionTracker(),
@@ -427,6 +432,7 @@ def run(config: Config, env: Environment) -> int:
                 transitions=config.transitions,
                 update=config.update,
                 notice=env.notice,
+                connects=connects,
             )
             loop = PollLoop(config, env, poller, writer, opened, stdout, signals)
             try:
@@ -442,7 +448,11 @@ def run(config: Config, env: Environment) -> int:
                 stdout_ends.stop()
             _write_the_rest(writer, signals)
         finally:
-            source.close()
+            try:
+                if connects is not None:
+                    _close_connects(connects, env)
+            finally:
+                source.close()
     except ReaderGone:
         assert writer is not None and stdout is not None
         stdout.discard()
@@ -453,6 +463,9 @@ def run(config: Config, env: Environment) -> int:
             return ExitStatus.RUNTIME_ERROR
     except (SinkError, GeoIPError) as exc:
         env.notice(str(exc))
+        return ExitStatus.RUNTIME_ERROR
+    except ConnectsUnavailable as exc:
+        env.notice(f"--kernel-events on: no kernel connect events: {exc}")
         return ExitStatus.RUNTIME_ERROR
     except SourceAccessDenied:
         env.notice("the system refused to list connections; run as root (sudo histstat)")
@@ -468,6 +481,49 @@ def run(config: Config, env: Environment) -> int:
                 pass
         signals.restore()
     return ExitStatus.OK
+
+
+class ConnectsUnavailable(Exception):
+    """--kernel-events on, and connect events cannot be had: the message says why."""
+
+
+def _connect_watcher(config: Config, env: Environment) -> ConnectWatcher | None:
+    """The connect events' reader thread, or None (after a notice under auto) when this
+    run cannot have them; raises ConnectsUnavailable under --kernel-events on."""
+    from histstat.connects import ConnectWatcher
+    from histstat.sources.tracefs import ConnectEventReader, TracefsUnavailable, locate_tracefs
+
+    try:
+        if not is_privileged():
+            raise TracefsUnavailable("they need root")
+        reader = ConnectEventReader(locate_tracefs().root)
+    except TracefsUnavailable as exc:
+        if config.kernel_events == "on":
+            raise ConnectsUnavailable(str(exc)) from exc
+        env.notice(connects_notice(str(exc)))
+        return None
+    for name, reason in reader.stale_failed:
+        env.notice(f"cannot remove the stale tracefs instance {name}: {reason}")
+    try:
+        return ConnectWatcher(reader, command_limit=config.command_limit)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def _close_connects(connects: ConnectWatcher, env: Environment) -> None:
+    """Stop the connect events, remove the tracefs instance, and say what went wrong."""
+    problem = connects.close()
+    if problem is not None:
+        env.notice(problem)
+    if connects.thread_error is not None:
+        env.notice(f"kernel connect events stopped early: {connects.thread_error}")
+    if connects.ambiguous:
+        count = connects.ambiguous
+        env.notice(
+            f"{count} {'connect was' if count == 1 else 'connects were'} left unattributed: "
+            "another process connected to the same destination at the same moment"
+        )
 
 
 def _writing_order(outputs: list[Output], stdout: StdoutSink | None) -> list[Output]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from histstat.records import Connection, TcpCounters, sort_key
@@ -57,7 +58,7 @@ class Story:
     __slots__ = (
         "key", "cookie", "conn", "first_seen", "from_start", "peer_fin_seen", "our_fin_seen",
         "ended", "end_time", "end_wall", "exact_end", "end_counters", "last_conn",
-        "pending_end", "rows", "held",
+        "pending_end", "rows", "held", "connect",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, now: float, from_start: bool) -> None:
@@ -78,6 +79,7 @@ class Story:
         self.pending_end: float | None = None  # seen in an end state, its event awaited
         self.rows: Any = None  # the poller's: what it showed of the story
         self.held = 0  # records of the latest snapshot that are this socket
+        self.connect: Any = None  # the failed connect (histstat.connects) it tells
 
     @property
     def last_status(self) -> str | None:
@@ -179,10 +181,13 @@ class ConnectionTracker:
         ends: Ends = NO_ENDS,
         watches_ends: bool = False,
         wall: float | None = None,
+        failed: Sequence[Any] = (),
     ) -> Poll:
         """The changes since the previous poll. ``now`` is the poll's monotonic time,
         ``wall`` its wall-clock time (to place end events, which carry it); ``ends``
-        what the source reported since the previous poll, taken after the snapshot.
+        what the source reported since the previous poll, taken after the snapshot;
+        ``failed`` the connects (histstat.connects.Connect) that failed since, each a
+        story that opened in SYN_SENT and ended, unless a poll saw it.
 
         Only the records that differ from the previous snapshot's cost Python work: the
         set differences run in C, as the table's unchanged majority needs no look."""
@@ -191,7 +196,7 @@ class ConnectionTracker:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return self._update(snapshot, now, ends, watches_ends, wall)
+            return self._update(snapshot, now, ends, watches_ends, wall, failed)
         finally:
             if collecting:
                 gc.enable()
@@ -203,6 +208,7 @@ class ConnectionTracker:
         ends: Ends,
         watches_ends: bool,
         wall: float | None,
+        failed: Sequence[Any] = (),
     ) -> Poll:
         if self._first_poll is None:
             self._first_poll = now
@@ -244,6 +250,8 @@ class ConnectionTracker:
         for story in gone:
             self._let_go(story)
             self._remember_ended(story, now)
+        for connect in failed:  # before the ends: a destroy event joins its story
+            self._connect_failed(connect, now, wall, changes, closes)
         for end in ends.ends:
             self._apply_end(end, now, wall, changes, closes)
         for story in gone:
@@ -392,6 +400,26 @@ class ConnectionTracker:
         story.end_wall = end.time
         story.end_counters = end.counters
         self._end(story, when, closes)
+
+    def _connect_failed(
+        self, connect: Any, now: float, wall: float, changes: list[Change], closes: list[Change]
+    ) -> None:
+        """A connect that failed (SYN_SENT→CLOSE): a story of its own, unless a poll
+        saw the socket (its end comes as any other's)."""
+        key = connect.key
+        if key in self._live or key in self._ended:
+            return
+        conn = Connection(
+            connect.proto, connect.laddr, connect.lport, connect.raddr, connect.rport,
+            "SYN_SENT", None,
+        )  # fmt: skip
+        story = Story(conn, now - max(0.0, wall - connect.time), False)
+        story.connect = connect
+        changes.append(Change("open", story, conn))
+        self._remember_ended(story, now)
+        story.exact_end = True
+        story.end_wall = connect.end_time
+        self._end(story, now - max(0.0, wall - connect.end_time), closes)
 
     def _remember_ended(self, story: Story, now: float) -> None:
         self._ended[story.key] = (now, story)
