@@ -14,7 +14,7 @@ import psutil
 from histstat.enrich import COMMAND_LIMIT, PROCESS_FACTS, start_time
 from histstat.records import ProcessFacts
 from histstat.sources.trace_lines import ConnectEvent
-from histstat.sources.tracefs import ConnectEventReader
+from histstat.sources.tracefs import ConnectEventReader, process_start_time
 
 # How long a whole connect is remembered for the poll to find its connection: longer
 # than any interval people use, and than TIME_WAIT, which keeps the 5-tuple from reuse.
@@ -85,15 +85,25 @@ def _status_tgid(tid: int) -> int | None:
     return None
 
 
-def read_connecting_process(event: ConnectEvent, command_limit: int = COMMAND_LIMIT) -> Process:
+def read_connecting_process(
+    event: ConnectEvent, command_limit: int = COMMAND_LIMIT, known: KnownProcesses | None = None
+) -> Process:
     """The process that ran a CLOSE→SYN_SENT, read from /proc now: the thread's own
     status says its process while it lives (the trace's tgid is a cache's hint, or
-    unknown); once it is gone, the trace's tgid (else the thread id) and name."""
+    unknown); once it is gone, the trace's tgid (else the thread id) and name. A process
+    in ``known`` (the same pid and start time) is not read again."""
     tgid = _status_tgid(event.tid)
     pid = tgid or event.tgid or event.tid
     gone = Process(pid, None, ProcessFacts(name=event.name))
     if tgid is None:
         return gone
+    ticks = process_start_time(pid)
+    if ticks is None:
+        return gone
+    if known is not None:
+        found = known.get(pid, ticks)
+        if found is not None:
+            return found
     try:
         proc = psutil.Process(pid)
         created = proc.create_time()
@@ -102,7 +112,31 @@ def read_connecting_process(event: ConnectEvent, command_limit: int = COMMAND_LI
     facts = PROCESS_FACTS(proc, command_limit)
     if facts.name is None:  # it exited while being read
         return gone
-    return Process(pid, created, facts._replace(started=start_time(created)))
+    process = Process(pid, created, facts._replace(started=start_time(created)))
+    if known is not None:
+        known.add(pid, ticks, process)
+    return process
+
+
+class KnownProcesses:
+    """The connecting processes read lately, by (pid, start time in clock ticks), so a
+    process connecting again and again is read from /proc once (the poll's ProcessCache
+    keeps facts the same way); at most ``limit``, the least recent dropped."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._limit = limit
+        self._processes: OrderedDict[tuple[int, int], Process] = OrderedDict()
+
+    def get(self, pid: int, ticks: int) -> Process | None:
+        process = self._processes.get((pid, ticks))
+        if process is not None:
+            self._processes.move_to_end((pid, ticks))
+        return process
+
+    def add(self, pid: int, ticks: int, process: Process) -> None:
+        self._processes[(pid, ticks)] = process
+        while len(self._processes) > self._limit:
+            self._processes.popitem(last=False)
 
 
 # How long after a process was read whole its facts stand in for it once it is gone:
@@ -276,13 +310,14 @@ class ConnectWatcher:
         self,
         reader: ConnectEventReader,
         command_limit: int = COMMAND_LIMIT,
-        read_process: Callable[[ConnectEvent, int], Process] = read_connecting_process,
+        read_process: Callable[..., Process] = read_connecting_process,
     ) -> None:
         self._reader = reader
         self._command_limit = command_limit
         self._read_process = read_process
         self._joiner = ConnectJoiner()
         self._recent = RecentProcesses()
+        self._known = KnownProcesses()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._lost = 0
@@ -313,7 +348,7 @@ class ConnectWatcher:
 
     def _handle(self, event: ConnectEvent) -> None:
         if event.oldstate == "CLOSE" and event.newstate == "SYN_SENT":
-            process = self._read_process(event, self._command_limit)
+            process = self._read_process(event, self._command_limit, self._known)
             process = self._recent.fill(process, event.time)
             with self._lock:
                 self._joiner.connected(event, process)
