@@ -83,12 +83,13 @@ class StoryRows:
     """What the poller keeps of one story: its owner, its open row once shown, and its
     direction; ``skipped`` (--skip-existing) stories never get a row."""
 
-    __slots__ = ("owner", "opened", "direction", "skipped", "connect", "hashable")
+    __slots__ = ("owner", "opened", "direction", "skipped", "connect", "hashable", "listener")
 
     def __init__(self, skipped: bool) -> None:
         self.owner: Owner | None = None
         self.connect: Connect | None = None  # the connect event its owner came from
         self.hashable = True  # False: the owner's pid may be another process now
+        self.listener = False  # its owner is the listener's it arrived on
         self.opened: PendingRow | None = None
         self.direction: str | None = None  # decided with the open row
         self.skipped = skipped
@@ -138,6 +139,8 @@ class Poller:
         self._resolver = resolver
         self._geoip = geoip
         self._listeners = ListenerMemory()
+        # An open listener's key → its story's rows, whose owner accepted sockets take.
+        self._listener_rows: dict[tuple[str, str, int], StoryRows] = {}
         self._skip_existing = skip_existing
         self._transitions = transitions
         self._update = update
@@ -196,11 +199,16 @@ class Poller:
         if change.kind == "open":
             story.rows = StoryRows(self._skip_existing and first)
         rows: StoryRows = story.rows
+        if change.kind == "open" and conn.status == "LISTEN":
+            self._listener_rows[ListenerMemory.key_of(conn)] = rows
         if conn.pid is not None and change.kind != "close":
             self._learn_owner(rows, conn)
         if change.kind == "close":
             if story.conn.status == "LISTEN":
                 self._listeners.closed(story.conn, now)
+                key = ListenerMemory.key_of(story.conn)
+                if self._listener_rows.get(key) is rows:
+                    del self._listener_rows[key]
             return self._close_row(story, seen) if self._closed else None
         if rows.skipped:
             return None
@@ -234,7 +242,19 @@ class Poller:
         """How the row's process was found (docs/story.md)."""
         if conn.pid is not None:
             return "socket"
-        return "connect" if rows.connect is not None else "earlier"
+        if rows.connect is not None:
+            return "connect"
+        return "listener" if rows.listener else "earlier"
+
+    def _owner_from_listener(self, conn: Connection, rows: StoryRows) -> None:
+        """An accepted connection no process was seen holding takes the owner of the
+        listener it arrived on (the process that would accept it)."""
+        key = self._listeners.listener_of(conn)
+        listener = self._listener_rows.get(key) if key is not None else None
+        if listener is None or listener.owner is None:
+            return
+        rows.owner = listener.owner._replace(owners=(listener.owner.pid,))
+        rows.listener = True
 
     def _owner_from_connect(self, story: Story, rows: StoryRows) -> None:
         """The process the kernel's connect event gave, for a story no poll saw owned:
@@ -288,6 +308,8 @@ class Poller:
         rows: StoryRows = story.rows
         if rows.owner is None and conn.pid is None and self._connects is not None:
             self._owner_from_connect(story, rows)
+        if rows.owner is None and conn.pid is None:
+            self._owner_from_listener(conn, rows)
         shown = self._with_owner(conn, rows)
         if not self._filter.keeps_connection(shown):
             return None  # decided on socket fields: no process lookup spent on it

@@ -157,6 +157,14 @@ def test_beacon_every_short_connection_is_attributed_with_its_command(tracefs_ro
                 assert row["attribution"] in ("connect", "socket"), row
             # At the default interval nearly none can be seen owned: the events did it.
             assert sum(rows[p]["attribution"] == "connect" for p in ports) >= BEACONS - 2
+            # The accepted ends: the listener's owner, which accepted them.
+            accepted = histstat.wait_for_rows(
+                lambda row: row["event"] == "open" and row["rport"] in ports, count=BEACONS
+            )
+            for row in accepted:
+                assert row["pid"] == child.pid, row
+                assert row["attribution"] in ("listener", "socket"), row
+            assert any(row["attribution"] == "listener" for row in accepted)
         finally:
             result = histstat.stop()
         assert_clean_end(result)
