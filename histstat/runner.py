@@ -394,9 +394,13 @@ def run(config: Config, env: Environment) -> int:
     stdout = None
     outputs: list[Output] = []
     writer: OrderedWriter | None = None
+    connects: ConnectWatcher | None = None
     try:
-        # Databases first: a bad one must leave no header, log or run behind.
+        # Databases first: a bad one must leave no header, log or run behind; nor must
+        # connect events that --kernel-events on cannot have.
         geoip = GeoIP(list(config.geoip)) if config.geoip else None
+        if config.kernel_events != "off" and config.source == "linux":
+            connects = _connect_watcher(config, env)
         outputs, stdout = build_outputs(config, env)
         stdout_ends = StdoutEnd(signals)
         if stdout is not None:
@@ -416,10 +420,7 @@ def run(config: Config, env: Environment) -> int:
         resolver = ReverseResolver() if config.resolve else None
         events = config.kernel_events != "off"
         source = make_source(config.source, config.row_filter.protos, watch_ends=events)
-        connects = None
         try:
-            if events and config.source == "linux":
-                connects = _connect_watcher(config, env)
             poller = Poller(
                 source,
                 ConnectionTracker(),
@@ -448,11 +449,7 @@ def run(config: Config, env: Environment) -> int:
                 stdout_ends.stop()
             _write_the_rest(writer, signals)
         finally:
-            try:
-                if connects is not None:
-                    _close_connects(connects, env)
-            finally:
-                source.close()
+            source.close()
     except ReaderGone:
         assert writer is not None and stdout is not None
         stdout.discard()
@@ -471,6 +468,8 @@ def run(config: Config, env: Environment) -> int:
         env.notice("the system refused to list connections; run as root (sudo histstat)")
         return ExitStatus.RUNTIME_ERROR
     finally:
+        if connects is not None:  # the tracefs instance goes at every end
+            _close_connects(connects, env)
         for stage in (hasher, resolver, geoip):
             if stage is not None:
                 stage.close()

@@ -292,6 +292,7 @@ def test_unusable_tracefs_under_on_exits_1_with_one_line(tmp_path):
     lines = result.stderr.decode(errors="replace").splitlines()
     assert len(lines) == 1 and lines[0].startswith("histstat: "), lines
     assert str(tmp_path) in lines[0]
+    assert result.stdout == b""  # not even a header: nothing ran blind
 
 
 def test_kernel_events_on_with_psutil_is_a_usage_error():
