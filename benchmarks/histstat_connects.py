@@ -11,7 +11,9 @@ installed:
 Workloads, on 127.0.0.1, each made by one client process with a listener of its own:
 * 200 connections, each held 50 ms, 20 ms apart;
 * a beacon: a 1 ms connection every 0.3 s.
-histstat runs at its default interval (-i 1), as `histstat -j --source linux --port P`.
+histstat runs at its default interval (-i 1), as `histstat -j --source linux --port P`,
+with --kernel-events auto; auto without connect events (HISTSTAT_TEST_TRACEFS at an empty
+directory: destroy events alone); and off.
 A connection counts as seen when an open row has its client port, and as attributed when
 that row's pid is the client's. CPU: histstat's user + system time over the wall time.
 """
@@ -24,6 +26,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -58,7 +61,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(events: str, count: int, hold: float, pause: float) -> dict:
+def measure(events: str, count: int, hold: float, pause: float, tracefs: str | None = None) -> dict:
     client = subprocess.Popen(
         [sys.executable, "-c", CLIENT, str(count), str(hold), str(pause)],
         stdin=subprocess.PIPE,
@@ -70,6 +73,7 @@ def measure(events: str, count: int, hold: float, pause: float) -> dict:
          "--port", port],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env={**os.environ, "HISTSTAT_TEST_TRACEFS": tracefs} if tracefs else None,
     )  # fmt: skip
     lines: list[bytes] = []
     reading = threading.Thread(target=lambda: lines.extend(histstat.stdout), daemon=True)
@@ -121,19 +125,27 @@ def main() -> None:
         (f"{50 if quick else 200} × 50 ms, 20 ms apart", 50 if quick else 200, 0.05, 0.02),
         (f"beacon: 1 ms every 0.3 s for {3 if quick else 10} s", 10 if quick else 34, 0.001, 0.3),
     ]
+    # auto with a directory that is no tracefs: the destroy events without connect events
+    empty = tempfile.mkdtemp(prefix="histstat-no-tracefs-")
+    modes = [
+        ("auto", "auto", None),
+        ("auto", "auto, no tracefs (ends only)", empty),
+        ("off", "off", None),
+    ]
     print("| workload | --kernel-events | seen | attributed (right pid) | with command line "
           "| histstat CPU |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for name, count, hold, pause in workloads:
-        for events in ("auto", "off"):
-            got = measure(events, count, hold, pause)
+        for events, label, tracefs in modes:
+            got = measure(events, count, hold, pause, tracefs)
             total = got["total"]
             print(
-                f"| {name} | {events} | {got['seen']}/{total} | {got['attributed']}/{total} "
+                f"| {name} | {label} | {got['seen']}/{total} | {got['attributed']}/{total} "
                 f"| {got['with_command']}/{total} | {got['cpu']:.2f}% |"
             )
-            if got["stderr"]:
+            if got["stderr"] and not tracefs:
                 print(f"  (stderr: {got['stderr']})")
+    os.rmdir(empty)
 
 
 if __name__ == "__main__":
