@@ -135,17 +135,19 @@ def main() -> None:
     print("| workload | --kernel-events | seen | attributed (right pid) | with command line "
           "| histstat CPU |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    for name, count, hold, pause in workloads:
-        for events, label, tracefs in modes:
-            got = measure(events, count, hold, pause, tracefs)
-            total = got["total"]
-            print(
-                f"| {name} | {label} | {got['seen']}/{total} | {got['attributed']}/{total} "
-                f"| {got['with_command']}/{total} | {got['cpu']:.2f}% |"
-            )
-            if got["stderr"] and not tracefs:
-                print(f"  (stderr: {got['stderr']})")
-    os.rmdir(empty)
+    try:
+        for name, count, hold, pause in workloads:
+            for events, label, tracefs in modes:
+                got = measure(events, count, hold, pause, tracefs)
+                total = got["total"]
+                print(
+                    f"| {name} | {label} | {got['seen']}/{total} | {got['attributed']}/{total} "
+                    f"| {got['with_command']}/{total} | {got['cpu']:.2f}% |"
+                )
+                if got["stderr"] and not tracefs:
+                    print(f"  (stderr: {got['stderr']})")
+    finally:
+        os.rmdir(empty)
 
 
 if __name__ == "__main__":

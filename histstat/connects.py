@@ -32,6 +32,11 @@ WAIT = 0.25  # seconds a read waits for events, so that close() is heard promptl
 LOSS_CHECK_EVERY = 1.0  # seconds between two looks at the ring buffer's loss counters
 
 _UNSPECIFIED = ("0.0.0.0", "::")
+# The transitions the kernel is asked for (tcp_states.h numbers): CLOSE→SYN_SENT (the
+# connect, in the connecting thread), SYN_SENT→ESTABLISHED and SYN_SENT→CLOSE (its
+# outcome, with the full 4-tuple). Accepted connections need none: the poll and the
+# listener's owner tell them.
+CONNECT_OUTCOMES = ((7, 2), (2, 1), (2, 7))
 
 
 class Process(NamedTuple):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from histstat.cli import parse_config
 from histstat.config import Config
-from histstat.connects import ConnectWatcher, connects_notice
+from histstat.connects import CONNECT_OUTCOMES, ConnectWatcher, connects_notice
 from histstat.enrich import ProcessCache
 from histstat.environment import Environment, reader_gone
 from histstat.geoip import GeoIP, GeoIPError
@@ -489,13 +489,12 @@ class ConnectsUnavailable(Exception):
 def _connect_watcher(config: Config, env: Environment) -> ConnectWatcher | None:
     """The connect events' reader thread, or None (after a notice under auto) when this
     run cannot have them; raises ConnectsUnavailable under --kernel-events on."""
-    from histstat.connects import ConnectWatcher
     from histstat.sources.tracefs import ConnectEventReader, TracefsUnavailable, locate_tracefs
 
     try:
         if not is_privileged():
             raise TracefsUnavailable("they need root")
-        reader = ConnectEventReader(locate_tracefs().root)
+        reader = ConnectEventReader(locate_tracefs().root, transitions=CONNECT_OUTCOMES)
     except TracefsUnavailable as exc:
         if config.kernel_events == "on":
             raise ConnectsUnavailable(str(exc)) from exc

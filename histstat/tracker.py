@@ -407,13 +407,17 @@ class ConnectionTracker:
         """A connect that failed (SYN_SENT→CLOSE): a story of its own, unless a poll
         saw the socket (its end comes as any other's)."""
         key = connect.key
-        if key in self._live or key in self._ended:
+        started = now - max(0.0, wall - connect.time)
+        if key in self._live:
             return
+        entry = self._ended.get(key)
+        if entry is not None and entry[1].first_seen >= started - 1.0:
+            return  # seen by a poll while it tried: the same socket
         conn = Connection(
             connect.proto, connect.laddr, connect.lport, connect.raddr, connect.rport,
             "SYN_SENT", None,
         )  # fmt: skip
-        story = Story(conn, now - max(0.0, wall - connect.time), False)
+        story = Story(conn, started, False)
         story.connect = connect
         changes.append(Change("open", story, conn))
         self._remember_ended(story, now)
