@@ -120,10 +120,15 @@ def ready(histstat: Histstat, root: str) -> None:
     """Wait until histstat's instance traces: events are recorded from then on."""
 
     def tracing():
+        # A new instance traces at once (tracing_on 1) until histstat turns it off to set
+        # it up: only the event enabled and tracing on again say the setup is done.
         for name in instances_of(root, histstat.proc.pid):
+            instance = os.path.join(root, "instances", name)
             try:
-                with open(os.path.join(root, "instances", name, "tracing_on")) as flag:
-                    return flag.read().strip() == "1"
+                with open(os.path.join(instance, "events/sock/inet_sock_set_state/enable")) as on:
+                    enabled = on.read().strip() == "1"
+                with open(os.path.join(instance, "tracing_on")) as flag:
+                    return enabled and flag.read().strip() == "1"
             except OSError:
                 return False
         return False
