@@ -399,7 +399,9 @@ def run(config: Config, env: Environment) -> int:
         # Databases first: a bad one must leave no header, log or run behind; nor must
         # connect events that --kernel-events on cannot have.
         geoip = GeoIP(list(config.geoip)) if config.geoip else None
-        if config.kernel_events != "off" and config.source == "linux":
+        # One poll (--once) has nothing for connect events to add, unless they are asked for.
+        wanted = config.kernel_events == "on" or not config.once
+        if config.kernel_events != "off" and config.source == "linux" and wanted:
             connects = _connect_watcher(config, env)
         outputs, stdout = build_outputs(config, env)
         stdout_ends = StdoutEnd(signals)
