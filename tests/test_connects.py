@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import socket
 
-from histstat.connects import ConnectJoiner, Process, RecentProcesses, normal_address
+from test_story import CLIENT, LISTENER, SERVER, poller_of, rows_of
+
+from histstat.connects import Connect, ConnectJoiner, Process, RecentProcesses, normal_address
 from histstat.records import ProcessFacts
+from histstat.sources.base import NO_ENDS
 from histstat.sources.trace_lines import ConnectEvent
 
 
@@ -100,3 +103,76 @@ def test_a_process_gone_at_its_read_takes_its_read_of_moments_before():
     assert recent.fill(gone, 10.5) is alive
     assert recent.fill(gone, 12.0) is gone  # too late: the pid may be another's
     assert recent.fill(Process(7, None, ProcessFacts(name="other")), 10.5).facts.name == "other"
+
+
+# The poller with connect events: a stand-in for ConnectWatcher over the story tests'
+# event source and process cache.
+class Watcher:
+    def __init__(self, connects=(), failed=(), lost=0):
+        self._connects = {connect.key: connect for connect in connects}
+        self._failed = list(failed)
+        self._lost = lost
+
+    def connect_of(self, key):
+        return self._connects.get(key)
+
+    def take_failed(self):
+        failed, self._failed = self._failed, []
+        return failed
+
+    def lost_since_told(self):
+        lost, self._lost = self._lost, 0
+        return lost
+
+
+def whole_connect(conn, process_, failed=False, at=1000.0):
+    return Connect(conn.proto, conn.laddr, conn.lport, conn.raddr, conn.rport, at, at + 0.001,
+                   failed, process_)  # fmt: skip
+
+
+def test_a_story_no_poll_saw_owned_takes_the_connects_process_and_time():
+    remainder = CLIENT._replace(status="TIME_WAIT", pid=None, cookie=None)
+    gone = Process(20, None, ProcessFacts(name="beacon"))
+    watcher = Watcher([whole_connect(remainder, gone)])
+    poller, _ = poller_of(({remainder}, NO_ENDS), connects=watcher)
+    (row,) = rows_of(poller)
+    assert (row.pid, row.pname, row.command, row.attribution) == (20, "beacon", None, "connect")
+    assert row.timestamp.timestamp() == 1000.0  # the connect's time, not the poll's
+
+
+def test_a_process_that_still_lives_gives_its_facts_from_the_cache():
+    remainder = CLIENT._replace(status="TIME_WAIT", pid=None, cookie=None)
+    alive = Process(20, 0.0, ProcessFacts(name="beacon", command="read at the connect"))
+    poller, _ = poller_of(
+        ({remainder}, NO_ENDS), connects=Watcher([whole_connect(remainder, alive)])
+    )
+    (row,) = rows_of(poller)
+    assert (row.pid, row.command, row.attribution) == (20, "command of 20", "connect")
+
+
+def test_a_failed_connect_is_an_open_and_a_close_row_in_syn_sent():
+    refused = CLIENT._replace(status="SYN_SENT", pid=None, cookie=None)
+    connect = whole_connect(refused, Process(20, None, ProcessFacts(name="scan")), failed=True)
+    poller, _ = poller_of((set(), NO_ENDS), connects=Watcher(failed=[connect]), closed=True)
+    opened, closed = rows_of(poller)
+    assert (opened.event, closed.event) == ("open", "close")
+    for row in (opened, closed):
+        assert (row.status, row.pid, row.pname, row.attribution) == ("SYN_SENT", 20, "scan",
+                                                                      "connect")  # fmt: skip
+    assert opened.timestamp.timestamp() == 1000.0
+    assert closed.timestamp.timestamp() == 1000.001
+
+
+def test_lost_connect_events_are_told():
+    notices = []
+    poller, _ = poller_of((set(), NO_ENDS), connects=Watcher(lost=3), notices=notices)
+    rows_of(poller)
+    assert len(notices) == 1 and "3 connect events were lost" in notices[0]
+
+
+def test_an_accepted_connection_nobody_holds_takes_the_listeners_owner():
+    accepted = SERVER._replace(pid=None, cookie=None)
+    poller, _ = poller_of(({LISTENER, accepted}, NO_ENDS))
+    rows = {row.status: row for row in rows_of(poller)}
+    row = rows["ESTABLISHED"]
+    assert (row.pid, row.pname, row.attribution, row.direction) == (10, "proc10", "listener", "in")
