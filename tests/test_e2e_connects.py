@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 
 from histstat.sources.tracefs import TEST_ROOT_VARIABLE, TracefsUnavailable, locate_tracefs
 from support.children import end_child, new_tag, one_line_script
-from support.histstat import Histstat, assert_clean_end, run_once
+from support.histstat import Histstat, assert_clean_end, histstat_command, run_once
 from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT, read_line, wait_for
 
 LINUX = ("--source", "linux")
@@ -330,3 +331,38 @@ def test_kernel_events_off_is_polling_alone(tracefs_root):
             assert row["bytes_sent"] is None and row["bytes_received"] is None, row
     finally:
         end_child(child)
+
+
+# In a private mount namespace: unmount every tracefs at the standard place, say what is
+# left there, then become histstat (argv[1:]).
+UNMOUNTING_EXEC = """
+import os, sys
+from histstat.sources.tracefs import STANDARD_ROOT, mounted_filesystems, unmount_tracefs
+
+def visible():
+    with open("/proc/self/mountinfo", "rb") as info:
+        return mounted_filesystems(info.read()).get(STANDARD_ROOT)
+
+while visible() == "tracefs":
+    unmount_tracefs(STANDARD_ROOT)
+print("before:", visible(), flush=True)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_unmounted_tracefs_is_mounted_by_histstat(tracefs_root):
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.fail("this test needs unshare(1) (util-linux) for a private mount namespace")
+    command = histstat_command()
+    result = subprocess.run(
+        [unshare, "--mount", "--propagation", "private", sys.executable, "-c", UNMOUNTING_EXEC,
+         command, "--source", "linux", "--kernel-events", "on", "--port", "1",
+         "--duration", "0.5"],
+        capture_output=True,
+        timeout=DEFAULT_TIMEOUT,
+    )  # fmt: skip
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, stderr  # `on`: it had connect events, so it mounted
+    assert result.stdout.startswith(b"before: ") and b"before: tracefs" not in result.stdout
+    assert stderr == ""
