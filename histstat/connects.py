@@ -3,6 +3,7 @@ loop, joined into whole connects with the connecting process's facts taken at on
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -32,6 +33,8 @@ MAX_FAILED = 65536  # failed connects waiting for the next poll
 # only its pid and name (see RecentProcesses).
 BATCH_PAUSE = 0.1  # seconds
 WAIT = 0.25  # seconds a read waits for events, so that close() is heard promptly
+# The longest a poll waits for the thread to read what waits (a flood may keep it busy).
+CATCH_UP = 0.2  # seconds
 LOSS_CHECK_EVERY = 1.0  # seconds between two looks at the ring buffer's loss counters
 
 _UNSPECIFIED = ("0.0.0.0", "::")
@@ -330,29 +333,81 @@ class ConnectWatcher:
         self._stop = threading.Event()
         self._lost = 0
         self._lost_told = 0
+        # The thread's cycle (a read and its events handled), for catch_up.
+        self._state = threading.Condition()
+        self._cycles = 0
+        self._busy = False  # handling what a read gave
+        self._pausing = False  # waiting BATCH_PAUSE after a batch
+        self._wake = threading.Event()  # ends the pause: the poll wants what waits
         self.thread_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="histstat-connects", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         next_loss_check = 0.0
+        woken = False
         try:
             while not self._stop.is_set():
-                events = self._reader.read(WAIT)
-                for event in events:
-                    self._handle(event)
-                now = time.monotonic()
-                if now >= next_loss_check:
-                    next_loss_check = now + LOSS_CHECK_EVERY
-                    lost = self._reader.lost_events()
-                    with self._lock:
-                        self._lost += lost
-                        self._joiner.expire(time.time())
-                if events:
-                    self._stop.wait(BATCH_PAUSE)
+                events = self._reader.read(0.0 if woken else WAIT)
+                with self._state:
+                    self._busy = True
+                try:
+                    for event in events:
+                        self._handle(event)
+                    now = time.monotonic()
+                    if now >= next_loss_check:
+                        next_loss_check = now + LOSS_CHECK_EVERY
+                        lost = self._reader.lost_events()
+                        with self._lock:
+                            self._lost += lost
+                            self._joiner.expire(time.time())
+                finally:
+                    with self._state:
+                        self._busy = False
+                        self._cycles += 1
+                        self._state.notify_all()
+                woken = False
+                if events and not self._stop.is_set():
+                    with self._state:
+                        self._pausing = True
+                    woken = self._wake.wait(BATCH_PAUSE)
+                    self._wake.clear()
+                    with self._state:
+                        self._pausing = False
         except (OSError, ValueError) as exc:  # the reader closed under us, or tracefs went
             if not self._stop.is_set():
                 self.thread_error = str(exc)
+        finally:
+            with self._state:
+                self._state.notify_all()
+
+    def _cycle_after(self, start: int) -> Callable[[], bool]:
+        return lambda: self._cycles > start
+
+    def _readable(self) -> bool:
+        """Whether events wait in the kernel for the thread to read."""
+        try:
+            poller = select.poll()
+            poller.register(self._reader.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return False
+
+    def catch_up(self, timeout: float = CATCH_UP) -> None:
+        """Return once the thread has handled the events that waited when called (so a
+        poll's sockets find their connects), or after ``timeout`` seconds under a flood."""
+        deadline = time.monotonic() + timeout
+        with self._state:
+            while self._thread.is_alive():
+                readable = self._readable()
+                if not (self._busy or readable):
+                    return
+                if self._pausing:
+                    self._wake.set()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._state.wait_for(self._cycle_after(self._cycles), remaining)
 
     def _handle(self, event: ConnectEvent) -> None:
         if event.oldstate == "CLOSE" and event.newstate == "SYN_SENT":
@@ -388,6 +443,7 @@ class ConnectWatcher:
         """Stop the thread, then remove the instance; returns why it could not be
         removed, or None. Safe to call again."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(WAIT + 5.0)
         return self._reader.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import math
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
@@ -157,7 +158,12 @@ class Poller:
         # Asked after the snapshot: the Linux source joins the end events at its first.
         watches = self._source.watches_ends()
         ends = self._source.ends() if watches else NO_ENDS
-        failed = self._connects.take_failed() if self._connects is not None else ()
+        failed: Sequence[Connect] = ()
+        if self._connects is not None:
+            # Every socket of the snapshot made its connect events already: read them, so
+            # that its story finds its connect.
+            self._connects.catch_up()
+            failed = self._connects.take_failed()
         result = self._tracker.update(snapshot, now, ends, watches, seen.timestamp(), failed)
         first = not self._polled
         self._polled = True

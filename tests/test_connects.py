@@ -116,6 +116,9 @@ class Watcher:
     def connect_of(self, key):
         return self._connects.get(key)
 
+    def catch_up(self):
+        pass
+
     def take_failed(self):
         failed, self._failed = self._failed, []
         return failed
