@@ -228,6 +228,9 @@ class Poller:
 
     def _learn_owner(self, rows: StoryRows, conn: Connection) -> None:
         assert conn.pid is not None
+        # A poll saw its holder: later ownerless moments are "earlier", not the event's.
+        rows.connect = None
+        rows.listener = False
         owners = conn.owners or (conn.pid,)
         known = rows.owner
         if known is not None and known.pid == conn.pid:
