@@ -10,11 +10,10 @@ import sys
 import time
 from collections.abc import Iterator
 from types import FrameType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from histstat.cli import parse_config
 from histstat.config import Config
-from histstat.connects import CONNECT_OUTCOMES, ConnectWatcher, connects_notice
 from histstat.enrich import ProcessCache
 from histstat.environment import Environment, reader_gone
 from histstat.geoip import GeoIP, GeoIPError
@@ -29,6 +28,9 @@ from histstat.resolve import ReverseResolver
 from histstat.shortage import SHORTAGE, note_shortage
 from histstat.sources import SourceAccessDenied, make_source
 from histstat.tracker import ConnectionTracker
+
+if TYPE_CHECKING:  # imported when used: a run without connect events never loads them
+    from histstat.connects import ConnectWatcher
 
 # After SIGTERM or Ctrl-C, what is being written (a row a stalled reader holds back on
 # stdout, a database another connection holds locked) gets this long to get through.
@@ -491,6 +493,7 @@ class ConnectsUnavailable(Exception):
 def _connect_watcher(config: Config, env: Environment) -> ConnectWatcher | None:
     """The connect events' reader thread, or None (after a notice under auto) when this
     run cannot have them; raises ConnectsUnavailable under --kernel-events on."""
+    from histstat.connects import CONNECT_OUTCOMES, ConnectWatcher, connects_notice
     from histstat.sources.tracefs import ConnectEventReader, TracefsUnavailable, locate_tracefs
 
     try:
