@@ -67,6 +67,22 @@ class ListenerMemory:
     def _listening(self, key: ListenerKey, now: float) -> bool:
         return key in self._open or self._until.get(key, -math.inf) >= now
 
+    def listener_of(self, conn: Connection) -> ListenerKey | None:
+        """The key of the open listener a TCP connection arrived on (its own address
+        first, then the wildcards), None when no listener is open on its port."""
+        if not conn.proto.startswith("tcp") or conn.raddr is None or conn.status == "LISTEN":
+            return None
+        kind, address, port = self._key(conn)
+        for listening in (address, *_WILDCARDS):
+            if (kind, listening, port) in self._open:
+                return (kind, listening, port)
+        return None
+
+    @classmethod
+    def key_of(cls, listener: Connection) -> ListenerKey:
+        """The key a listening socket is known by."""
+        return cls._key(listener)
+
     def direction(self, conn: Connection, now: float) -> str | None:
         """listen, in or out (a heuristic: see docs/story.md); None for UDP."""
         if conn.status == "LISTEN":

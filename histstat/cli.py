@@ -10,7 +10,7 @@ from typing import Any, Callable, NoReturn
 
 from histstat import __version__
 from histstat.completions import SCRIPTS, PrintCompletion, completes_files
-from histstat.config import Config
+from histstat.config import KERNEL_EVENTS, Config
 from histstat.enrich import COMMAND_LIMIT, COMMAND_MARKER
 from histstat.filters import (
     STATUSES,
@@ -203,6 +203,17 @@ def get_parser() -> _Parser:
         "auto: linux on Linux, psutil elsewhere (default: $HISTSTAT_SOURCE, else auto)",
     )
 
+    parser.add_argument(
+        "--kernel-events",
+        choices=KERNEL_EVENTS,
+        default="auto",
+        help="events from the kernel beside the poll (the linux source only): destroy "
+        "broadcasts tell each connection's end, and as root connect events (tracefs) "
+        "attribute connections too short for any poll and show failed connects; auto: "
+        "what this run can have, with a notice for what it cannot; on: exit 1 when connect "
+        "events cannot be had; off: polling alone (default: auto)",
+    )
+
     story = parser.option_group("connection story")
     story.add_argument(
         "--closed",
@@ -388,6 +399,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
             parser.error(f"{option} shows what changes between polls, and --once polls once")
     if args.fields and args.ecs:
         parser.error("-f/--fields does not apply to --ecs: its documents have ECS's shape")
+    source = _source_name(parser, args.source, args.source not in SOURCE_NAMES)
+    if source == "psutil" and args.kernel_events == "on":
+        parser.error("--kernel-events on needs the linux source: psutil only polls")
     chosen = (("json", args.json), ("pretty", args.prettify), ("csv", args.csv),
               ("ecs", args.ecs))  # fmt: skip
     output = next((name for name, on in chosen if on), "plain")
@@ -428,7 +442,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         skip_existing=args.skip_existing,
         resolve=args.resolve or bool(args.fields and "rhost" in args.fields),
         geoip=tuple(args.geoip),
-        source=_source_name(parser, args.source, args.source not in SOURCE_NAMES),
+        source=source,
+        kernel_events=args.kernel_events,
         command_limit=args.command_limit,
         syslog=args.syslog,
         syslog_facility=args.syslog_facility or DEFAULT_FACILITY,

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from histstat.enrich import COMMAND_LIMIT
 from histstat.filters import RowFilter
 
+# --kernel-events: what the Linux source adds to polling (see docs/kernel-events.md)
+KERNEL_EVENTS = ("auto", "on", "off")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -30,6 +33,7 @@ class Config:
     resolve: bool = False
     geoip: tuple[str, ...] = ()  # paths of MaxMind databases
     source: str = "psutil"  # psutil or linux
+    kernel_events: str = "auto"  # a name of KERNEL_EVENTS
     command_limit: int = COMMAND_LIMIT  # characters; 0: command lines are never cut
     syslog: str | None = None  # the path of the local syslog socket to send rows to
     syslog_facility: str = "user"  # a name of histstat.output.syslog.FACILITIES

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import math
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
@@ -26,6 +27,7 @@ from histstat.sources.base import NO_ENDS
 from histstat.tracker import Change, ConnectionTracker, Story, payload_bytes
 
 if TYPE_CHECKING:  # optional stages, imported by the runner only when asked for
+    from histstat.connects import Connect, ConnectWatcher
     from histstat.geoip import GeoIP
     from histstat.resolve import ReverseResolver
     from histstat.sources import Source
@@ -92,10 +94,13 @@ class StoryRows:
     """What the poller keeps of one story: its owner, its open row once shown, and its
     direction; ``skipped`` (--skip-existing) stories never get a row."""
 
-    __slots__ = ("owner", "opened", "direction", "skipped")
+    __slots__ = ("owner", "opened", "direction", "skipped", "connect", "hashable", "listener")
 
     def __init__(self, skipped: bool) -> None:
         self.owner: Owner | None = None
+        self.connect: Connect | None = None  # the connect event its owner came from
+        self.hashable = True  # False: the owner's pid may be another process now
+        self.listener = False  # its owner is the listener's it arrived on
         self.opened: PendingRow | None = None
         self.direction: str | None = None  # decided with the open row
         self.skipped = skipped
@@ -134,8 +139,10 @@ class Poller:
         transitions: bool = False,
         update: float | None = None,
         notice: Callable[[str], None] | None = None,
+        connects: ConnectWatcher | None = None,
     ) -> None:
         self._source = source
+        self._connects = connects
         self._tracker = tracker
         self._processes = processes
         self._filter = row_filter or RowFilter()
@@ -143,6 +150,8 @@ class Poller:
         self._resolver = resolver
         self._geoip = geoip
         self._listeners = ListenerMemory()
+        # An open listener's key → its story's rows, whose owner accepted sockets take.
+        self._listener_rows: dict[tuple[str, str, int], StoryRows] = {}
         self._skip_existing = skip_existing
         self._transitions = transitions
         self._update = update
@@ -159,7 +168,13 @@ class Poller:
         # Asked after the snapshot: the Linux source joins the end events at its first.
         watches = self._source.watches_ends()
         ends = self._source.ends() if watches else NO_ENDS
-        result = self._tracker.update(snapshot, now, ends, watches, seen.timestamp())
+        failed: Sequence[Connect] = ()
+        if self._connects is not None:
+            # Every socket of the snapshot made its connect events already: read them, so
+            # that its story finds its connect.
+            self._connects.catch_up()
+            failed = self._connects.take_failed()
+        result = self._tracker.update(snapshot, now, ends, watches, seen.timestamp(), failed)
         first = not self._polled
         self._polled = True
         # Listeners first, so that a connection accepted in the same poll reads "in".
@@ -182,6 +197,14 @@ class Poller:
                 f"{count} {'end was' if count == 1 else 'ends were'} inferred from the socket "
                 "table, at the poll's time and without bytes"
             )
+        if self._connects is not None and self._notice is not None:
+            lost = self._connects.lost_since_told()
+            if lost:
+                self._notice(
+                    f"the kernel's trace buffer overran: {lost} connect "
+                    f"{'event was' if lost == 1 else 'events were'} lost, and the "
+                    "connections they told of may go unattributed"
+                )
         self._listeners.forget_expired(now)
         # A story keeps its owner's facts itself: the cache needs only the live owners.
         self._processes.retain(self._tracker.live_pids())
@@ -192,11 +215,16 @@ class Poller:
         if change.kind == "open":
             story.rows = StoryRows(self._skip_existing and first)
         rows: StoryRows = story.rows
+        if change.kind == "open" and conn.status == "LISTEN":
+            self._listener_rows[ListenerMemory.key_of(conn)] = rows
         if conn.pid is not None and change.kind != "close":
             self._learn_owner(rows, conn)
         if change.kind == "close":
             if story.conn.status == "LISTEN":
                 self._listeners.closed(story.conn, now)
+                key = ListenerMemory.key_of(story.conn)
+                if self._listener_rows.get(key) is rows:
+                    del self._listener_rows[key]
             return self._close_row(story, seen) if self._closed else None
         if rows.skipped:
             return None
@@ -210,6 +238,9 @@ class Poller:
 
     def _learn_owner(self, rows: StoryRows, conn: Connection) -> None:
         assert conn.pid is not None
+        # A poll saw its holder: later ownerless moments are "earlier", not the event's.
+        rows.connect = None
+        rows.listener = False
         owners = conn.owners or (conn.pid,)
         known = rows.owner
         if known is not None and known.pid == conn.pid:
@@ -224,6 +255,44 @@ class Poller:
         if conn.pid is None and rows.owner is not None:
             return conn._replace(pid=rows.owner.pid, owners=rows.owner.owners)
         return conn
+
+    @staticmethod
+    def _attribution(conn: Connection, rows: StoryRows) -> str:
+        """How the row's process was found (docs/story.md)."""
+        if conn.pid is not None:
+            return "socket"
+        if rows.connect is not None:
+            return "connect"
+        return "listener" if rows.listener else "earlier"
+
+    def _owner_from_listener(self, conn: Connection, rows: StoryRows) -> None:
+        """An accepted connection no process was seen holding takes the owner of the
+        listener it arrived on (the process that would accept it)."""
+        key = self._listeners.listener_of(conn)
+        listener = self._listener_rows.get(key) if key is not None else None
+        if listener is None or listener.owner is None:
+            return
+        rows.owner = listener.owner._replace(owners=(listener.owner.pid,))
+        rows.listener = True
+
+    def _owner_from_connect(self, story: Story, rows: StoryRows) -> None:
+        """The process the kernel's connect event gave, for a story no poll saw owned:
+        its facts from the cache while that process (pid and start time) lives, else as
+        read at the connect; a process gone by then keeps its pid and name alone."""
+        assert self._connects is not None
+        connect = story.connect or self._connects.connect_of(story.key[:5])
+        if connect is None or connect.process is None:
+            return
+        process = connect.process
+        facts = process.facts
+        alive = process.created is not None and self._processes.created(process.pid) == (
+            process.created
+        )
+        if alive:
+            facts = self._processes.lookup(process.pid)
+        rows.connect = connect
+        rows.hashable = alive
+        rows.owner = Owner(process.pid, facts, None, connect.time, (process.pid,))
 
     def _owner_facts(self, owner: Owner) -> Owner | None:
         """The owner with its facts read; None when its pid is another process now."""
@@ -259,6 +328,10 @@ class Poller:
         if story.end_wall is not None and story.life_unseen:
             seen = _wall_time(story.end_wall)
         rows: StoryRows = story.rows
+        if rows.owner is None and conn.pid is None and self._connects is not None:
+            self._owner_from_connect(story, rows)
+        if rows.owner is None and conn.pid is None:
+            self._owner_from_listener(conn, rows)
         shown = self._with_owner(conn, rows)
         if not self._filter.keeps_connection(shown):
             return None  # decided on socket fields: no process lookup spent on it
@@ -275,11 +348,13 @@ class Poller:
         facts = owner.facts if owner is not None and owner.facts is not None else UNKNOWN_PROCESS
         if not self._filter.keeps_process(facts):
             return None
-        if owner is not None and owner.hashes is None:  # asked only for rows kept
+        if owner is not None and owner.hashes is None and rows.hashable:  # only rows kept
             owner = rows.owner = owner._replace(hashes=self._processes.hashes(owner.pid, facts))
         attribution = None
         if owner is not None:
-            attribution = "socket" if conn.pid is not None else "earlier"
+            attribution = self._attribution(conn, rows)
+        if rows.connect is not None:  # when it happened, not when a poll saw it
+            seen = _wall_time(rows.connect.time)
         if facts.user is None and attribution != "earlier":  # the socket's own owner uid
             facts = facts._replace(user=self._socket_user(conn))
         owners, count = self._owner_refs(owner) if owner is not None else (None, None)
@@ -333,7 +408,7 @@ class Poller:
                     fills = (*fills, Fill(found.hashes, _with_hashes, MAX_HASH_WAIT))
         attribution = None
         if row.pid is not None:
-            attribution = "socket" if conn.pid is not None else "earlier"
+            attribution = self._attribution(conn, rows)
         row = row._replace(
             event=event, status=conn.status, timestamp=seen, attribution=attribution, **more
         )

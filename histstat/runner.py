@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from types import FrameType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from histstat.cli import parse_config
 from histstat.config import Config
@@ -28,6 +28,9 @@ from histstat.resolve import ReverseResolver
 from histstat.shortage import SHORTAGE, note_shortage
 from histstat.sources import SourceAccessDenied, make_source
 from histstat.tracker import ConnectionTracker
+
+if TYPE_CHECKING:  # imported when used: a run without connect events never loads them
+    from histstat.connects import ConnectWatcher
 
 # After SIGTERM or Ctrl-C, what is being written (a row a stalled reader holds back on
 # stdout, a database another connection holds locked) gets this long to get through.
@@ -393,9 +396,15 @@ def run(config: Config, env: Environment) -> int:
     stdout = None
     outputs: list[Output] = []
     writer: OrderedWriter | None = None
+    connects: ConnectWatcher | None = None
     try:
-        # Databases first: a bad one must leave no header, log or run behind.
+        # Databases first: a bad one must leave no header, log or run behind; nor must
+        # connect events that --kernel-events on cannot have.
         geoip = GeoIP(list(config.geoip)) if config.geoip else None
+        # One poll (--once) has nothing for connect events to add, unless they are asked for.
+        wanted = config.kernel_events == "on" or not config.once
+        if config.kernel_events != "off" and config.source == "linux" and wanted:
+            connects = _connect_watcher(config, env)
         outputs, stdout = build_outputs(config, env)
         stdout_ends = StdoutEnd(signals)
         if stdout is not None:
@@ -413,7 +422,8 @@ def run(config: Config, env: Environment) -> int:
             env.say(NOT_PRIVILEGED_NOTICE)  # netstat's own words, without our prefix
         hasher = ExecutableHasher() if config.hashes else None
         resolver = ReverseResolver() if config.resolve else None
-        source = make_source(config.source, config.row_filter.protos)
+        events = config.kernel_events != "off"
+        source = make_source(config.source, config.row_filter.protos, watch_ends=events)
         try:
             poller = Poller(
                 source,
@@ -427,6 +437,7 @@ def run(config: Config, env: Environment) -> int:
                 transitions=config.transitions,
                 update=config.update,
                 notice=env.notice,
+                connects=connects,
             )
             loop = PollLoop(config, env, poller, writer, opened, stdout, signals)
             try:
@@ -454,10 +465,15 @@ def run(config: Config, env: Environment) -> int:
     except (SinkError, GeoIPError) as exc:
         env.notice(str(exc))
         return ExitStatus.RUNTIME_ERROR
+    except ConnectsUnavailable as exc:
+        env.notice(f"--kernel-events on: no kernel connect events: {exc}")
+        return ExitStatus.RUNTIME_ERROR
     except SourceAccessDenied:
         env.notice("the system refused to list connections; run as root (sudo histstat)")
         return ExitStatus.RUNTIME_ERROR
     finally:
+        if connects is not None:  # the tracefs instance goes at every end
+            _close_connects(connects, env)
         for stage in (hasher, resolver, geoip):
             if stage is not None:
                 stage.close()
@@ -468,6 +484,49 @@ def run(config: Config, env: Environment) -> int:
                 pass
         signals.restore()
     return ExitStatus.OK
+
+
+class ConnectsUnavailable(Exception):
+    """--kernel-events on, and connect events cannot be had: the message says why."""
+
+
+def _connect_watcher(config: Config, env: Environment) -> ConnectWatcher | None:
+    """The connect events' reader thread, or None (after a notice under auto) when this
+    run cannot have them; raises ConnectsUnavailable under --kernel-events on."""
+    from histstat.connects import CONNECT_OUTCOMES, ConnectWatcher, connects_notice
+    from histstat.sources.tracefs import ConnectEventReader, TracefsUnavailable, locate_tracefs
+
+    try:
+        if not is_privileged():
+            raise TracefsUnavailable("they need root")
+        reader = ConnectEventReader(locate_tracefs().root, transitions=CONNECT_OUTCOMES)
+    except TracefsUnavailable as exc:
+        if config.kernel_events == "on":
+            raise ConnectsUnavailable(str(exc)) from exc
+        env.notice(connects_notice(str(exc)))
+        return None
+    for name, reason in reader.stale_failed:
+        env.notice(f"cannot remove the stale tracefs instance {name}: {reason}")
+    try:
+        return ConnectWatcher(reader, command_limit=config.command_limit)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def _close_connects(connects: ConnectWatcher, env: Environment) -> None:
+    """Stop the connect events, remove the tracefs instance, and say what went wrong."""
+    problem = connects.close()
+    if problem is not None:
+        env.notice(problem)
+    if connects.thread_error is not None:
+        env.notice(f"kernel connect events stopped early: {connects.thread_error}")
+    if connects.ambiguous:
+        count = connects.ambiguous
+        env.notice(
+            f"{count} {'connect was' if count == 1 else 'connects were'} left unattributed: "
+            "another process connected to the same destination at the same moment"
+        )
 
 
 def _writing_order(outputs: list[Output], stdout: StdoutSink | None) -> list[Output]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from histstat.records import Connection, TcpCounters, sort_key
@@ -58,7 +59,7 @@ class Story:
     __slots__ = (
         "key", "cookie", "conn", "first_seen", "from_start", "peer_fin_seen", "our_fin_seen",
         "ended", "end_time", "end_wall", "exact_end", "end_counters", "last_conn",
-        "pending_end", "rows", "held", "freed_whole", "life_unseen",
+        "pending_end", "rows", "held", "freed_whole", "life_unseen", "connect",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, now: float, from_start: bool) -> None:
@@ -86,6 +87,7 @@ class Story:
         # No poll saw it alive (first seen as what its end leaves, or known only by its
         # end event): how long it lived is unknown.
         self.life_unseen = conn.status in END_STATES
+        self.connect: Any = None  # the failed connect (histstat.connects) it tells
 
     @property
     def last_status(self) -> str | None:
@@ -194,10 +196,13 @@ class ConnectionTracker:
         ends: Ends = NO_ENDS,
         watches_ends: bool = False,
         wall: float | None = None,
+        failed: Sequence[Any] = (),
     ) -> Poll:
         """The changes since the previous poll. ``now`` is the poll's monotonic time,
         ``wall`` its wall-clock time (to place end events, which carry it); ``ends``
-        what the source reported since the previous poll, taken after the snapshot.
+        what the source reported since the previous poll, taken after the snapshot;
+        ``failed`` the connects (histstat.connects.Connect) that failed since, each a
+        story that opened in SYN_SENT and ended, unless a poll saw it.
 
         Only the records that differ from the previous snapshot's cost Python work: the
         set differences run in C, as the table's unchanged majority needs no look."""
@@ -206,7 +211,7 @@ class ConnectionTracker:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return self._update(snapshot, now, ends, watches_ends, wall)
+            return self._update(snapshot, now, ends, watches_ends, wall, failed)
         finally:
             if collecting:
                 gc.enable()
@@ -218,6 +223,7 @@ class ConnectionTracker:
         ends: Ends,
         watches_ends: bool,
         wall: float | None,
+        failed: Sequence[Any] = (),
     ) -> Poll:
         if self._first_poll is None:
             self._first_poll = now
@@ -265,6 +271,8 @@ class ConnectionTracker:
         for story in gone:
             self._let_go(story)
             self._remember_ended(story, now)
+        for connect in failed:  # before the ends: a destroy event joins its story
+            self._connect_failed(connect, now, wall, changes, closes)
         for end in ends.ends:
             self._apply_end(end, now, wall, changes, closes)
         for story in gone:
@@ -438,6 +446,30 @@ class ConnectionTracker:
         story.end_wall = end.time
         story.end_counters = end.counters
         self._end(story, when, closes)
+
+    def _connect_failed(
+        self, connect: Any, now: float, wall: float, changes: list[Change], closes: list[Change]
+    ) -> None:
+        """A connect that failed (SYN_SENT→CLOSE): a story of its own, unless a poll
+        saw the socket (its end comes as any other's)."""
+        key = connect.key
+        started = now - max(0.0, wall - connect.time)
+        if key in self._live:
+            return
+        entry = self._ended.get(key)
+        if entry is not None and entry[1].first_seen >= started - 1.0:
+            return  # seen by a poll while it tried: the same socket
+        conn = Connection(
+            connect.proto, connect.laddr, connect.lport, connect.raddr, connect.rport,
+            "SYN_SENT", None,
+        )  # fmt: skip
+        story = Story(conn, started, False)
+        story.connect = connect
+        changes.append(Change("open", story, conn))
+        self._remember_ended(story, now)
+        story.exact_end = True
+        story.end_wall = connect.end_time
+        self._end(story, now - max(0.0, wall - connect.end_time), closes)
 
     def _remember_ended(self, story: Story, now: float) -> None:
         self._ended[story.key] = (now, story)

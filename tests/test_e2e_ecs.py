@@ -229,7 +229,10 @@ def test_ecs_documents_of_a_child_of_a_known_parent(family, run_histstat, geoip_
         assert abs(start.timestamp() - created) < 0.01
         assert doc["user"] == {"name": USER, "id": str(os.geteuid())}
         assert doc["related"]["ip"] == [HOST] and doc["related"]["user"] == [USER]
-        assert doc["histstat"]["attribution"] == "socket"
+        # A poll that sees the socket before its holder's descriptor is scanned leaves
+        # the kernel's connect event (the client) or the listener (the accepted end) to
+        # name the same process.
+        assert doc["histstat"]["attribution"] in ("socket", "connect", "listener"), doc
     for phase, group in (("start", opened), ("end", closes)):
         ours = [d for d in group if d["histstat"]["status"] == "ESTABLISHED"]
         assert {d["network"]["direction"] for d in ours} == {"egress", "ingress"}, group

@@ -344,14 +344,17 @@ def test_closed_reports_one_open_and_one_close_row_per_connection(spawn_story, r
         assert open_row["pid"] == child.pid
         assert open_row["command"] == child.command
         assert open_row["pname"] != "story-renamed"
-        assert open_row["attribution"] == "socket"
+        # With kernel events, a poll that sees the socket before its holder's descriptor
+        # is scanned leaves the connect event (the client) or the listener (the accepted
+        # end) to name the same process.
+        assert open_row["attribution"] in ("socket", "connect", "listener"), open_row
         assert open_row["duration"] is None and open_row["duration_from_start"] is False
         for name in (*KEY_FIELDS[:5], *PROCESS_FACTS):
             assert close_row[name] == open_row[name], name
         # The last state seen before the end; no process may hold it by then.
         assert close_row["status"] in ("ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT",
                                        "LAST_ACK"), close_row  # fmt: skip
-        assert close_row["attribution"] in ("socket", "earlier"), close_row
+        assert close_row["attribution"] in ("socket", "earlier", "connect", "listener"), close_row
         assert close_row["direction"] == open_row["direction"]
         assert close_row["duration_from_start"] is False
         duration = close_row["duration"]

@@ -7,7 +7,7 @@
 
 
 
-_shtab_histstat_option_strings=(-h --help -i --interval -l --log -p --prettify -j --json --csv --ecs -q --quiet -v --version --print-completion --hash --sqlite --syslog --syslog-facility --syslog-size --source --closed --transitions --update -r --resolve --geoip -f --fields --command-limit --color --once -c --count --duration --skip-existing --tcp --udp -4 -6 --port --lport --rport --laddr --raddr --pid --name --user --status --exclude-status)
+_shtab_histstat_option_strings=(-h --help -i --interval -l --log -p --prettify -j --json --csv --ecs -q --quiet -v --version --print-completion --hash --sqlite --syslog --syslog-facility --syslog-size --source --kernel-events --closed --transitions --update -r --resolve --geoip -f --fields --command-limit --color --once -c --count --duration --skip-existing --tcp --udp -4 -6 --port --lport --rport --laddr --raddr --pid --name --user --status --exclude-status)
 
 _shtab_histstat__l_COMPGEN=_shtab_compgen_files
 _shtab_histstat___log_COMPGEN=_shtab_compgen_files
@@ -18,6 +18,7 @@ _shtab_histstat___geoip_COMPGEN=_shtab_compgen_files
 _shtab_histstat___print_completion_choices=(bash zsh)
 _shtab_histstat___syslog_facility_choices=(kern user mail daemon auth syslog lpr news uucp cron authpriv ftp local0 local1 local2 local3 local4 local5 local6 local7)
 _shtab_histstat___source_choices=(auto psutil linux)
+_shtab_histstat___kernel_events_choices=(auto on off)
 _shtab_histstat___color_choices=(auto always never)
 
 _shtab_histstat__h_nargs=0

@@ -27,13 +27,14 @@ def resolve_source_name(asked: str) -> str:
     return asked
 
 
-def make_source(name: str, protos: frozenset[str] | None = None) -> Source:
+def make_source(name: str, protos: frozenset[str] | None = None, watch_ends: bool = True) -> Source:
     """The source of snapshots, reading only the protocols' tables (--tcp, -4, ...);
-    the Linux one is imported only where it can run."""
+    the Linux one is imported only where it can run, and hears the kernel's destroy
+    broadcasts unless ``watch_ends`` is False (--kernel-events off)."""
     if name == "linux":
         from histstat.sources.linux import LinuxSource
 
-        return LinuxSource(protos=protos)
+        return LinuxSource(protos=protos, watch_ends=None if watch_ends else False)
     from histstat.sources.psutil_source import PsutilSource
 
     return PsutilSource(protos)

@@ -1,0 +1,181 @@
+"""The join of connect events into whole connects (histstat.connects), on made-up events:
+order, source addresses, ambiguity, failed connects and the bounds of its memories."""
+
+from __future__ import annotations
+
+import socket
+
+from test_story import CLIENT, LISTENER, SERVER, poller_of, rows_of
+
+from histstat.connects import Connect, ConnectJoiner, Process, RecentProcesses, normal_address
+from histstat.records import ProcessFacts
+from histstat.sources.base import NO_ENDS
+from histstat.sources.trace_lines import ConnectEvent
+
+
+def event(old, new, sport=0, dport=80, saddr="127.0.0.1", daddr="127.0.0.1", time=1.0,
+          family=socket.AF_INET, tid=100) -> ConnectEvent:  # fmt: skip
+    return ConnectEvent(time, tid, tid, "curl", family, sport, dport, saddr, daddr, old, new)
+
+
+def process(pid: int, created: float | None = 5.0) -> Process:
+    return Process(pid, created, ProcessFacts(name=f"p{pid}"))
+
+
+def test_outcome_joins_its_connect_and_gives_the_whole_tuple():
+    joiner = ConnectJoiner()
+    joiner.connected(event("CLOSE", "SYN_SENT", time=1.0), process(7))
+    connect = joiner.finished(event("SYN_SENT", "ESTABLISHED", sport=4000, time=1.5))
+    assert connect.key == ("tcp", "127.0.0.1", 4000, "127.0.0.1", 80)
+    assert (connect.time, connect.end_time, connect.failed) == (1.0, 1.5, False)
+    assert connect.process == process(7)
+    assert joiner.connect_of(connect.key) == connect
+    assert joiner.take_failed() == []
+
+
+def test_failed_connects_are_kept_for_the_poll_in_order():
+    joiner = ConnectJoiner()
+    for port in (1, 2):
+        joiner.connected(event("CLOSE", "SYN_SENT", dport=port), process(7))
+    for port in (1, 2):
+        joiner.finished(event("SYN_SENT", "CLOSE", sport=5000 + port, dport=port))
+    assert [c.rport for c in joiner.take_failed()] == [1, 2]
+    assert joiner.take_failed() == []
+
+
+def test_two_processes_connecting_to_one_destination_are_counted_not_guessed():
+    joiner = ConnectJoiner()
+    joiner.connected(event("CLOSE", "SYN_SENT", tid=7), process(7))
+    joiner.connected(event("CLOSE", "SYN_SENT", tid=8), process(8))
+    first = joiner.finished(event("SYN_SENT", "ESTABLISHED", sport=4000))
+    second = joiner.finished(event("SYN_SENT", "ESTABLISHED", sport=4001))
+    assert first.process is None and joiner.ambiguous == 1
+    assert second.process == process(8)  # alone by then
+
+
+def test_one_process_connecting_twice_to_one_destination_is_not_ambiguous():
+    joiner = ConnectJoiner()
+    joiner.connected(event("CLOSE", "SYN_SENT"), process(7))
+    joiner.connected(event("CLOSE", "SYN_SENT"), process(7))
+    assert joiner.finished(event("SYN_SENT", "ESTABLISHED", sport=4000)).process == process(7)
+    assert joiner.ambiguous == 0
+
+
+def test_a_bound_source_port_picks_its_own_connect():
+    joiner = ConnectJoiner()
+    joiner.connected(event("CLOSE", "SYN_SENT", sport=4001, tid=7), process(7))
+    joiner.connected(event("CLOSE", "SYN_SENT", sport=4002, tid=8), process(8))
+    assert joiner.finished(event("SYN_SENT", "CLOSE", sport=4002)).process == process(8)
+    assert joiner.ambiguous == 0
+
+
+def test_an_outcome_without_its_connect_has_no_process():
+    joiner = ConnectJoiner()
+    connect = joiner.finished(event("SYN_SENT", "CLOSE", sport=4000))
+    assert connect.process is None and joiner.unmatched == 1
+
+
+def test_ipv6_addresses_are_spelled_as_sources_spell_them():
+    joiner = ConnectJoiner()
+    v6 = dict(family=socket.AF_INET6, saddr="::1", daddr="0:0::1")
+    joiner.connected(event("CLOSE", "SYN_SENT", **v6), process(7))
+    connect = joiner.finished(event("SYN_SENT", "ESTABLISHED", sport=4000, **v6))
+    assert connect.key == ("tcp6", "::1", 4000, "::1", 80)
+    assert connect.process == process(7)
+    assert normal_address(socket.AF_INET6, "::ffff:127.0.0.1") == "::ffff:127.0.0.1"
+
+
+def test_connects_are_forgotten_after_their_memory():
+    joiner = ConnectJoiner()
+    joiner.connected(event("CLOSE", "SYN_SENT", time=1.0), process(7))
+    connect = joiner.finished(event("SYN_SENT", "ESTABLISHED", sport=4000, time=1.0))
+    joiner.expire(30.0)
+    assert joiner.connect_of(connect.key) is not None
+    joiner.expire(100.0)
+    assert joiner.connect_of(connect.key) is None
+
+
+def test_a_process_gone_at_its_read_takes_its_read_of_moments_before():
+    recent = RecentProcesses()
+    alive = Process(7, 5.0, ProcessFacts(name="beacon", command="beacon --c2"))
+    assert recent.fill(alive, 10.0) is alive
+    gone = Process(7, None, ProcessFacts(name="beacon"))
+    assert recent.fill(gone, 10.5) is alive
+    assert recent.fill(gone, 12.0) is gone  # too late: the pid may be another's
+    assert recent.fill(Process(7, None, ProcessFacts(name="other")), 10.5).facts.name == "other"
+
+
+# The poller with connect events: a stand-in for ConnectWatcher over the story tests'
+# event source and process cache.
+class Watcher:
+    def __init__(self, connects=(), failed=(), lost=0):
+        self._connects = {connect.key: connect for connect in connects}
+        self._failed = list(failed)
+        self._lost = lost
+
+    def connect_of(self, key):
+        return self._connects.get(key)
+
+    def catch_up(self):
+        pass
+
+    def take_failed(self):
+        failed, self._failed = self._failed, []
+        return failed
+
+    def lost_since_told(self):
+        lost, self._lost = self._lost, 0
+        return lost
+
+
+def whole_connect(conn, process_, failed=False, at=1000.0):
+    return Connect(conn.proto, conn.laddr, conn.lport, conn.raddr, conn.rport, at, at + 0.001,
+                   failed, process_)  # fmt: skip
+
+
+def test_a_story_no_poll_saw_owned_takes_the_connects_process_and_time():
+    remainder = CLIENT._replace(status="TIME_WAIT", pid=None, cookie=None)
+    gone = Process(20, None, ProcessFacts(name="beacon"))
+    watcher = Watcher([whole_connect(remainder, gone)])
+    poller, _ = poller_of(({remainder}, NO_ENDS), connects=watcher)
+    (row,) = rows_of(poller)
+    assert (row.pid, row.pname, row.command, row.attribution) == (20, "beacon", None, "connect")
+    assert row.timestamp.timestamp() == 1000.0  # the connect's time, not the poll's
+
+
+def test_a_process_that_still_lives_gives_its_facts_from_the_cache():
+    remainder = CLIENT._replace(status="TIME_WAIT", pid=None, cookie=None)
+    alive = Process(20, 0.0, ProcessFacts(name="beacon", command="read at the connect"))
+    poller, _ = poller_of(
+        ({remainder}, NO_ENDS), connects=Watcher([whole_connect(remainder, alive)])
+    )
+    (row,) = rows_of(poller)
+    assert (row.pid, row.command, row.attribution) == (20, "command of 20", "connect")
+
+
+def test_a_failed_connect_is_an_open_and_a_close_row_in_syn_sent():
+    refused = CLIENT._replace(status="SYN_SENT", pid=None, cookie=None)
+    connect = whole_connect(refused, Process(20, None, ProcessFacts(name="scan")), failed=True)
+    poller, _ = poller_of((set(), NO_ENDS), connects=Watcher(failed=[connect]), closed=True)
+    opened, closed = rows_of(poller)
+    assert (opened.event, closed.event) == ("open", "close")
+    for row in (opened, closed):
+        assert (row.status, row.pid, row.pname, row.attribution) == ("SYN_SENT", 20, "scan",
+                                                                      "connect")  # fmt: skip
+    assert opened.timestamp.timestamp() == 1000.0
+    assert closed.timestamp.timestamp() == 1000.001
+
+
+def test_lost_connect_events_are_told():
+    notices = []
+    poller, _ = poller_of((set(), NO_ENDS), connects=Watcher(lost=3), notices=notices)
+    rows_of(poller)
+    assert len(notices) == 1 and "3 connect events were lost" in notices[0]
+
+
+def test_an_accepted_connection_nobody_holds_takes_the_listeners_owner():
+    accepted = SERVER._replace(pid=None, cookie=None)
+    poller, _ = poller_of(({LISTENER, accepted}, NO_ENDS))
+    rows = {row.status: row for row in rows_of(poller)}
+    row = rows["ESTABLISHED"]
+    assert (row.pid, row.pname, row.attribution, row.direction) == (10, "proc10", "listener", "in")
