@@ -135,17 +135,7 @@ def read_process_facts(proc: psutil.Process, command_limit: int = COMMAND_LIMIT)
     """Every fact independently, through psutil: AccessDenied on one leaves the others
     intact."""
     args = _field(lambda: _arguments(proc))
-    command, length = cut_command(" ".join(args) if args else None, command_limit)
-    return ProcessFacts(
-        name=as_utf8(_field(proc.name)),
-        user=as_utf8(_field(proc.username) or None),
-        command=command,
-        exe=executable_path(proc),
-        command_length=length,
-        ppid=_ppid(proc),
-        args=cut_arguments(args, command_limit),
-        args_count=len(args) if args else None,
-    )
+    return _facts(proc, as_utf8(_field(proc.name)), args, command_limit)
 
 
 def read_process_name(proc: psutil.Process) -> str | None:
@@ -205,16 +195,23 @@ def read_linux_process_facts(
     """Like ``read_process_facts``, but the name and the command line come from /proc as
     bytes: every byte as the process set it, decoded as UTF-8."""
     raw = _field(lambda: _proc_file(proc.pid, "cmdline"))
-    command = first = args = None
+    first = args = None
     if raw:  # empty for kernel threads and zombies
         # NUL and space are never part of a UTF-8 sequence: each argument decodes alone
         argv = _linux_argv(raw)
         first = argv[0]
         args = [arg.decode("utf-8", "surrogateescape") for arg in argv]
-        command = " ".join(args)
-    command, length = cut_command(command, command_limit)
+    return _facts(proc, _field(lambda: _linux_name(proc.pid, first)), args, command_limit)
+
+
+def _facts(
+    proc: psutil.Process, name: str | None, args: list[str] | None, command_limit: int
+) -> ProcessFacts:
+    """The facts of a process whose name and arguments were read (each reader has its
+    own way); the command line is the arguments joined by spaces, both cut alike."""
+    command, length = cut_command(" ".join(args) if args else None, command_limit)
     return ProcessFacts(
-        name=_field(lambda: _linux_name(proc.pid, first)),
+        name=name,
         user=as_utf8(_field(proc.username) or None),
         command=command,
         exe=executable_path(proc),
