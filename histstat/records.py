@@ -31,6 +31,9 @@ class Connection(NamedTuple):
     cookie: int | None = None  # sock_diag's socket cookie
     owners: tuple[int, ...] = ()  # every pid holding it, the likeliest opener first
     counters: TcpCounters | None = None  # only when the snapshot was asked for them
+    # The inode of the socket's network namespace (Linux; None where unknown): the same
+    # 5-tuple in two namespaces is two sockets.
+    netns: int | None = None
 
 
 class ProcessFacts(NamedTuple):
@@ -97,6 +100,8 @@ class Row(NamedTuple):
     args: tuple[str, ...] | None = None  # argv, so quoting survives
     started: datetime.datetime | None = None  # the process's start time
     args_count: int | None = None  # argc: the arguments, however many ``args`` kept
+    netns: int | None = None  # the network namespace's inode (Linux)
+    container: str | None = None  # the owner's container id, from its cgroup path
 
 
 def sort_key(conn: Connection) -> tuple[str, str, int, str, int, str, int]:

@@ -25,6 +25,7 @@ class End(NamedTuple):
     cookie: int
     time: float  # wall-clock seconds (time.time()) when histstat received it
     counters: TcpCounters | None  # TCP only; None after an abort (the kernel cleared them)
+    netns: int | None = None  # the namespace whose broadcast told it (Linux)
 
 
 class Ends(NamedTuple):

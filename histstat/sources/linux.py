@@ -207,7 +207,8 @@ class LinuxSource:
             owners = holders(inode, ()) if inode else ()
             pid = owners[0] if owners else None
             conn = make(
-                Connection, (proto, laddr, lport, raddr, rport, status, pid, cookie, owners, tcp)
+                Connection,
+                (proto, laddr, lport, raddr, rport, status, pid, cookie, owners, tcp, None),
             )
             uids.setdefault(conn, uid)
         self._uids = uids
