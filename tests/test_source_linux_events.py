@@ -281,7 +281,17 @@ def test_udp_and_ipv6_ends_come_from_their_own_groups(watching):
     collected.wait(cookie for cookie, _, _ in cookies.values())
     for proto, (cookie, port, host) in cookies.items():
         assert collected.by_cookie[cookie] == [
-            End(proto, host, port, None, None, cookie, collected.by_cookie[cookie][0].time, None)
+            End(
+                proto,
+                host,
+                port,
+                None,
+                None,
+                cookie,
+                collected.by_cookie[cookie][0].time,
+                None,
+                os.stat("/proc/self/ns/net").st_ino,  # histstat's own namespace
+            )
         ]
 
 
