@@ -22,8 +22,8 @@ NETLINK_SOCK_DIAG = 4  # linux/netlink.h
 # access check, which can refuse root too, e.g. for a supervisor holding capabilities
 # root lacks); those namespaces are not watched, and the caller says so once.
 UNPRIVILEGED_REASON = (
-    "the network namespaces of some processes cannot be read (that needs root, allowed to"
-    " ptrace them): connections in those namespaces are not shown"
+    "connections in other network namespaces (containers) may be missing: reading them"
+    " needs root, allowed to ptrace their processes"
 )
 ENTER_TIMEOUT = 5.0  # seconds for a worker thread to open a socket inside a namespace
 
@@ -60,6 +60,17 @@ def namespace_inode(pid: int | str, proc: str = "/proc") -> int | None:
         return None
 
 
+def _net_files_inode(pid: int | str, proc: str = "/proc") -> int | None:
+    """The inode of /proc/PID/net/dev, which each network namespace has its own of, and
+    which (unlike the ns link) anyone may stat: it tells whether a process another user
+    owns is in histstat's namespace. None when it cannot be read (a fake /proc, a process
+    gone)."""
+    try:
+        return os.stat(f"{proc}/{pid}/net/dev").st_ino
+    except OSError:
+        return None
+
+
 class NamespaceDiscovery:
     """Which network namespaces processes hold, with one representative pid each, kept
     incrementally across calls of ``scan``.
@@ -84,6 +95,7 @@ class NamespaceDiscovery:
         if own is None:
             raise OSError(f"cannot read {proc}/self/ns/net")
         self.own = own  # histstat's own namespace, where its main thread stays
+        self._own_net_files = _net_files_inode("self", proc)
         # pid → (start time, namespace inode); the inode is None when it is unreadable
         self._known: dict[int, tuple[int, int | None]] = {}
         self._members: dict[int, set[int]] = {}  # namespace inode → pids in it
@@ -225,8 +237,24 @@ class NamespaceDiscovery:
     def start_time(self, pid: int) -> int | None:
         return process_start_time(pid, self.proc)
 
-    def namespace_of(self, pid: int) -> int | None:
+    def read_link(self, pid: int) -> int | None:
         return namespace_inode(pid, self.proc)
+
+    def namespace_of(self, pid: int) -> int | None:
+        """The ns link's inode; for a process whose link is refused, histstat's own
+        namespace when its /proc/PID/net files are histstat's own (which needs no
+        right to the process), else PermissionError."""
+        try:
+            return self.read_link(pid)
+        except PermissionError:
+            if self._own_net_files is None:
+                raise
+            files = _net_files_inode(pid, self.proc)
+            if files is None:
+                return None  # ended meanwhile
+            if files == self._own_net_files:
+                return self.own
+            raise
 
 
 _libc_setns = None
