@@ -1,5 +1,6 @@
 """Network namespaces: the cost of discovering them per call, of opening a socket inside
-each, and of one sock_diag dump per namespace.
+each, of one sock_diag dump per namespace, and of a whole Linux source snapshot with and
+without them.
 
 Run as root from the repository root, with the Python of a venv where histstat is
 installed:
@@ -14,13 +15,16 @@ Workloads, each set up by this script and ended at the end (also on an error or 
 * The same plus ``--namespaces`` idle namespaces, each held by one ``unshare --net cat``
   (empty: loopback down, no sockets).
 
-Figures are CPU time of this process per call (process time over ``--calls`` calls, the
-first call excluded), side by side with a reference measured in the same run: for
-discovery, reading every process's start time and ns link each call (what discovery
-without memory would do); for the dumps, the dump of histstat's own namespace.
+Figures are CPU time of this process per call (process time, all its threads, over
+``--calls`` calls, the first call excluded), side by side with a reference measured in
+the same run: for discovery, reading every process's start time and ns link each call
+(what discovery without memory would do); for the dumps, the dump of histstat's own
+namespace; for ``LinuxSource.snapshot()`` (discovery, registry, dumps of every namespace,
+owners lookup, Connections, as a poll takes it), the same source's snapshot before the
+idle namespaces were started.
 
-The dumps use the Linux source's ``_SockDiag`` through its private socket attribute, the
-seam that wiring namespaces in will make public: tcp, tcp6, udp and udp6, as a poll does.
+The dumps use the Linux source's ``SockDiag`` on sockets made inside each namespace (its
+``sock`` seam): tcp, tcp6, udp and udp6, as a poll does.
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ import sys
 import time
 from collections.abc import Callable
 
-from histstat.sources.linux import _TABLES, _SockDiag
+from histstat.sources.linux import _TABLES, _TCP_STATES, LinuxSource
 from histstat.sources.namespaces import (
     NamespaceDiscovery,
     NamespaceSockets,
     namespace_inode,
     process_start_time,
 )
+from histstat.sources.sock_diag import SockDiag
 
 DEADLINE = 30.0  # seconds for the helpers to be ready
 
@@ -113,18 +118,17 @@ def wait_for_namespaces(helpers: list[subprocess.Popen], own: int) -> None:
             time.sleep(0.01)
 
 
-def dump_all(diag: _SockDiag) -> int:
+def dump_all(diag: SockDiag) -> int:
     rows = 0
     for proto, family, protocol, stateful in _TABLES:
-        rows += len(diag.dump(proto, family, protocol, stateful, {}))
+        rows += len(diag.dump(proto, family, protocol, _TCP_STATES if stateful else {}, {}))
     return rows
 
 
-def diag_for(sock: socket.socket) -> _SockDiag:
-    diag = _SockDiag()
-    sock.settimeout(5.0)
-    diag._sock = sock  # the seam: a sock_diag socket made elsewhere
-    return diag
+def diag_for(sock: socket.socket) -> SockDiag:
+    """A SockDiag that owns a socket made inside another namespace: a dup, as the
+    registry keeps closing its own."""
+    return SockDiag(sock=sock.dup())
 
 
 def discovery_rows(label: str, calls: int) -> list[str]:
@@ -154,15 +158,37 @@ def main() -> int:
     print(machine("before"))
     helpers: list[subprocess.Popen] = []
     rows = ["| workload | measure | µs CPU per call | ratio |", "|---|---|---:|---:|"]
+    source = LinuxSource()
     try:
         start_helpers(["cat"], max(0, args.processes - len(pids())), helpers)
-        rows += discovery_rows(f"{len(pids())} processes", args.calls)
+        label = f"{len(pids())} processes"
+        rows += discovery_rows(label, args.calls)
+        source.snapshot()  # joins the broadcasts; then the reference
+        sockets = len(source.snapshot())
+        whole = per_call(source.snapshot, args.calls)
+        rows.append(
+            f"| {label}, {len(NamespaceDiscovery().scan())} namespace(s) | `LinuxSource.snapshot()`"
+            f" ({sockets} sockets, reference) | {whole:,.0f} | 1.00 |"
+        )
         namespaced: list[subprocess.Popen] = []
         start_helpers(["unshare", "--net", "cat"], args.namespaces, namespaced)
         helpers += namespaced
         wait_for_namespaces(namespaced, own)
         label = f"{len(pids())} processes, {args.namespaces} idle namespaces"
         rows += discovery_rows(label, args.calls)
+        started = time.process_time()
+        source.snapshot()
+        first = (time.process_time() - started) * 1e6
+        read = len(source.namespaces)
+        rows.append(
+            f"| {label} | `LinuxSource.snapshot()` that finds them ({read} entered, each a dump"
+            f" and a broadcast socket) | {first:,.0f} | {first / whole:.2f} |"
+        )
+        steady = per_call(source.snapshot, args.calls)
+        rows.append(
+            f"| {label} | `LinuxSource.snapshot()`, nothing changed | {steady:,.0f} "
+            f"| {steady / whole:.2f} |"
+        )
         with NamespaceSockets() as registry:
             started = time.process_time()
             opened = registry.update().opened
@@ -170,7 +196,7 @@ def main() -> int:
             steady = per_call(registry.update, args.calls)
             rows.append(f"| {label} | open one namespace's socket | {opening:,.0f} | |")
             rows.append(f"| {label} | registry update, nothing changed | {steady:,.0f} | |")
-            own_diag = _SockDiag()
+            own_diag = SockDiag()
             try:
                 reference = per_call(lambda: dump_all(own_diag), args.calls)
                 own_rows = dump_all(own_diag)
@@ -199,6 +225,7 @@ def main() -> int:
             )
         print(machine("during"))
     finally:
+        source.close()
         for helper in helpers:
             with contextlib.suppress(OSError):
                 helper.stdin.close()

@@ -20,7 +20,6 @@ from histstat.sources.namespaces import (
     NamespaceDiscovery,
     NamespaceGone,
     NamespaceSockets,
-    namespace_inode,
     process_start_time,
     socket_in_namespace,
 )

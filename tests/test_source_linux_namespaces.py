@@ -339,3 +339,90 @@ def test_proc_net_source_stamps_its_own_namespace(source):
         assert files.namespaces == frozenset()
     finally:
         files.close()
+
+
+# A child alone in a new namespace, idle until it reads a line; then it listens on
+# 127.0.0.1 and prints the port.
+LISTEN_LATER_SOURCE = (
+    "import socket, sys\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.readline()\n"
+    "server = socket.socket()\n"
+    "server.bind(('127.0.0.1', 0))\n"
+    "server.listen()\n"
+    "print(server.getsockname()[1], flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+class CountedDumps:
+    """Counts the dumps of one namespace's SockDiag."""
+
+    def __init__(self, diag) -> None:
+        self.calls = 0
+        real = diag.dump
+
+        def dump(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        diag.dump = dump
+
+
+def test_an_idle_namespace_is_not_dumped_until_it_counts_a_socket(source):
+    need_tools("unshare", "ip")
+    argv = netns_child_argv()
+    argv[argv.index(sys.executable) + 2] = LISTEN_LATER_SOURCE
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert read_line(child.stdout) == b"ready\n"
+        inode = netns_inode(child.pid)
+
+        def entered() -> bool:
+            source.snapshot()
+            return inode in source.namespaces
+
+        wait_for(entered, describe="the child's namespace is not read")
+        dumps = CountedDumps(source._readers.held[inode].diag)
+        assert not [conn for conn in source.snapshot() if conn.netns == inode]
+        assert dumps.calls == 0  # its counters said it was empty
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        port = int(read_line(child.stdout))
+        listening = ("tcp", "127.0.0.1", port, None, None, "LISTEN")
+        assert {conn[:6] for conn in source.snapshot() if conn.netns == inode} == {listening}
+        assert dumps.calls > 0
+    finally:
+        end_child(child)
+
+
+def test_a_namespace_whose_last_dump_had_rows_is_dumped_whatever_its_counters(
+    source, netns_children, monkeypatch
+):
+    """A count read low (the kernel sums per-CPU counters unlocked) must not hide a
+    socket a poll has shown: that would end its story and start another."""
+    from histstat.sources import linux
+
+    child = netns_children()
+    inode = netns_inode(child.pid)
+    assert {c[:6] for c in source.snapshot() if c.netns == inode} == child.connections()
+    monkeypatch.setattr(linux, "holds_no_socket", lambda net: True)
+    assert {c[:6] for c in source.snapshot() if c.netns == inode} == child.connections()
+
+
+def test_the_counters_of_an_empty_namespace_and_of_a_busy_one(netns_children):
+    from histstat.sources.linux import holds_no_socket
+
+    need_tools("unshare")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # our namespace holds a socket, at least this one
+        assert not holds_no_socket("/proc/self/net")
+    assert not holds_no_socket(f"/proc/{netns_children().pid}/net")
+    empty = subprocess.Popen(["unshare", "--net", "cat"], stdin=subprocess.PIPE)
+    try:
+        wait_for(lambda: netns_inode_if_entered(empty.pid))
+        assert holds_no_socket(f"/proc/{empty.pid}/net")
+    finally:
+        end_child(empty)
+    assert not holds_no_socket("/nonexistent")  # unreadable: dump
