@@ -5,13 +5,14 @@ without them.
 Run as root from the repository root, with the Python of a venv where histstat is
 installed:
 
-    python benchmarks/namespaces.py                  # 300 processes, 50 namespaces
+    python benchmarks/namespaces.py     # 300 processes, 1,000 connections, 50 namespaces
     python benchmarks/namespaces.py --processes 1000 --namespaces 200
 
 Workloads, each set up by this script and ended at the end (also on an error or Ctrl-C):
 
 * The machine's processes, topped up with idle ``cat`` processes to ``--processes``, in
-  histstat's own namespace.
+  histstat's own namespace, and ``--pairs`` loopback connections (both ends) held by
+  this process there, so that the own namespace's dump has a table to walk.
 * The same plus ``--namespaces`` idle namespaces, each held by one ``unshare --net cat``
   (empty: loopback down, no sockets).
 
@@ -33,7 +34,9 @@ import argparse
 import contextlib
 import os
 import platform
+import resource
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -49,25 +52,33 @@ from histstat.sources.namespaces import (
 from histstat.sources.sock_diag import SockDiag
 
 DEADLINE = 30.0  # seconds for the helpers to be ready
+ROUNDS = 5  # turns of the snapshots measured side by side (their medians)
 
 
 def pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
-def sockets_in_use() -> int:
-    with open("/proc/net/sockstat") as handle:
-        for line in handle:
-            if line.startswith("sockets:"):
-                return int(line.split()[2])
-    return 0
+def sockets_in_use() -> str:
+    """What this namespace's TCP and UDP counters say (/proc/net/sockstat)."""
+    found = []
+    for name in ("sockstat", "sockstat6"):
+        with contextlib.suppress(OSError), open(f"/proc/net/{name}") as handle:
+            for line in handle:
+                fields = line.split()
+                if fields and fields[0] in ("TCP:", "UDP:", "TCP6:", "UDP6:"):
+                    counts = dict(zip(fields[1::2], fields[2::2]))
+                    found.append(f"{fields[0]} {counts['inuse']}")
+                    if "tw" in counts:
+                        found.append(f"TIME_WAIT {counts['tw']}")
+    return ", ".join(found)
 
 
 def machine(label: str) -> str:
     return (
         f"- {label}: {os.cpu_count()} cores, {platform.system()} {platform.release()} "
         f"{platform.machine()}, Python {platform.python_version()}; {len(pids())} processes, "
-        f"{sockets_in_use()} sockets in use (/proc/net/sockstat, this namespace), "
+        f"sockets in this namespace: {sockets_in_use()}; "
         f"{len(NamespaceDiscovery().scan())} network namespaces"
     )
 
@@ -93,6 +104,23 @@ def socket_counts(pid: int) -> bytes:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{name}", "rb") as handle:
             data += handle.read()
     return data
+
+
+def hold_pairs(count: int, held: list[socket.socket]) -> None:
+    """``count`` loopback connections, both ends kept in ``held``."""
+    if not count:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * count + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    server = socket.socket()
+    held.append(server)
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)
+    for _ in range(count):
+        held.append(socket.create_connection(server.getsockname()))
+        held.append(server.accept()[0])
 
 
 def per_call(work: Callable[[], object], calls: int) -> float:
@@ -149,6 +177,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=300)
     parser.add_argument("--namespaces", type=int, default=50)
+    parser.add_argument("--pairs", type=int, default=1000)
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -159,7 +188,9 @@ def main() -> int:
     helpers: list[subprocess.Popen] = []
     rows = ["| workload | measure | µs CPU per call | ratio |", "|---|---|---:|---:|"]
     source = LinuxSource()
+    pairs: list[socket.socket] = []
     try:
+        hold_pairs(args.pairs, pairs)
         start_helpers(["cat"], max(0, args.processes - len(pids())), helpers)
         label = f"{len(pids())} processes"
         rows += discovery_rows(label, args.calls)
@@ -184,10 +215,27 @@ def main() -> int:
             f"| {label} | `LinuxSource.snapshot()` that finds them ({read} entered, each a dump"
             f" and a broadcast socket) | {first:,.0f} | {first / whole:.2f} |"
         )
-        steady = per_call(source.snapshot, args.calls)
+        # The machine's other work changes the own namespace's table as this runs: a
+        # source that reads histstat's own namespace alone, measured in turns with the
+        # whole one, is the reference of the same moment.
+        own_only = LinuxSource(namespaces=False)
+        try:
+            own_only.snapshot()
+            steadies, alones = [], []
+            for _ in range(ROUNDS):
+                steadies.append(per_call(source.snapshot, max(1, args.calls // ROUNDS)))
+                alones.append(per_call(own_only.snapshot, max(1, args.calls // ROUNDS)))
+            sockets = len(own_only.snapshot())
+        finally:
+            own_only.close()
+        steady, alone = statistics.median(steadies), statistics.median(alones)
         rows.append(
             f"| {label} | `LinuxSource.snapshot()`, nothing changed | {steady:,.0f} "
             f"| {steady / whole:.2f} |"
+        )
+        rows.append(
+            f"| {label} | the same, in turns with: own namespace alone ({sockets} sockets, "
+            f"reference) | {steady:,.0f} against {alone:,.0f} | {steady / alone:.2f} |"
         )
         with NamespaceSockets() as registry:
             started = time.process_time()
@@ -226,6 +274,8 @@ def main() -> int:
         print(machine("during"))
     finally:
         source.close()
+        for sock in pairs:
+            sock.close()
         for helper in helpers:
             with contextlib.suppress(OSError):
                 helper.stdin.close()
