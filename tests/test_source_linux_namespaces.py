@@ -426,3 +426,36 @@ def test_the_counters_of_an_empty_namespace_and_of_a_busy_one(netns_children):
     finally:
         end_child(empty)
     assert not holds_no_socket("/nonexistent")  # unreadable: dump
+
+
+def test_the_runner_says_why_once_on_stderr(monkeypatch):
+    """In-process: the source's notice reaches stderr through the runner, once over
+    several polls, with histstat's prefix; the rows go on."""
+    import io
+
+    from histstat import runner
+    from histstat.environment import Environment
+    from histstat.sources.namespaces import NamespaceDiscovery
+
+    need_root("a run as root whose discovery is told some namespaces were refused")
+    polls = []
+
+    def sleep_until(loop, deadline):
+        polls.append(deadline)
+        if len(polls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(NamespaceDiscovery, "reason", property(lambda self: UNPRIVILEGED_REASON))
+    monkeypatch.setattr(runner.PollLoop, "_sleep_until", sleep_until)
+    stdout, stderr = io.BytesIO(), io.StringIO()
+    env = Environment(stdout=stdout, stderr=stderr, stdout_encoding="utf-8", stdout_isatty=False)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        argv = ["-j", "--source", "linux", "--kernel-events", "off", "--port", str(port)]
+        assert runner.main(argv, env=env) == 0
+    assert len(polls) == 3
+    assert stderr.getvalue().splitlines() == ["histstat: " + UNPRIVILEGED_REASON]
+    rows = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert [row["lport"] for row in rows if row["pid"] == os.getpid()] == [port]
