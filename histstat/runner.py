@@ -423,7 +423,9 @@ def run(config: Config, env: Environment) -> int:
         hasher = ExecutableHasher() if config.hashes else None
         resolver = ReverseResolver() if config.resolve else None
         events = config.kernel_events != "off"
-        source = make_source(config.source, config.row_filter.protos, watch_ends=events)
+        source = make_source(
+            config.source, config.row_filter.protos, watch_ends=events, notice=env.notice
+        )
         try:
             poller = Poller(
                 source,

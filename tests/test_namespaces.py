@@ -20,7 +20,6 @@ from histstat.sources.namespaces import (
     NamespaceDiscovery,
     NamespaceGone,
     NamespaceSockets,
-    namespace_inode,
     process_start_time,
     socket_in_namespace,
 )
@@ -89,11 +88,11 @@ class CountingDiscovery(NamespaceDiscovery):
         self.reads: list[int] = []
         self.refused = set(refused)
 
-    def namespace_of(self, pid: int) -> int | None:
+    def read_link(self, pid: int) -> int | None:
         self.reads.append(pid)
         if pid in self.refused:
             raise PermissionError(13, "Permission denied")
-        return super().namespace_of(pid)
+        return super().read_link(pid)
 
 
 def test_process_start_time_is_field_22_after_an_odd_name(fake_proc):
@@ -249,7 +248,7 @@ def test_discovery_finds_the_childs_namespace_with_the_child_as_representative(n
     assert discovery.own == netns_inode("self") != inode
     held = discovery.scan()
     assert held[inode] == child.pid  # alone in its namespace
-    assert namespace_inode(held[discovery.own]) == discovery.own
+    assert discovery.namespace_of(held[discovery.own]) == discovery.own
     child.stop()
     wait_for(lambda: inode not in discovery.scan(), describe="the ended namespace stays listed")
 
@@ -467,3 +466,24 @@ def test_closing_a_gone_namespaces_socket_frees_the_namespace_and_its_veth(netns
     finally:
         if link_exists(host_end):
             subprocess.run(["ip", "link", "del", host_end], capture_output=True)
+
+
+def test_a_refused_process_in_histstats_own_namespace_is_filed_there(fake_proc):
+    """Its ns link is refused, yet its /proc/PID/net files are histstat's own: it is in
+    histstat's namespace, and nothing is missing."""
+    for pid in ("self", 10, 11):
+        (fake_proc / str(pid) / "net").mkdir(parents=True, exist_ok=True)
+    fake_process(fake_proc, 10, 100, 1)
+    fake_process(fake_proc, 11, 100, 2)
+    (fake_proc / "self" / "net" / "dev").write_text("own")
+    os.link(fake_proc / "self" / "net" / "dev", fake_proc / "10" / "net" / "dev")
+    (fake_proc / "11" / "net" / "dev").write_text("another namespace's")
+    discovery = CountingDiscovery(fake_proc, refused={10, 11})
+    assert dict(discovery.scan()) == {1: 10}
+    assert discovery.members(1) == {10}
+    assert (discovery.denied, discovery.reason) == (1, UNPRIVILEGED_REASON)  # pid 11 alone
+    (fake_proc / "11" / "net" / "dev").unlink()
+    (fake_proc / "11" / "net").rmdir()
+    fake_exit(fake_proc, 11)
+    discovery.scan()
+    assert (discovery.denied, discovery.reason) == (0, None)

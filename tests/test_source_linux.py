@@ -500,10 +500,12 @@ def holders():
 
 
 def _by_key(conns, ports: set) -> dict:
-    """(proto, laddr, lport, raddr, rport, status) → pids, for the given local ports."""
+    """(proto, laddr, lport, raddr, rport, status) → pids, for the given local ports, in
+    this process's network namespace (psutil reads no other)."""
+    own = os.stat("/proc/self/ns/net").st_ino
     found: dict = {}
     for conn in conns:
-        if conn.lport in ports:
+        if conn.lport in ports and conn.netns == own:
             found.setdefault(conn[:6], set()).add(conn.pid)
     return found
 

@@ -281,7 +281,17 @@ def test_udp_and_ipv6_ends_come_from_their_own_groups(watching):
     collected.wait(cookie for cookie, _, _ in cookies.values())
     for proto, (cookie, port, host) in cookies.items():
         assert collected.by_cookie[cookie] == [
-            End(proto, host, port, None, None, cookie, collected.by_cookie[cookie][0].time, None)
+            End(
+                proto,
+                host,
+                port,
+                None,
+                None,
+                cookie,
+                collected.by_cookie[cookie][0].time,
+                None,
+                os.stat("/proc/self/ns/net").st_ino,  # histstat's own namespace
+            )
         ]
 
 
@@ -451,6 +461,45 @@ def test_close_leaves_no_thread_and_no_descriptor(monkeypatch):
     assert not source.watches_ends()
     assert set(os.listdir("/proc/self/fd")) == before_fds
     assert _netlink_fds() == before_netlink
+
+
+def test_a_joined_socket_stamps_its_namespace_and_is_closed_by_the_reader_when_left(
+    listener, monkeypatch
+):
+    """A second socket joined (here in histstat's own namespace, named 7 for the test)
+    is read by the same thread, its ends stamped 7; once left, the reader drains and
+    closes it, woken through its pipe (the safety wake-up would take ten minutes)."""
+    monkeypatch.setattr(destroy, "_SAFETY_WAKEUP", 600_000)
+    own = os.stat("/proc/self/ns/net").st_ino
+    watcher = DestroyWatcher(["tcp"], netns=own)
+    try:
+        assert watcher.start()
+        threads = _destroy_threads()
+        joined = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4)
+        assert watcher.join(7, joined)
+        assert watcher.namespaces == {7}
+        client, accepted = connect(listener)
+        cookie = cookie_of(client)
+        client.close()
+        accepted.close()
+        seen: list = []
+
+        def both() -> bool:
+            seen.extend(end for end in watcher.ends().ends if end.cookie == cookie)
+            return {end.netns for end in seen} == {own, 7}
+
+        wait_for(both, describe=lambda: f"ends seen: {seen}")
+        assert len(seen) == 2  # once per socket joined, each with its namespace
+        watcher.leave(7)
+        assert watcher.namespaces == frozenset()
+        wait_for(lambda: joined.fileno() == -1, END_TIMEOUT, "the left socket stays open")
+        assert _destroy_threads() == threads  # no thread of its own
+        rejoined = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4)
+        assert watcher.join(7, rejoined)  # a namespace may come back (a reused inode)
+    finally:
+        watcher.close()
+    assert watcher.namespaces == frozenset()
+    assert rejoined.fileno() == -1  # close() closed what was still joined
 
 
 def test_no_watcher_on_a_proc_tree_or_when_joining_fails(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from histstat.sources.base import Source, SourceAccessDenied
 
@@ -27,14 +28,20 @@ def resolve_source_name(asked: str) -> str:
     return asked
 
 
-def make_source(name: str, protos: frozenset[str] | None = None, watch_ends: bool = True) -> Source:
+def make_source(
+    name: str,
+    protos: frozenset[str] | None = None,
+    watch_ends: bool = True,
+    notice: Callable[[str], None] | None = None,
+) -> Source:
     """The source of snapshots, reading only the protocols' tables (--tcp, -4, ...);
-    the Linux one is imported only where it can run, and hears the kernel's destroy
-    broadcasts unless ``watch_ends`` is False (--kernel-events off)."""
+    the Linux one is imported only where it can run, hears the kernel's destroy
+    broadcasts unless ``watch_ends`` is False (--kernel-events off), reads every network
+    namespace it may enter and tells ``notice`` once why it cannot read the others."""
     if name == "linux":
         from histstat.sources.linux import LinuxSource
 
-        return LinuxSource(protos=protos, watch_ends=None if watch_ends else False)
+        return LinuxSource(protos=protos, watch_ends=None if watch_ends else False, notice=notice)
     from histstat.sources.psutil_source import PsutilSource
 
     return PsutilSource(protos)

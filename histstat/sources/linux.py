@@ -5,13 +5,23 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import psutil
 
 from histstat.records import Connection
+from histstat.shortage import note_shortage
 from histstat.sources.base import NO_ENDS, Ends
 from histstat.sources.destroy import DestroyWatcher
+from histstat.sources.namespaces import (
+    NamespaceDiscovery,
+    NamespaceGone,
+    NamespaceRegistry,
+    namespace_inode,
+    socket_in_namespace,
+    sockets_in_namespace,
+)
 from histstat.sources.owners import SocketOwners
 from histstat.sources.sock_diag import DiagRow, NetlinkUnavailable, SockDiag
 
@@ -111,6 +121,91 @@ def parse_proc_net(
     return rows
 
 
+# The per-namespace counters of /proc/PID/net/sockstat{,6} that count what a dump of the
+# four tables could show: hashed TCP sockets (listeners, connections), TIME_WAIT ones,
+# bound UDP sockets ("orphan" and "alloc" are machine-wide).
+_SOCKSTAT_COUNTERS = {
+    b"TCP:": (b"inuse", b"tw"),
+    b"UDP:": (b"inuse",),
+    b"TCP6:": (b"inuse",),
+    b"UDP6:": (b"inuse",),
+}
+
+
+def holds_no_socket(net: str) -> bool:
+    """True when the counters in the /proc/PID/net directory ``net`` say its namespace
+    holds no TCP or UDP socket a dump would show; False when any is counted or the
+    counters cannot be read. About 20 µs, where a dump of an empty namespace walks the
+    kernel's hash tables, which all namespaces share (0.8 ms for the four tables here).
+
+    The kernel sums per-CPU counters without a lock, so under churn a count may read 0
+    while a socket lives: a caller may skip a dump on it only where a socket missed for
+    one poll cannot be taken for one that ended (see ``LinuxSource``)."""
+    try:
+        with open(f"{net}/sockstat", "rb") as handle:
+            data = handle.read()
+        try:
+            with open(f"{net}/sockstat6", "rb") as handle:
+                data += handle.read()
+        except FileNotFoundError:  # IPv6 disabled
+            pass
+    except OSError:
+        return False
+    seen = set()
+    for line in data.splitlines():
+        fields = line.split()
+        names = _SOCKSTAT_COUNTERS.get(fields[0]) if fields else None
+        if names is None:
+            continue
+        seen.add(fields[0])
+        for at in range(1, len(fields) - 1, 2):
+            if fields[at] in names and fields[at + 1] != b"0":
+                return False
+    return seen >= {b"TCP:", b"UDP:"}  # a format not understood: dump
+
+
+class NamespaceReader:
+    """What the source holds in one network namespace other than its own: a SockDiag
+    for its dumps, and its broadcast socket, which the watcher owns. Both keep the
+    namespace alive; ``close`` lets go of both."""
+
+    def __init__(self, netns: int, diag: SockDiag, watcher: DestroyWatcher | None) -> None:
+        self.netns = netns
+        self.diag = diag
+        self.watcher = watcher  # None: its ends are not heard (inferred from polls)
+        self.empty = True  # its latest dump found nothing (or none was made yet)
+
+    def close(self) -> None:
+        self.diag.close()
+        if self.watcher is not None:
+            self.watcher.leave(self.netns)
+
+
+class NamespaceReaders(NamespaceRegistry[NamespaceReader]):
+    """A NamespaceReader in each namespace histstat can enter: its dump socket and its
+    broadcast socket made by one worker thread, the broadcasts joined before it is
+    handed back (so before its first dump)."""
+
+    def __init__(self, discovery: NamespaceDiscovery, watcher: DestroyWatcher | None) -> None:
+        super().__init__(discovery)
+        self.watcher = watcher
+        self.representatives: Mapping[int, int] = {}  # the latest scan
+
+    def open(self, pid: int, inode: int) -> NamespaceReader:
+        watcher = self.watcher if self.watcher is not None and self.watcher.watching else None
+        socks = sockets_in_namespace(pid, inode, 2 if watcher else 1, proc=self.discovery.proc)
+        if watcher is not None and not watcher.join(inode, socks[1]):
+            watcher = None
+        return NamespaceReader(inode, SockDiag(lambda: self._reenter(inode), socks[0]), watcher)
+
+    def _reenter(self, inode: int) -> socket.socket:
+        """A new dump socket in a namespace, after a failed dump closed the last one."""
+        pid = self.representatives.get(inode)
+        if pid is None:
+            raise NamespaceGone(0, f"no process holds namespace {inode}")
+        return socket_in_namespace(pid, inode, proc=self.discovery.proc)
+
+
 class LinuxSource:
     """The Linux source: sock_diag netlink dumps (else /proc/net files) for the socket
     table, with each socket's inode, owner uid and cookie (and byte counters when asked),
@@ -125,61 +220,132 @@ class LinuxSource:
         netlink: bool | None = None,
         protos: frozenset[str] | None = None,
         watch_ends: bool | None = None,
+        namespaces: bool | None = None,
+        notice: Callable[[str], None] | None = None,
     ) -> None:
         """``netlink`` None: use it when reading the live /proc, falling back to the
         /proc/net file of any table the kernel will not dump. ``protos`` (tcp, tcp6,
         udp, udp6) leaves out the tables nobody asked for: each dump costs the kernel a
         walk of its whole hash table, however few sockets it holds. ``watch_ends`` None:
         receive the kernel's destroy broadcasts of those tables when netlink reads the
-        live /proc, joined by the first snapshot, before its dump."""
+        live /proc, joined by the first snapshot, before its dump. ``namespaces`` None:
+        read every network namespace in use when netlink reads the live /proc (else
+        histstat's own alone); ``notice`` is told once why some cannot be read."""
         self.proc = proc
         self._tables = tuple(t for t in _TABLES if protos is None or t[0] in protos)
         self.owners = SocketOwners(proc)
         live_netlink = proc == "/proc" if netlink is None else netlink
         self._diag = SockDiag() if live_netlink else None
+        # /proc/net shows the namespace of the process reading it, histstat's own.
+        self.netns = namespace_inode("self", proc)
         if watch_ends is None:
             watch_ends = live_netlink and proc == "/proc"
-        self._watcher = DestroyWatcher(t[0] for t in self._tables) if watch_ends else None
+        self._watcher = (
+            DestroyWatcher((t[0] for t in self._tables), netns=self.netns) if watch_ends else None
+        )
         self._watch_started = False
+        if namespaces is None:
+            namespaces = live_netlink and proc == "/proc"
+        self._readers: NamespaceReaders | None = None
+        if namespaces and self.netns is not None:
+            self._readers = NamespaceReaders(NamespaceDiscovery(proc), self._watcher)
+        self._notice = notice
+        self._told = False
         self._proc_tables: set[str] = set()  # tables netlink refused: read from /proc/net
         # (proto, reader) → that reader's address cache
         self._addresses: dict[tuple[str, str], dict[bytes, Any]] = {}
-        self._table_sizes: dict[
-            tuple[str, str], int
-        ] = {}  # (proto, reader) → rows it gave last time
+        # (proto, reader) → rows it gave last time, in all namespaces; and this time's
+        self._table_sizes: dict[tuple[str, str], int] = {}
+        self._counting: dict[tuple[str, str], int] = {}
         self._uids: dict[Connection, int] = {}
 
     def table(self, counters: bool = False) -> list[TableRow]:
-        """Rows (see ``ROW_FIELDS``) of every TCP and UDP socket, IPv4 and IPv6; with
-        ``counters``, netlink's TCP rows carry their byte counters."""
+        """Rows (see ``ROW_FIELDS``) of every TCP and UDP socket of histstat's own
+        namespace, IPv4 and IPv6; with ``counters``, netlink's TCP rows carry their byte
+        counters."""
+        rows = self._table(self._diag, f"{self.proc}/net", counters)
+        self._count_done()
+        return rows
+
+    def tables(self, counters: bool = False) -> list[tuple[int | None, list[TableRow]]]:
+        """(namespace inode, ``table``'s rows of that namespace) of histstat's own
+        namespace, then of each other namespace it reads."""
+        found = [(self.netns, self._table(self._diag, f"{self.proc}/net", counters))]
+        if self._readers is None:
+            self._count_done()
+            return found
+        readers = self._readers
+        held = readers.discovery.scan()
+        readers.representatives = held
+        readers.update(held)
+        self._tell_reason()
+        for inode, reader in list(readers.held.items()):
+            pid = held.get(inode)
+            # A namespace that ended since the scan: its rows are gone with it.
+            net = f"{self.proc}/{pid}/net" if pid is not None else None
+            # An idle namespace's counters spare its dump. Only one whose last dump was
+            # empty too: a socket a skipped dump missed (a count read low) then has no
+            # story yet, and is only late, never taken for one that ended.
+            if reader.empty and net is not None and holds_no_socket(net):
+                continue
+            rows = self._table(reader.diag, net, counters)
+            reader.empty = not rows
+            found.append((inode, rows))
+        self._count_done()
+        return found
+
+    def _count_done(self) -> None:
+        """The rows of each table in all namespaces together size its address cache."""
+        self._table_sizes, self._counting = self._counting, {}
+
+    def _tell_reason(self) -> None:
+        if self._told or self._readers is None:
+            return
+        reason = self._readers.reason
+        if reason is not None:
+            self._told = True
+            if self._notice is not None:
+                self._notice(reason)
+
+    def _table(self, diag: SockDiag | None, files: str | None, counters: bool) -> list[TableRow]:
+        """The rows of one namespace: netlink dumps through ``diag``, else the files in
+        ``files`` (a /proc/net directory of that namespace; None: none to read)."""
         rows: list[TableRow] = []
         for proto, family, protocol, stateful in self._tables:
-            if self._diag is not None and proto not in self._proc_tables:
+            if diag is not None and proto not in self._proc_tables:
                 addresses = self._address_cache(proto, "netlink")
                 states = _TCP_STATES if stateful else {}
                 try:
-                    dumped = self._diag.dump(
+                    dumped = diag.dump(
                         proto, family, protocol, states, addresses, counters=counters
                     )
-                    self._table_sizes[(proto, "netlink")] = len(dumped)
+                    self._count((proto, "netlink"), len(dumped))
                     rows += dumped
                     continue
                 except NetlinkUnavailable:
                     self._proc_tables.add(proto)
-                except (OSError, struct.error):
-                    pass  # this poll reads the file; netlink is tried again next poll
-            rows += self._read_proc_net(proto)
+                except NamespaceGone:
+                    pass  # no way back in: its files, through its representative
+                except (OSError, struct.error) as exc:
+                    note_shortage(exc)  # this poll reads the file; netlink next poll
+            if files is not None:
+                rows += self._read_proc_net(files, proto)
         return rows
 
-    def _read_proc_net(self, proto: str) -> list[TableRow]:
+    def _read_proc_net(self, directory: str, proto: str) -> list[TableRow]:
         try:
-            with open(f"{self.proc}/net/{proto}", "rb") as handle:
+            with open(f"{directory}/{proto}", "rb") as handle:
                 data = handle.read()
-        except FileNotFoundError:  # IPv6 disabled
+        except FileNotFoundError:  # IPv6 disabled, or another namespace's process ended
+            return []
+        except ProcessLookupError:
             return []
         parsed = parse_proc_net(data, proto, self._address_cache(proto, "proc"))
-        self._table_sizes[(proto, "proc")] = len(parsed)
+        self._count((proto, "proc"), len(parsed))
         return parsed
+
+    def _count(self, key: tuple[str, str], rows: int) -> None:
+        self._counting[key] = self._counting.get(key, 0) + rows
 
     def _address_cache(self, proto: str, reader: str) -> dict[bytes, Any]:
         """The decoded-address cache of one table, started afresh once it holds much
@@ -197,20 +363,22 @@ class LinuxSource:
             # Joined before the first dump, so that no end falls between the two.
             self._watch_started = True
             self._watcher.start()
-        rows = self.table(counters)
-        holders = self.owners.owners([row[6] for row in rows]).get
+        tables = self.tables(counters)
+        # Socket inodes are global: one lookup finds the holders in every namespace.
+        holders = self.owners.owners([row[6] for _, rows in tables for row in rows]).get
         # tuple.__new__ builds the same Connection without the Python-level __new__ that
         # NamedTuple adds, a third of the per-socket cost.
         make = tuple.__new__
         uids: dict[Connection, int] = {}
-        for proto, laddr, lport, raddr, rport, status, inode, uid, cookie, tcp in rows:
-            owners = holders(inode, ()) if inode else ()
-            pid = owners[0] if owners else None
-            conn = make(
-                Connection,
-                (proto, laddr, lport, raddr, rport, status, pid, cookie, owners, tcp, None),
-            )
-            uids.setdefault(conn, uid)
+        for netns, rows in tables:
+            for proto, laddr, lport, raddr, rport, status, inode, uid, cookie, tcp in rows:
+                owners = holders(inode, ()) if inode else ()
+                pid = owners[0] if owners else None
+                conn = make(
+                    Connection,
+                    (proto, laddr, lport, raddr, rport, status, pid, cookie, owners, tcp, netns),
+                )
+                uids.setdefault(conn, uid)
         self._uids = uids
         return frozenset(uids)
 
@@ -228,7 +396,14 @@ class LinuxSource:
         """The owner uid the kernel reported for the socket in the latest snapshot."""
         return self._uids.get(conn)
 
+    @property
+    def namespaces(self) -> frozenset[int]:
+        """The namespaces other than its own that the source reads now."""
+        return frozenset(self._readers.held) if self._readers is not None else frozenset()
+
     def close(self) -> None:
+        if self._readers is not None:
+            self._readers.close()
         if self._watcher is not None:
             self._watcher.close()
         if self._diag is not None:

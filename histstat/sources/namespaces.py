@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import socket
 import threading
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from histstat.procfs import read_stat
 from histstat.shortage import note_shortage
@@ -21,8 +22,8 @@ NETLINK_SOCK_DIAG = 4  # linux/netlink.h
 # access check, which can refuse root too, e.g. for a supervisor holding capabilities
 # root lacks); those namespaces are not watched, and the caller says so once.
 UNPRIVILEGED_REASON = (
-    "the network namespaces of some processes cannot be read (that needs root, allowed to"
-    " ptrace them): connections in those namespaces are not shown"
+    "connections in other network namespaces (containers) may be missing: reading them"
+    " needs root, allowed to ptrace their processes"
 )
 ENTER_TIMEOUT = 5.0  # seconds for a worker thread to open a socket inside a namespace
 
@@ -59,6 +60,17 @@ def namespace_inode(pid: int | str, proc: str = "/proc") -> int | None:
         return None
 
 
+def _net_files_inode(pid: int | str, proc: str = "/proc") -> int | None:
+    """The inode of /proc/PID/net/dev, which each network namespace has its own of, and
+    which (unlike the ns link) anyone may stat: it tells whether a process another user
+    owns is in histstat's namespace. None when it cannot be read (a fake /proc, a process
+    gone)."""
+    try:
+        return os.stat(f"{proc}/{pid}/net/dev").st_ino
+    except OSError:
+        return None
+
+
 class NamespaceDiscovery:
     """Which network namespaces processes hold, with one representative pid each, kept
     incrementally across calls of ``scan``.
@@ -83,6 +95,7 @@ class NamespaceDiscovery:
         if own is None:
             raise OSError(f"cannot read {proc}/self/ns/net")
         self.own = own  # histstat's own namespace, where its main thread stays
+        self._own_net_files = _net_files_inode("self", proc)
         # pid → (start time, namespace inode); the inode is None when it is unreadable
         self._known: dict[int, tuple[int, int | None]] = {}
         self._members: dict[int, set[int]] = {}  # namespace inode → pids in it
@@ -224,8 +237,24 @@ class NamespaceDiscovery:
     def start_time(self, pid: int) -> int | None:
         return process_start_time(pid, self.proc)
 
-    def namespace_of(self, pid: int) -> int | None:
+    def read_link(self, pid: int) -> int | None:
         return namespace_inode(pid, self.proc)
+
+    def namespace_of(self, pid: int) -> int | None:
+        """The ns link's inode; for a process whose link is refused, histstat's own
+        namespace when its /proc/PID/net files are histstat's own (which needs no
+        right to the process), else PermissionError."""
+        try:
+            return self.read_link(pid)
+        except PermissionError:
+            if self._own_net_files is None:
+                raise
+            files = _net_files_inode(pid, self.proc)
+            if files is None:
+                return None  # ended meanwhile
+            if files == self._own_net_files:
+                return self.own
+            raise
 
 
 _libc_setns = None
@@ -248,25 +277,29 @@ def _setns(fd: int, nstype: int) -> None:
 
 
 class _Handoff:
-    """What a worker thread hands back, guarded so that a socket finished after the
-    caller stopped waiting is closed rather than lost."""
+    """What a worker thread hands back, guarded so that sockets finished after the
+    caller stopped waiting are closed rather than lost."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.abandoned = False
-        self.sock: socket.socket | None = None
+        self.socks: list[socket.socket] | None = None
         self.error: BaseException | None = None
+
+    def close_all(self) -> None:
+        for sock in self.socks or ():
+            sock.close()
 
 
 def _create_inside(
-    handoff: _Handoff, path: str, inode: int, family: int, kind: int, proto: int
+    handoff: _Handoff, path: str, inode: int, family: int, kind: int, proto: int, count: int
 ) -> None:
-    """The worker thread's whole life: enter the namespace, create the socket, end.
+    """The worker thread's whole life: enter the namespace, create the sockets, end.
 
     The thread is never reused: once it has called setns it belongs to the other
     namespace, and ending it is simpler to trust than moving it back.
     """
-    sock = None
+    socks: list[socket.socket] = []
     try:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -283,16 +316,66 @@ def _create_inside(
         entered = os.stat("/proc/thread-self/ns/net").st_ino
         if entered != inode:
             raise OSError(0, f"setns entered namespace {entered}, not {inode}")
-        sock = socket.socket(family, kind, proto)
+        for _ in range(count):
+            socks.append(socket.socket(family, kind, proto))
     except BaseException as exc:  # handed to the caller, which raises it
+        for sock in socks:
+            sock.close()
         with handoff.lock:
             handoff.error = exc
         return
     with handoff.lock:
+        handoff.socks = socks
         if handoff.abandoned:
-            sock.close()
-        else:
-            handoff.sock = sock
+            handoff.close_all()
+
+
+def sockets_in_namespace(
+    pid: int,
+    inode: int,
+    count: int = 1,
+    family: int = socket.AF_NETLINK,
+    kind: int = socket.SOCK_RAW,
+    proto: int = NETLINK_SOCK_DIAG,
+    proc: str = "/proc",
+    timeout: float = ENTER_TIMEOUT,
+) -> list[socket.socket]:
+    """``count`` sockets (by default netlink sock_diag) created inside network namespace
+    ``inode``, entered through ``pid``'s ns link by one worker thread; each stays bound to
+    that namespace for its dumps and broadcasts, and keeps it alive until closed.
+
+    The worker opens the link, checks that the opened namespace is ``inode`` (the pid
+    may have been reused), enters it, creates the sockets and ends; the calling thread
+    never leaves its namespace. Raises NamespaceGone when the pid no longer holds the
+    namespace, PermissionError without the right to enter it, TimeoutError when the
+    worker did not finish in time (its sockets, if any, are then closed).
+    """
+    handoff = _Handoff()
+    worker = threading.Thread(
+        target=_create_inside,
+        args=(handoff, f"{proc}/{pid}/ns/net", inode, family, kind, proto, count),
+        name=f"histstat-netns-{inode}",
+        daemon=True,
+    )
+    try:
+        worker.start()
+    except RuntimeError as exc:  # no thread left to the process
+        raise OSError(errno.EAGAIN, f"no thread to enter namespace {inode}: {exc}") from None
+    try:
+        worker.join(timeout)
+    except BaseException:  # Ctrl-C while waiting: the sockets, made or to come, are closed
+        with handoff.lock:
+            handoff.abandoned = True
+            handoff.close_all()
+        raise
+    with handoff.lock:
+        handoff.abandoned = True
+        socks, error = handoff.socks, handoff.error
+    if socks is not None:
+        return socks
+    if error is not None:
+        raise error
+    raise TimeoutError(f"no socket from namespace {inode} within {timeout:g} s")
 
 
 def socket_in_namespace(
@@ -304,40 +387,9 @@ def socket_in_namespace(
     proc: str = "/proc",
     timeout: float = ENTER_TIMEOUT,
 ) -> socket.socket:
-    """A socket (by default netlink sock_diag) created inside network namespace
-    ``inode``, entered through ``pid``'s ns link; the socket stays bound to that namespace
-    for its dumps and broadcasts, and keeps it alive until closed.
-
-    A worker thread opens the link, checks that the opened namespace is ``inode`` (the
-    pid may have been reused), enters it, creates the socket and ends; the calling thread
-    never leaves its namespace. Raises NamespaceGone when the pid no longer holds the
-    namespace, PermissionError without the right to enter it, TimeoutError when the
-    worker did not finish in time (its socket, if any, is then closed).
-    """
-    handoff = _Handoff()
-    worker = threading.Thread(
-        target=_create_inside,
-        args=(handoff, f"{proc}/{pid}/ns/net", inode, family, kind, proto),
-        name=f"histstat-netns-{inode}",
-        daemon=True,
-    )
-    worker.start()
-    try:
-        worker.join(timeout)
-    except BaseException:  # Ctrl-C while waiting: the socket, made or to come, is closed
-        with handoff.lock:
-            handoff.abandoned = True
-            if handoff.sock is not None:
-                handoff.sock.close()
-        raise
-    with handoff.lock:
-        handoff.abandoned = True
-        sock, error = handoff.sock, handoff.error
-    if sock is not None:
-        return sock
-    if error is not None:
-        raise error
-    raise TimeoutError(f"no socket from namespace {inode} within {timeout:g} s")
+    """One socket created inside network namespace ``inode``: ``sockets_in_namespace``
+    with a count of one."""
+    return sockets_in_namespace(pid, inode, 1, family, kind, proto, proc, timeout)[0]
 
 
 class NamespaceChanges(NamedTuple):
@@ -347,37 +399,38 @@ class NamespaceChanges(NamedTuple):
     closed: tuple[int, ...]
 
 
-class NamespaceSockets:
-    """One socket per network namespace in use other than histstat's own, opened as a
-    namespace appears and closed once no process holds it: the socket alone would keep a
-    dead container's namespace, and its veth, alive.
+class Closeable(Protocol):
+    def close(self) -> None: ...
 
-    ``update`` follows the discovery; ``sockets`` maps each watched namespace's inode to
-    its socket. A namespace that cannot be entered (without root) is not tried again
-    while it lasts, and ``reason`` says why once there is one.
+
+Held = TypeVar("Held", bound=Closeable)
+
+
+class NamespaceRegistry(Generic[Held]):
+    """What a caller holds in each network namespace in use other than histstat's own
+    (sockets, or readers of them), opened as a namespace appears and closed once no
+    process holds it: a socket alone would keep a dead container's namespace, and its
+    veth, alive.
+
+    ``update`` follows the discovery; ``held`` maps each watched namespace's inode to what
+    ``open`` made for it. A namespace that cannot be entered (without root) is not tried
+    again while it lasts, and ``reason`` says why once there is one.
     """
 
-    def __init__(
-        self,
-        discovery: NamespaceDiscovery | None = None,
-        family: int = socket.AF_NETLINK,
-        kind: int = socket.SOCK_RAW,
-        proto: int = NETLINK_SOCK_DIAG,
-    ) -> None:
+    def __init__(self, discovery: NamespaceDiscovery | None = None) -> None:
         self.discovery = discovery if discovery is not None else NamespaceDiscovery()
-        self._socket_type = (family, kind, proto)
-        self._sockets: dict[int, socket.socket] = {}
+        self._held: dict[int, Held] = {}
         self._refused: set[int] = set()
         self._reason: str | None = None
 
     @property
     def own(self) -> int:
-        """histstat's own namespace, which has no socket here."""
+        """histstat's own namespace, which has nothing here."""
         return self.discovery.own
 
     @property
-    def sockets(self) -> Mapping[int, socket.socket]:
-        return MappingProxyType(self._sockets)
+    def held(self) -> Mapping[int, Held]:
+        return MappingProxyType(self._held)
 
     @property
     def reason(self) -> str | None:
@@ -385,23 +438,23 @@ class NamespaceSockets:
         return self._reason or self.discovery.reason
 
     def update(self, held: Mapping[int, int] | None = None) -> NamespaceChanges:
-        """Open sockets in the namespaces that appeared, close those of the ones gone.
-        ``held`` is the discovery's latest scan when the caller made it (registries for
-        different sockets may share one discovery); by default this call scans."""
+        """Open in the namespaces that appeared, close in the ones gone. ``held`` is the
+        discovery's latest scan when the caller made it (registries of different things
+        may share one discovery); by default this call scans."""
         if held is None:
             held = self.discovery.scan()
         closed = []
-        for inode in list(self._sockets):
+        for inode in list(self._held):
             if inode not in held:
-                self._sockets.pop(inode).close()
+                self._held.pop(inode).close()
                 closed.append(inode)
         self._refused.intersection_update(held)
         opened = []
         for inode, pid in list(held.items()):
-            if inode == self.own or inode in self._sockets or inode in self._refused:
+            if inode == self.own or inode in self._held or inode in self._refused:
                 continue
             try:
-                self._sockets[inode] = self.open_socket(pid, inode)
+                self._held[inode] = self.open(pid, inode)
             except NamespaceGone:
                 continue  # its representative changed: tried again next update
             except PermissionError:
@@ -414,16 +467,47 @@ class NamespaceSockets:
             opened.append(inode)
         return NamespaceChanges(tuple(opened), tuple(closed))
 
-    def open_socket(self, pid: int, inode: int) -> socket.socket:
-        family, kind, proto = self._socket_type
-        return socket_in_namespace(pid, inode, family, kind, proto, self.discovery.proc)
+    def open(self, pid: int, inode: int) -> Held:
+        """What to hold in namespace ``inode``, entered through ``pid``; raises as
+        ``sockets_in_namespace`` does."""
+        raise NotImplementedError
 
     def close(self) -> None:
-        while self._sockets:
-            self._sockets.popitem()[1].close()
+        while self._held:
+            self._held.popitem()[1].close()
 
-    def __enter__(self) -> NamespaceSockets:
+    def __enter__(self: Registry) -> Registry:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+Registry = TypeVar("Registry", bound="NamespaceRegistry[Any]")
+
+
+class NamespaceSockets(NamespaceRegistry[socket.socket]):
+    """One socket per network namespace in use other than histstat's own (see
+    ``NamespaceRegistry``); ``sockets`` maps each watched namespace's inode to its
+    socket."""
+
+    def __init__(
+        self,
+        discovery: NamespaceDiscovery | None = None,
+        family: int = socket.AF_NETLINK,
+        kind: int = socket.SOCK_RAW,
+        proto: int = NETLINK_SOCK_DIAG,
+    ) -> None:
+        super().__init__(discovery)
+        self._socket_type = (family, kind, proto)
+
+    @property
+    def sockets(self) -> Mapping[int, socket.socket]:
+        return self.held
+
+    def open(self, pid: int, inode: int) -> socket.socket:
+        return self.open_socket(pid, inode)
+
+    def open_socket(self, pid: int, inode: int) -> socket.socket:
+        family, kind, proto = self._socket_type
+        return socket_in_namespace(pid, inode, family, kind, proto, self.discovery.proc)

@@ -72,7 +72,9 @@ def _start_order(started: float | None, pid: int) -> tuple[bool, float, int]:
     return started is None, started or 0.0, pid
 
 
-def _one_per_socket(key: SocketKey, holders: list[Holder], order: _OwnerOrder) -> list[Connection]:
+def _one_per_socket(
+    key: SocketKey, holders: list[Holder], order: _OwnerOrder, netns: int | None
+) -> list[Connection]:
     """The records for one (proto, addresses, ports, status) listed for several pids."""
     pids_by_socket: dict[str | None, list[int | None]] = {}
     for pid, fd in holders:
@@ -80,12 +82,26 @@ def _one_per_socket(key: SocketKey, holders: list[Holder], order: _OwnerOrder) -
     records = []
     for pids in pids_by_socket.values():
         owners = order.owners(pids)
-        records.append(Connection(*key, pid=owners[0] if owners else None, owners=owners))
+        pid = owners[0] if owners else None
+        records.append(Connection(*key, pid=pid, owners=owners, netns=netns))
     return records
 
 
+def own_namespace() -> int | None:
+    """Linux: the inode of histstat's own network namespace, the only one psutil reads;
+    None elsewhere or where it cannot be read."""
+    if not _LINUX:
+        return None
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return None
+
+
 def connections_from_psutil(
-    entries: Iterable[Any], start_time: Callable[[int], float | None] = process_start_time
+    entries: Iterable[Any],
+    start_time: Callable[[int], float | None] = process_start_time,
+    netns: int | None = None,
 ) -> frozenset[Connection]:
     """Turn psutil ``sconn`` entries into one Connection per socket.
 
@@ -96,7 +112,8 @@ def connections_from_psutil(
     is the first of them. On Linux psutil lists a socket once, for one of its holders;
     where a platform lists it once per holder, all of them are owners. Distinct sockets
     on the same address and port (SO_REUSEPORT) stay distinct where the platform tells
-    them apart (Linux, by socket inode).
+    them apart (Linux, by socket inode). Each record carries ``netns``, the network
+    namespace psutil read (histstat's own).
     """
     holders_of: dict[SocketKey, list[Holder]] = {}
     for entry in entries:
@@ -119,9 +136,10 @@ def connections_from_psutil(
     for key, holders in holders_of.items():
         if len(holders) == 1:
             pid = holders[0][0]
-            records.append(Connection(*key, pid=pid, owners=() if pid is None else (pid,)))
+            owners = () if pid is None else (pid,)
+            records.append(Connection(*key, pid=pid, owners=owners, netns=netns))
         else:
-            records.extend(_one_per_socket(key, holders, order))
+            records.extend(_one_per_socket(key, holders, order, netns))
     return frozenset(records)
 
 
@@ -135,19 +153,22 @@ _KINDS = {
 
 
 class PsutilSource:
-    """The portable source: ``psutil.net_connections``, of the protocols asked for."""
+    """The portable source: ``psutil.net_connections``, of the protocols asked for. It
+    reads histstat's own network namespace alone (on Linux each Connection's ``netns``
+    says which; containers in other namespaces need the Linux source)."""
 
     name = "psutil"
 
     def __init__(self, protos: frozenset[str] | None = None) -> None:
         self._kind = _KINDS.get(frozenset(protos), "inet") if protos else "inet"
+        self.netns = own_namespace()
 
     def snapshot(self, counters: bool = False) -> frozenset[Connection]:
         try:
             entries = psutil.net_connections(kind=self._kind)
         except psutil.AccessDenied as exc:
             raise SourceAccessDenied(str(exc)) from exc
-        return connections_from_psutil(entries)
+        return connections_from_psutil(entries, netns=self.netns)
 
     def watches_ends(self) -> bool:
         return False

@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from typing import Optional, Union
 
 from histstat.records import TcpCounters
@@ -154,13 +155,39 @@ def attributes(message: Buffer, start: int, end: int) -> dict[int, memoryview]:
     return found
 
 
-class SockDiag:
-    """One netlink sock_diag socket for dumps, kept open across polls."""
+def open_sock_diag() -> socket.socket:
+    """A netlink sock_diag socket in the calling thread's network namespace."""
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
 
-    def __init__(self) -> None:
+
+class SockDiag:
+    """One netlink sock_diag socket for dumps, kept open across polls.
+
+    The SockDiag owns its socket: ``sock`` (one made elsewhere, e.g. inside another
+    network namespace) or else one from ``opener``. A dump cut short leaves its remaining
+    messages queued on the socket, so a failed dump closes it, and the next dump asks
+    ``opener`` for a new one (by default a socket in the caller's namespace; for another
+    namespace, an opener that enters it again). Whoever hands a socket in lets go of it:
+    only ``close`` or a failed dump closes it.
+    """
+
+    def __init__(
+        self,
+        opener: Callable[[], socket.socket] = open_sock_diag,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self._opener = opener
         self._sock: socket.socket | None = None
         self._seq = 0
         self._buffer = bytearray(_RECEIVE_SIZE + _DIAG_ANSWER.size)
+        if sock is not None:
+            self._adopt(sock)
+
+    def _adopt(self, sock: socket.socket) -> socket.socket:
+        # The kernel always ends a dump; the timeout only bounds the unforeseen.
+        sock.settimeout(_DUMP_TIMEOUT)
+        self._sock = sock
+        return sock
 
     def close(self) -> None:
         if self._sock is not None:
@@ -180,17 +207,14 @@ class SockDiag:
         ``endpoints`` caches decoded socket ids between calls. With ``counters`` each
         full TCP socket carries its tcp_info byte counters (the kernel adds them to each
         message only when asked, so without it a dump costs what it always did)."""
-        if self._sock is None:
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
-            # The kernel always ends a dump; the timeout only bounds the unforeseen.
-            self._sock.settimeout(_DUMP_TIMEOUT)
+        sock = self._sock
+        if sock is None:
+            sock = self._adopt(self._opener())
         masks = _TCP_MASKS if protocol == socket.IPPROTO_TCP else (_ALL_STATES,)
         try:
             rows = []
             for mask in masks:
-                rows += self._dump(
-                    self._sock, proto, family, protocol, states, endpoints, counters, mask
-                )
+                rows += self._dump(sock, proto, family, protocol, states, endpoints, counters, mask)
         except BaseException:
             # A dump cut short leaves its remaining messages queued on the socket.
             self.close()
@@ -280,10 +304,15 @@ _ADDRESS_CACHE_SIZE = 4096  # decoded addresses the reader keeps; then it starts
 
 
 def parse_destroys(
-    data: Buffer, size: int, received: float, addresses: dict[bytes, str] | None = None
+    data: Buffer,
+    size: int,
+    received: float,
+    addresses: dict[bytes, str] | None = None,
+    netns: int | None = None,
 ) -> list[End]:
     """The ends in one datagram of the destroy groups (its first ``size`` bytes), each
-    stamped ``received``; ``addresses`` caches decoded addresses between calls.
+    stamped ``received`` and ``netns`` (the namespace of the socket it came on);
+    ``addresses`` caches decoded addresses between calls.
     Whatever is malformed, short or of another kind is skipped: the kernel sends one
     message per datagram, so the walk is short and bounded by ``size``.
 
@@ -305,7 +334,7 @@ def parse_destroys(
         length = NLMSG_HEADER.unpack_from(data, offset)[0]
         if length < NLMSG_HEADER.size or offset + length > size:
             break
-        end = _parse_destroy(data, offset, offset + length, received, addresses)
+        end = _parse_destroy(data, offset, offset + length, received, addresses, netns)
         if end is not None:
             ends.append(end)
         offset += (length + 3) & ~3
@@ -318,7 +347,12 @@ def _decode(addresses: dict[bytes, str], family: int, packed: bytes) -> str:
 
 
 def _parse_destroy(
-    data: Buffer, start: int, stop: int, received: float, addresses: dict[bytes, str]
+    data: Buffer,
+    start: int,
+    stop: int,
+    received: float,
+    addresses: dict[bytes, str],
+    netns: int | None,
 ) -> End | None:
     if stop - start < _DIAG_MESSAGE_END:
         return None
@@ -353,4 +387,4 @@ def _parse_destroy(
             counters = None
             if local == unspecified:
                 laddr = None
-    return End(proto, laddr, lport, raddr, rport, cookie, received, counters)
+    return End(proto, laddr, lport, raddr, rport, cookie, received, counters, netns)
