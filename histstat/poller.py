@@ -160,6 +160,7 @@ class Poller:
         self._next_update = -math.inf
         self._notice = notice
         self._polled = False
+        self._told_ambiguous: set[str] = set()  # --container values said to name several
 
     def poll(self) -> list[PendingRow]:
         # Local time with its UTC offset, taken once: every row of a poll shares it.
@@ -207,10 +208,25 @@ class Poller:
                     f"{'event was' if lost == 1 else 'events were'} lost, and the "
                     "connections they told of may go unattributed"
                 )
+        self._tell_ambiguous_containers()
         self._listeners.forget_expired(now)
         # A story keeps its owner's facts itself: the cache needs only the live owners.
         self._processes.retain(self._tracker.live_pids())
         return rows
+
+    def _tell_ambiguous_containers(self) -> None:
+        """Say once of each --container prefix that it named a second container: its
+        rows are shown too, and the analyst may have meant one."""
+        chosen = self._filter.container_filter
+        if chosen is None or self._notice is None:
+            return
+        for value, ids in chosen.ambiguous().items():
+            if value not in self._told_ambiguous:
+                self._told_ambiguous.add(value)
+                self._notice(
+                    f"--container {value} names {len(ids)} containers, and rows of each are "
+                    f"shown: {', '.join(ids)}"
+                )
 
     def _row_of(self, change: Change, seen: datetime.datetime, now: float, first: bool):
         story, conn = change.story, change.conn

@@ -150,6 +150,25 @@ def test_the_container_filter_matches_full_ids_prefixes_and_machine_names():
     assert pids(CONTAINER[:12], "my-boxes")[1].unmatched() == ("my-boxes",)
 
 
+def test_a_prefix_naming_two_containers_is_told_once():
+    notices = []
+    first = CONTAINED_CLIENT
+    second = CONTAINED_CLIENT._replace(pid=31, lport=50001)
+    poller, _ = poller_of({first}, {first, second}, {first, second},
+                          row_filter=RowFilter(containers=(CONTAINER[:12],)),
+                          notice=notices.append)  # fmt: skip
+    rows_of(poller)
+    assert notices == []
+    assert [row.pid for row in rows_of(poller)] == [31]
+    told = [
+        f"--container {CONTAINER[:12]} names 2 containers, and rows of each are shown: "
+        f"{OTHER}, {CONTAINER}"
+    ]
+    assert notices == told
+    rows_of(poller)
+    assert notices == told
+
+
 class NamespacedConnect(NamedTuple):
     """A connect event as the connect helper keys it: identity_key's shape."""
 
