@@ -279,9 +279,9 @@ class ProcessCache:
     A process's parent is the one it had when first read: its pid and its name, also
     read once per (pid, create time). Its container is read again at each lookup while
     the process is younger than SETTLE_SECONDS (a runtime forks, then moves the child
-    into the container's cgroup), and once after. Entries for pids that no longer own a socket are
-    dropped by ``retain``, and parent names with them, which keeps the cache as small as
-    the socket table on a machine that runs for weeks.
+    into the container's cgroup), and once after. Entries for pids that no longer own a
+    socket are dropped by ``retain``, and parent names with them, which keeps the cache
+    as small as the socket table on a machine that runs for weeks.
     """
 
     def __init__(

@@ -217,15 +217,14 @@ class RowFilter:
 
     def keeps_process(self, facts: ProcessFacts) -> bool:
         return (
-            (
-                self.names is None
-                or (
-                    facts.name is not None and any(_name_matches(facts.name, n) for n in self.names)
-                )
-            )
+            (self.names is None or _names_match(facts.name, self.names))
             and (self.users is None or facts.user in self.users)
             and (self.container_filter is None or self.container_filter.matches(facts.container))
         )
+
+
+def _names_match(name: str | None, wanted: tuple[str, ...]) -> bool:
+    return name is not None and any(_name_matches(name, one) for one in wanted)
 
 
 def _name_matches(name: str, wanted: str) -> bool:
