@@ -204,6 +204,10 @@ class ConnectionTracker:
         self._ended: OrderedDict[Identity, tuple[float, Story]] = OrderedDict()  # gone too
         self._ended_cookies: dict[int, Story] = {}
         self._ended_memory = ended_memory
+        # The namespaces of the stories held or remembered (rebuilt as it doubles): where
+        # an end event that names none may belong.
+        self._namespaces: dict[int | None, None] = {}
+        self._namespaces_kept = 0
         self._max_ended = max_ended
         self._first_poll: float | None = None
         self._current: frozenset[Connection] = frozenset()
@@ -321,6 +325,7 @@ class ConnectionTracker:
 
     def _hold(self, story: Story) -> None:
         """A story the table holds: findable by identity and cookie."""
+        self._namespaces[story.key[5]] = None
         self._live[story.key] = story
         if story.cookie is not None:
             self._live_cookies[story.cookie] = story
@@ -447,10 +452,12 @@ class ConnectionTracker:
         complete = end.laddr is not None and end.rport not in (None, 0)
         if story is None and complete:
             key = identity_key(end)
-            story = self._live.get(key)
-            if story is None:
-                entry = self._ended.get(key)
-                story = entry[1] if entry is not None else None
+            story = self._known(key)
+            if story is None and end.netns is None:
+                found = self._in_any_namespace(key)
+                if len(found) > 1:
+                    return  # the 5-tuple in several namespaces: the polls end each one
+                story = found[0] if found else None
         when = now - max(0.0, wall - end.time)
         if story is None:
             if not complete or end.laddr is None or end.lport is None:
@@ -467,6 +474,25 @@ class ConnectionTracker:
         story.end_wall = end.time
         story.end_counters = end.counters
         self._end(story, when, closes)
+
+    def _known(self, key: Identity) -> Story | None:
+        """The story of a socket the table holds, or held lately."""
+        story = self._live.get(key)
+        if story is None:
+            entry = self._ended.get(key)
+            story = entry[1] if entry is not None else None
+        return story
+
+    def _in_any_namespace(self, key: Identity) -> list[Story]:
+        """The stories of a 5-tuple in every namespace seen, for an end event from a
+        source that names no namespace for its ends while its snapshots do."""
+        found = []
+        for netns in self._namespaces:
+            if netns is not None:
+                story = self._known((*key[:5], netns))
+                if story is not None:
+                    found.append(story)
+        return found
 
     def _connect_failed(
         self, connect: Any, now: float, wall: float, changes: list[Change], closes: list[Change]
@@ -493,6 +519,7 @@ class ConnectionTracker:
         self._end(story, now - max(0.0, wall - connect.end_time), closes)
 
     def _remember_ended(self, story: Story, now: float) -> None:
+        self._namespaces[story.key[5]] = None
         self._ended[story.key] = (now, story)
         self._ended.move_to_end(story.key)
         if story.cookie is not None:
@@ -510,6 +537,13 @@ class ConnectionTracker:
             del self._ended_cookies[story.cookie]
 
     def _forget_expired(self, now: float) -> None:
+        if len(self._namespaces) > 2 * self._namespaces_kept + 16:
+            # Containers come and go: keep the namespaces of the stories still known.
+            self._namespaces = dict.fromkeys(
+                story.key[5]
+                for story in (*self._live.values(), *(entry[1] for entry in self._ended.values()))
+            )
+            self._namespaces_kept = len(self._namespaces)
         while self._ended:
             since, story = next(iter(self._ended.values()))
             if now - since <= self._ended_memory:

@@ -434,6 +434,35 @@ def test_an_end_without_a_namespace_joins_as_from_a_source_that_knows_none():
     assert kinds(poll) == [("close", "ESTABLISHED")] and poll.changes[0].story.exact_end
 
 
+def test_an_end_without_a_namespace_joins_the_one_story_of_its_5_tuple_in_any():
+    # Snapshots that say the namespace, an end event that does not: it joins the only
+    # story of its 5-tuple; where two namespaces hold it, neither (each ends at its poll).
+    tracker = ConnectionTracker()
+    (opened,) = tracker.update(frozenset({IN_A}), now=0.0, watches_ends=True, wall=100.0).changes
+    end = End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 0, 100.5, None)
+    poll = tracker.update(frozenset(), now=1.0, ends=Ends([end]), watches_ends=True, wall=101.0)
+    assert kinds(poll) == [("close", "ESTABLISHED")] and poll.changes[0].story is opened.story
+    assert opened.story.exact_end
+    tracker = ConnectionTracker()
+    tracker.update(frozenset({IN_A, IN_B}), now=0.0, watches_ends=True, wall=100.0)
+    poll = tracker.update(
+        frozenset({IN_A, IN_B}), now=1.0, ends=Ends([end]), watches_ends=True, wall=101.0
+    )
+    assert poll.changes == []  # no phantom story either
+    poll = tracker.update(frozenset(), now=2.0, watches_ends=True, wall=102.0)
+    assert kinds(poll) == [("close", "ESTABLISHED"), ("close", "ESTABLISHED")]
+    assert not any(change.story.exact_end for change in poll.changes)
+
+
+def test_the_namespaces_remembered_follow_the_stories_known():
+    tracker = ConnectionTracker(ended_memory=10.0)
+    for netns in range(1, 1001):  # a thousand containers, each with one connection
+        tracker.update(frozenset({IN_A._replace(netns=netns)}), now=float(netns))
+    tracker.update(frozenset(), now=2000.0)  # all gone, and forgotten
+    tracker.update(frozenset({IN_A}), now=2001.0)
+    assert len(tracker._namespaces) <= 2 * tracker._namespaces_kept + 16 < 100
+
+
 def test_a_cookie_of_another_namespace_is_another_socket():
     # Before Linux 5.12 each namespace numbered its own cookies: they collide.
     tracker = ConnectionTracker()
