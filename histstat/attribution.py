@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Optional
 
 from histstat.records import Connection
 
-ListenerKey = tuple[str, str, int]  # tcp or udp, address, port
+# tcp or udp, address, port, network namespace (None where the source does not know it):
+# a listener makes only the connections of its own namespace "in".
+ListenerKey = tuple[str, str, int, Optional[int]]
 
 # How long a closed listener still makes its port's connections "in": a connection
 # accepted just before the listener closed is noticed a poll or more later.
@@ -22,8 +25,9 @@ def _plain_address(address: str) -> str:
 
 
 class ListenerMemory:
-    """Listening (protocol, address, port)s, open now or closed within LISTENER_MEMORY,
-    to tell connections accepted here ("in") from those this host opened ("out").
+    """Listening (protocol, address, port, namespace)s, open now or closed within
+    LISTENER_MEMORY, to tell connections accepted here ("in") from those this host
+    opened ("out").
 
     Several sockets may listen on one key (SO_REUSEPORT workers, a server reloading):
     the key counts as closed only when the last of them is gone.
@@ -38,7 +42,7 @@ class ListenerMemory:
 
     @staticmethod
     def _key(conn: Connection) -> ListenerKey:
-        return (conn.proto.rstrip("6"), _plain_address(conn.laddr), conn.lport)
+        return (conn.proto.rstrip("6"), _plain_address(conn.laddr), conn.lport, conn.netns)
 
     def opened(self, listener: Connection) -> None:
         key = self._key(listener)
@@ -72,10 +76,10 @@ class ListenerMemory:
         first, then the wildcards), None when no listener is open on its port."""
         if not conn.proto.startswith("tcp") or conn.raddr is None or conn.status == "LISTEN":
             return None
-        kind, address, port = self._key(conn)
+        kind, address, port, netns = self._key(conn)
         for listening in (address, *_WILDCARDS):
-            if (kind, listening, port) in self._open:
-                return (kind, listening, port)
+            if (kind, listening, port, netns) in self._open:
+                return (kind, listening, port, netns)
         return None
 
     @classmethod
@@ -91,9 +95,9 @@ class ListenerMemory:
             return None
         if conn.raddr is None:
             return None
-        kind, address, port = self._key(conn)
+        kind, address, port, netns = self._key(conn)
         for listening in (address, *_WILDCARDS):
-            if self._listening((kind, listening, port), now):
+            if self._listening((kind, listening, port, netns), now):
                 return "in"
         return "out"
 

@@ -15,7 +15,9 @@ from histstat.enrich import COMMAND_LIMIT, COMMAND_MARKER
 from histstat.filters import (
     STATUSES,
     RowFilter,
+    parse_containers,
     parse_names,
+    parse_namespaces,
     parse_networks,
     parse_pids,
     parse_ports,
@@ -326,6 +328,16 @@ def get_parser() -> _Parser:
         help="process name, exact or shell-style glob ('python*')"
     )  # fmt: skip
     narrow.add_argument("--user", type=list_of(parse_names), metavar="LIST", help="user name")
+    narrow.add_argument(
+        "--netns", type=list_of(parse_namespaces), metavar="LIST",
+        help="network namespace inode, as readlink /proc/PID/ns/net shows it: 4026531840 or "
+        "net:[4026531840] (Linux; other namespaces need the linux source)",
+    )  # fmt: skip
+    narrow.add_argument(
+        "--container", type=list_of(parse_containers), metavar="LIST",
+        help="the owning process's container (Linux): its full id, a prefix of at least 12 "
+        "characters, or a machine's name (systemd-nspawn)",
+    )  # fmt: skip
     statuses = list_of(parse_statuses)
     status_help = f"TCP state, any case: {', '.join(STATUSES)} (NONE: stateless UDP)"
     narrow.add_argument("--status", type=statuses, metavar="LIST", help=status_help)
@@ -429,6 +441,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
             excluded_statuses=args.exclude_status or frozenset(),
             names=args.name,
             users=frozenset(args.user) if args.user else None,
+            namespaces=args.netns,
+            containers=args.container,
         ),
         sqlite=args.sqlite,
         arguments=tuple(argv),

@@ -7,12 +7,14 @@ import datetime
 import functools
 import os
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, Callable, TypeVar
 
 import psutil
 
+from histstat.containers import SETTLE_SECONDS, read_container_id
 from histstat.hashing import ExecutableHasher, Hashes
 from histstat.records import UNKNOWN_PROCESS, ProcessFacts
 from histstat.shortage import note_shortage
@@ -201,7 +203,8 @@ def read_linux_process_facts(
         argv = _linux_argv(raw)
         first = argv[0]
         args = [arg.decode("utf-8", "surrogateescape") for arg in argv]
-    return _facts(proc, _field(lambda: _linux_name(proc.pid, first)), args, command_limit)
+    facts = _facts(proc, _field(lambda: _linux_name(proc.pid, first)), args, command_limit)
+    return facts._replace(container=read_container_id(proc.pid))
 
 
 def _facts(
@@ -233,6 +236,8 @@ def read_linux_process_name(proc: psutil.Process) -> str | None:
 _ON_LINUX = sys.platform.startswith("linux")
 PROCESS_FACTS = read_linux_process_facts if _ON_LINUX else read_process_facts
 PROCESS_NAME = read_linux_process_name if _ON_LINUX else read_process_name
+# The container of a live process, read again while it is young (None: no containers).
+PROCESS_CONTAINER: Callable[[int], str | None] | None = read_container_id if _ON_LINUX else None
 
 
 def start_time(created: float | None) -> datetime.datetime | None:
@@ -272,9 +277,11 @@ class ProcessCache:
     """Process facts keyed by (pid, create time), so a reused pid is never confused.
 
     A process's parent is the one it had when first read: its pid and its name, also
-    read once per (pid, create time). Entries for pids that no longer own a socket are
-    dropped by ``retain``, and parent names with them, which keeps the cache as small as
-    the socket table on a machine that runs for weeks.
+    read once per (pid, create time). Its container is read again at each lookup while
+    the process is younger than SETTLE_SECONDS (a runtime forks, then moves the child
+    into the container's cgroup), and once after. Entries for pids that no longer own a
+    socket are dropped by ``retain``, and parent names with them, which keeps the cache
+    as small as the socket table on a machine that runs for weeks.
     """
 
     def __init__(
@@ -284,13 +291,18 @@ class ProcessCache:
         command_limit: int = COMMAND_LIMIT,
         read: Callable[..., ProcessFacts] = PROCESS_FACTS,
         read_name: Callable[[psutil.Process], str | None] = PROCESS_NAME,
+        read_container: Callable[[int], str | None] | None = PROCESS_CONTAINER,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._hasher = hasher
         self._process = process
         self._command_limit = command_limit
         self._read = read
         self._read_name = read_name
-        # pid → [its start time, its facts, its hashes (a future) once asked for]
+        self._read_container = read_container
+        self._clock = clock
+        # pid → [its start time, its facts, its hashes (a future) once asked for,
+        # whether its container is settled]
         self._entries: dict[int, list[Any]] = {}
         # pid → (its start time, its name), for parents that own no socket
         self._parent_names: dict[int, tuple[float, str | None]] = {}
@@ -307,14 +319,33 @@ class ProcessCache:
         created = _field(proc.create_time)
         cached = self._entries.get(pid)
         if cached is not None and created is not None and cached[0] == created:
+            if not cached[3]:
+                self._settle_container(pid, cached)
             return cached[1]
         facts = self._read(proc, self._command_limit)
         facts = facts._replace(
             started=start_time(created), parent=self._parent_name(facts.ppid, created)
         )
         if created is not None:
-            self._entries[pid] = [created, facts, None]
+            self._entries[pid] = [created, facts, None, self._settled(created)]
         return facts
+
+    def _settled(self, created: float) -> bool:
+        """Whether a process started at ``created`` is old enough for its container to
+        be final (or there are no containers to read)."""
+        return self._read_container is None or self._clock() - created >= SETTLE_SECONDS
+
+    def _settle_container(self, pid: int, cached: list[Any]) -> None:
+        """A young process's container read again; once it is old enough, the last time.
+        A process that left its cgroup for none since keeps the one it had: an exited
+        process's read gives None too."""
+        assert self._read_container is not None
+        settled = self._settled(cached[0])
+        container = self._read_container(pid)
+        facts = cached[1]
+        if container is not None and container != facts.container:
+            cached[1] = facts._replace(container=container)
+        cached[3] = settled
 
     def _parent_name(self, ppid: int | None, child_created: float | None) -> str | None:
         """The name of process ``ppid``, the parent of a process started at

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Union
 
 import psutil
 
 from histstat.addresses import parse_ip, unmapped
+from histstat.containers import MIN_PREFIX, ContainerFilter
 from histstat.records import Connection, ProcessFacts
 
 # NONE stands for stateless (UDP) rows, whose status is shown as "-" / null.
@@ -80,6 +82,47 @@ def parse_pids(text: str) -> frozenset[int]:
     return frozenset(pids)
 
 
+# A namespace inode as readlink /proc/PID/ns/net writes it, or alone: the kernel numbers
+# namespaces with 32 bits.
+_NAMESPACE = re.compile(r"(?:net:\[)?([0-9]{1,10})\]?")
+
+
+def parse_namespaces(text: str) -> frozenset[int]:
+    """Network namespace inode numbers: ``4026531840`` or ``net:[4026531840]``."""
+    found = set()
+    for item in _items(text, "namespace"):
+        match = _NAMESPACE.fullmatch(item)
+        if match is None or (item.startswith("net:[") != item.endswith("]")):
+            raise FilterValueError(f"not a network namespace inode number: {item!r}")
+        inode = int(match.group(1))
+        if not 0 < inode < 2**32:
+            raise FilterValueError(f"not a network namespace inode number: {item!r}")
+        found.add(inode)
+    return frozenset(found)
+
+
+# What histstat.containers gives: a runtime's 64 hex digits, or a machine's name.
+_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def parse_containers(text: str) -> tuple[str, ...]:
+    """Container ids, or prefixes of at least MIN_PREFIX characters (Docker's short
+    id). A shorter value of hex digits alone is a cut id that could name many
+    containers, and is refused; any other is a machine's name (systemd-nspawn), which
+    only matches whole."""
+    values = []
+    for item in _items(text, "container"):
+        if not _CONTAINER_ID.fullmatch(item):
+            raise FilterValueError(f"not a container id or machine name: {item!r}")
+        if len(item) < MIN_PREFIX and _HEX.fullmatch(item):
+            raise FilterValueError(
+                f"container id prefix {item!r} is too short: give at least {MIN_PREFIX} characters"
+            )
+        values.append(item)
+    return tuple(dict.fromkeys(values))
+
+
 def parse_names(text: str) -> tuple[str, ...]:
     return tuple(_items(text, "name"))
 
@@ -122,7 +165,7 @@ class RowFilter:
     """Conditions combine with AND across options, OR within one option's list.
 
     ``keeps_connection`` needs socket fields only and runs first, so a row it rejects
-    costs no process lookup; ``keeps_process`` decides on name and user.
+    costs no process lookup; ``keeps_process`` decides on name, user and container.
     """
 
     protos: frozenset[str] | None = None
@@ -136,10 +179,20 @@ class RowFilter:
     excluded_statuses: frozenset[str] = frozenset()
     names: tuple[str, ...] | None = None
     users: frozenset[str] | None = None
+    namespaces: frozenset[int] | None = None  # network namespace inodes
+    containers: tuple[str, ...] | None = None  # container ids or prefixes
+    # The --container matcher: it remembers the ids it has seen, to tell what matched.
+    container_filter: ContainerFilter | None = field(
+        default=None, init=False, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.containers is not None:
+            object.__setattr__(self, "container_filter", ContainerFilter(self.containers))
 
     @property
     def needs_process(self) -> bool:
-        return self.names is not None or self.users is not None
+        return self.names is not None or self.users is not None or self.containers is not None
 
     def keeps_connection(self, conn: Connection) -> bool:
         status = conn.status or psutil.CONN_NONE
@@ -159,13 +212,19 @@ class RowFilter:
             )
             and (self.statuses is None or status in self.statuses)
             and status not in self.excluded_statuses
+            and (self.namespaces is None or conn.netns in self.namespaces)
         )
 
     def keeps_process(self, facts: ProcessFacts) -> bool:
         return (
-            self.names is None
-            or (facts.name is not None and any(_name_matches(facts.name, n) for n in self.names))
-        ) and (self.users is None or facts.user in self.users)
+            (self.names is None or _names_match(facts.name, self.names))
+            and (self.users is None or facts.user in self.users)
+            and (self.container_filter is None or self.container_filter.matches(facts.container))
+        )
+
+
+def _names_match(name: str | None, wanted: tuple[str, ...]) -> bool:
+    return name is not None and any(_name_matches(name, one) for one in wanted)
 
 
 def _name_matches(name: str, wanted: str) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
-from histstat.attribution import ListenerMemory
+from histstat.attribution import ListenerKey, ListenerMemory
 from histstat.enrich import ProcessCache, user_name
 from histstat.filters import RowFilter
 from histstat.hashing import Hashes
@@ -64,6 +64,7 @@ def fact_fields(facts: ProcessFacts) -> dict[str, Any]:
         "args": facts.args,
         "started": facts.started,
         "args_count": facts.args_count,
+        "container": facts.container,
     }
 
 
@@ -73,6 +74,7 @@ def make_row(conn: Connection, facts: ProcessFacts, seen: datetime.datetime, **m
     return Row(
         **shown,
         **fact_fields(facts),
+        netns=conn.netns,
         md5=None,
         sha256=None,
         timestamp=seen,
@@ -151,13 +153,14 @@ class Poller:
         self._geoip = geoip
         self._listeners = ListenerMemory()
         # An open listener's key → its story's rows, whose owner accepted sockets take.
-        self._listener_rows: dict[tuple[str, str, int], StoryRows] = {}
+        self._listener_rows: dict[ListenerKey, StoryRows] = {}
         self._skip_existing = skip_existing
         self._transitions = transitions
         self._update = update
         self._next_update = -math.inf
         self._notice = notice
         self._polled = False
+        self._told_ambiguous: set[str] = set()  # --container values said to name several
 
     def poll(self) -> list[PendingRow]:
         # Local time with its UTC offset, taken once: every row of a poll shares it.
@@ -205,10 +208,25 @@ class Poller:
                     f"{'event was' if lost == 1 else 'events were'} lost, and the "
                     "connections they told of may go unattributed"
                 )
+        self._tell_ambiguous_containers()
         self._listeners.forget_expired(now)
         # A story keeps its owner's facts itself: the cache needs only the live owners.
         self._processes.retain(self._tracker.live_pids())
         return rows
+
+    def _tell_ambiguous_containers(self) -> None:
+        """Say once of each --container prefix that it named a second container: its
+        rows are shown too, and the analyst may have meant one."""
+        chosen = self._filter.container_filter
+        if chosen is None or self._notice is None:
+            return
+        for value, ids in chosen.ambiguous().items():
+            if value not in self._told_ambiguous:
+                self._told_ambiguous.add(value)
+                self._notice(
+                    f"--container {value} names {len(ids)} containers, and rows of each are "
+                    f"shown: {', '.join(ids)}"
+                )
 
     def _row_of(self, change: Change, seen: datetime.datetime, now: float, first: bool):
         story, conn = change.story, change.conn
@@ -280,7 +298,12 @@ class Poller:
         its facts from the cache while that process (pid and start time) lives, else as
         read at the connect; a process gone by then keeps its pid and name alone."""
         assert self._connects is not None
-        connect = story.connect or self._connects.connect_of(story.key[:5])
+        # Connect events keyed without the namespace (five parts) are found by the 5-tuple.
+        connect = (
+            story.connect
+            or self._connects.connect_of(story.key)
+            or self._connects.connect_of(story.key[:5])
+        )
         if connect is None or connect.process is None:
             return
         process = connect.process

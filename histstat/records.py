@@ -49,6 +49,7 @@ class ProcessFacts(NamedTuple):
     args: tuple[str, ...] | None = None  # the arguments: " ".join(args) == command
     started: datetime.datetime | None = None  # local time, with its UTC offset
     args_count: int | None = None  # the arguments, however many ``args`` kept
+    container: str | None = None  # the container id from its cgroup path (Linux)
 
 
 UNKNOWN_PROCESS = ProcessFacts()

@@ -11,9 +11,8 @@ from typing import Any, NamedTuple
 from histstat.records import Connection, TcpCounters, sort_key
 from histstat.sources.base import NO_ENDS, End, Ends
 
-# A socket's identity without its cookie: (proto, laddr, lport, raddr, rport), plus the
-# owner's pid for a socket with no remote end (see identity_key). The network namespace
-# joins it here when sources report one.
+# A socket's identity without its cookie: (proto, laddr, lport, raddr, rport, netns), plus
+# the owner's pid for a socket with no remote end (see identity_key).
 Identity = tuple[Any, ...]
 
 # How long an ended story is remembered once the table no longer holds it: longer than
@@ -37,14 +36,34 @@ AFTER_OUR_FIN = frozenset(("FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK", "TIM
 
 
 def identity_key(conn: Connection | End) -> Identity:
-    """What identifies a socket when no cookie does. A connected socket's 5-tuple is
-    unique in its network namespace; sockets with no remote end (listeners, unbound UDP)
-    can share one (SO_REUSEPORT), so for them the owner tells them apart, as far as a
-    source lists a shared socket once per holder."""
-    key = (conn.proto, conn.laddr, conn.lport, conn.raddr, conn.rport)
+    """What identifies a socket when no cookie does: (proto, laddr, lport, raddr, rport,
+    netns). A connected socket's 5-tuple is unique in its network namespace only, so the
+    namespace is part of it (None from a source that does not know it); sockets with no
+    remote end (listeners, unbound UDP) can share one (SO_REUSEPORT), so for them the
+    owner's pid follows, as far as a source lists a shared socket once per holder."""
+    key = (conn.proto, conn.laddr, conn.lport, conn.raddr, conn.rport, conn.netns)
     if conn.raddr is None and isinstance(conn, Connection):
         return (*key, conn.pid)
     return key
+
+
+def _address_key(key: Identity) -> Identity:
+    """An identity without its owner's pid: the address, port and namespace."""
+    return key[:6]
+
+
+def _other_namespace(known: int | None, told: int | None) -> bool:
+    """Whether two records are of different namespaces, as far as both know theirs: a
+    cookie is unique only within one namespace before Linux 5.12."""
+    return known is not None and told is not None and known != told
+
+
+def connect_identity(connect: Any) -> Identity:
+    """The identity of a connect's socket (histstat.connects.Connect.key, identity_key's
+    shape); a key of five parts, from connect events that do not know namespaces, is of
+    an unknown namespace."""
+    key = tuple(connect.key)
+    return key if len(key) > 5 else (*key, None)
 
 
 def _cookie(conn: Connection | End) -> int | None:
@@ -185,6 +204,10 @@ class ConnectionTracker:
         self._ended: OrderedDict[Identity, tuple[float, Story]] = OrderedDict()  # gone too
         self._ended_cookies: dict[int, Story] = {}
         self._ended_memory = ended_memory
+        # The namespaces of the stories held or remembered (rebuilt as it doubles): where
+        # an end event that names none may belong.
+        self._namespaces: dict[int | None, None] = {}
+        self._namespaces_kept = 0
         self._max_ended = max_ended
         self._first_poll: float | None = None
         self._current: frozenset[Connection] = frozenset()
@@ -241,7 +264,7 @@ class ConnectionTracker:
         unconnected_left: dict[Identity, list[Story]] = {}
         for story in left:
             if story.conn.raddr is None:
-                unconnected_left.setdefault(story.key[:5], []).append(story)
+                unconnected_left.setdefault(_address_key(story.key), []).append(story)
         for group in self._merged(snapshot - self._current):
             conn = group[0]
             found = self._story_of(conn) or self._new_holder_of(conn, unconnected_left)
@@ -302,6 +325,7 @@ class ConnectionTracker:
 
     def _hold(self, story: Story) -> None:
         """A story the table holds: findable by identity and cookie."""
+        self._namespaces[story.key[5]] = None
         self._live[story.key] = story
         if story.cookie is not None:
             self._live_cookies[story.cookie] = story
@@ -343,7 +367,7 @@ class ConnectionTracker:
         cookie = _cookie(conn)
         if cookie is not None:
             story = self._live_cookies.get(cookie) or self._ended_cookies.get(cookie)
-            if story is not None:
+            if story is not None and not _other_namespace(story.conn.netns, conn.netns):
                 return story
         key = identity_key(conn)
         story = self._live.get(key)
@@ -365,10 +389,10 @@ class ConnectionTracker:
         """A socket with no remote end and no cookie whose record changed only by its
         pid (part of its identity): the same listener named by another holder (psutil
         names one of them, and a fork or an exit changes which), when a record of the
-        same address, port and state left the table this poll."""
+        same address, port, namespace and state left the table this poll."""
         if conn.raddr is not None or _cookie(conn) is not None:
             return None
-        for story in unconnected_left.get(identity_key(conn)[:5], ()):
+        for story in unconnected_left.get(_address_key(identity_key(conn)), ()):
             if story.held == 0 and not story.ended and story.conn.status == conn.status:
                 self._let_go(story)
                 story.key = identity_key(conn)
@@ -423,19 +447,23 @@ class ConnectionTracker:
         story = None
         if end.cookie:
             story = self._live_cookies.get(end.cookie) or self._ended_cookies.get(end.cookie)
+            if story is not None and _other_namespace(story.conn.netns, end.netns):
+                story = None
         complete = end.laddr is not None and end.rport not in (None, 0)
         if story is None and complete:
             key = identity_key(end)
-            story = self._live.get(key)
-            if story is None:
-                entry = self._ended.get(key)
-                story = entry[1] if entry is not None else None
+            story = self._known(key)
+            if story is None and end.netns is None:
+                found = self._in_any_namespace(key)
+                if len(found) > 1:
+                    return  # the 5-tuple in several namespaces: the polls end each one
+                story = found[0] if found else None
         when = now - max(0.0, wall - end.time)
         if story is None:
             if not complete or end.laddr is None or end.lport is None:
                 return  # an abort no poll saw: only a cookie is left, nothing to show
             conn = Connection(end.proto, end.laddr, end.lport, end.raddr, end.rport,
-                              "CLOSE", None, end.cookie or None)  # fmt: skip
+                              "CLOSE", None, end.cookie or None, netns=end.netns)  # fmt: skip
             story = Story(conn, when, False)
             changes.append(Change("open", story, conn))
             self._remember_ended(story, now)
@@ -447,12 +475,31 @@ class ConnectionTracker:
         story.end_counters = end.counters
         self._end(story, when, closes)
 
+    def _known(self, key: Identity) -> Story | None:
+        """The story of a socket the table holds, or held lately."""
+        story = self._live.get(key)
+        if story is None:
+            entry = self._ended.get(key)
+            story = entry[1] if entry is not None else None
+        return story
+
+    def _in_any_namespace(self, key: Identity) -> list[Story]:
+        """The stories of a 5-tuple in every namespace seen, for an end event from a
+        source that names no namespace for its ends while its snapshots do."""
+        found = []
+        for netns in self._namespaces:
+            if netns is not None:
+                story = self._known((*key[:5], netns))
+                if story is not None:
+                    found.append(story)
+        return found
+
     def _connect_failed(
         self, connect: Any, now: float, wall: float, changes: list[Change], closes: list[Change]
     ) -> None:
         """A connect that failed (SYN_SENT→CLOSE): a story of its own, unless a poll
         saw the socket (its end comes as any other's)."""
-        key = connect.key
+        key = connect_identity(connect)
         started = now - max(0.0, wall - connect.time)
         if key in self._live:
             return
@@ -461,7 +508,7 @@ class ConnectionTracker:
             return  # seen by a poll while it tried: the same socket
         conn = Connection(
             connect.proto, connect.laddr, connect.lport, connect.raddr, connect.rport,
-            "SYN_SENT", None,
+            "SYN_SENT", None, netns=key[5],
         )  # fmt: skip
         story = Story(conn, started, False)
         story.connect = connect
@@ -472,6 +519,7 @@ class ConnectionTracker:
         self._end(story, now - max(0.0, wall - connect.end_time), closes)
 
     def _remember_ended(self, story: Story, now: float) -> None:
+        self._namespaces[story.key[5]] = None
         self._ended[story.key] = (now, story)
         self._ended.move_to_end(story.key)
         if story.cookie is not None:
@@ -489,6 +537,13 @@ class ConnectionTracker:
             del self._ended_cookies[story.cookie]
 
     def _forget_expired(self, now: float) -> None:
+        if len(self._namespaces) > 2 * self._namespaces_kept + 16:
+            # Containers come and go: keep the namespaces of the stories still known.
+            self._namespaces = dict.fromkeys(
+                story.key[5]
+                for story in (*self._live.values(), *(entry[1] for entry in self._ended.values()))
+            )
+            self._namespaces_kept = len(self._namespaces)
         while self._ended:
             since, story = next(iter(self._ended.values()))
             if now - since <= self._ended_memory:

@@ -56,7 +56,7 @@ def test_flags_become_one_configuration():
 STATUSES = sorted(getattr(psutil, name) for name in dir(psutil) if name.startswith("CONN_"))
 # Fields -f must list when it refuses one: the original's columns and JSON's extras.
 FIELDS = (*COLUMNS, "exe", "md5", "sha256", "command_length", "timestamp", "ppid", "parent",
-          "args", "started")  # fmt: skip
+          "args", "started", "netns", "container")  # fmt: skip
 
 # (argv, what the one error line must name, valid choices it must list). A value is named
 # as argparse quotes it; a misused option by its own spelling.
@@ -120,7 +120,21 @@ USAGE_ERRORS = [
     (["--skip-existing", "-j", "--once"], ("--skip-existing", "--once"), ()),
     (["--once", "--transitions"], ("--transitions", "--once"), ()),
     (["--update", "5", "--once"], ("--update", "--once"), ()),
+    (["--netns", "abc"], ("--netns", "'abc'"), ()),
+    (["--netns", "4026531840,"], ("--netns",), ()),
+    (["--netns", "-1"], ("--netns", "'-1'"), ()),
+    (["--container", "4f1e2b3c"], ("--container", "'4f1e2b3c'", "12"), ()),
+    (["--container", "a b"], ("--container", "'a b'"), ()),
 ]
+
+
+def test_netns_and_container_filters_reach_the_row_filter():
+    config = parse_config(["--netns", "net:[4026532500],4026531840", "--container",
+                           "4f1e2b3c4f1e,my-box"])  # fmt: skip
+    assert config.row_filter.namespaces == frozenset({4026532500, 4026531840})
+    assert config.row_filter.containers == ("4f1e2b3c4f1e", "my-box")
+    assert config.row_filter.needs_process
+    assert parse_config([]).row_filter.container_filter is None
 
 
 def usage_error(capsys, argv) -> str:

@@ -173,21 +173,22 @@ def test_every_older_schema_is_migrated_keeping_its_rows(tmp_path, version):
     new_row = make_row(
         event="close", duration=2.5, direction="in", command_length=22, bytes_sent=5000,
         bytes_received=7000, owners=(ProcessRef(4242, "python3"),), owners_count=1,
-        ppid=1, parent="systemd",
+        ppid=1, parent="systemd", netns=4026532500, container="4f1d" * 16,
     )  # fmt: skip
     sink.write(row_values(new_row))
     sink.close()
     assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert schema_of(path) == schema_of(fresh)  # the same tables, columns and indexes
-    old = [(22, "sshd", "open", *[None] * 9)] if version else []
+    old = [(22, "sshd", "open", *[None] * 11)] if version else []
     assert query(
         path,
         "SELECT lport, command, event, duration, direction, command_length, bytes_sent, "
-        "bytes_received, owners, owners_count, ppid, parent FROM connections ORDER BY id",
+        "bytes_received, owners, owners_count, ppid, parent, netns, container "
+        "FROM connections ORDER BY id",
     ) == [
         *old,
         (8000, "python3 -m http.server", "close", 2.5, "in", 22, 5000, 7000,
-         '[{"pid": 4242, "name": "python3"}]', 1, 1, "systemd"),
+         '[{"pid": 4242, "name": "python3"}]', 1, 1, "systemd", 4026532500, "4f1d" * 16),
     ]  # fmt: skip
 
 
@@ -227,6 +228,22 @@ def test_parent_is_stored_with_its_sql_types(tmp_path):
         (1, "integer", "init\\xff\n"),
         (None, "null", None),
     ]
+
+
+def test_namespace_and_container_are_stored_with_their_sql_types(tmp_path):
+    path = tmp_path / "h.db"
+    sink, _ = open_sink(path)
+    sink.write(row_values(make_row(netns=4026531840, container="4f1d" * 16)))
+    sink.write(row_values(make_row(netns=4026531840, container="my-box")))  # a machine
+    sink.write(row_values(make_row()))
+    sink.close()
+    assert query(path, "SELECT netns, typeof(netns), container FROM connections ORDER BY id") == [
+        (4026531840, "integer", "4f1d" * 16),
+        (4026531840, "integer", "my-box"),
+        (None, "null", None),
+    ]
+    plan = query(path, "EXPLAIN QUERY PLAN SELECT * FROM connections WHERE container = 'x'")
+    assert "connections_by_container" in str(plan)
 
 
 def test_trigger_is_refused_by_open_itself_leaving_no_side_files(tmp_path):

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 import histstat
+from histstat.containers import read_container_id
 from histstat.poller import MAX_HASH_WAIT
 from support.children import USER, copied_interpreter_env, require_wchan, waits_on_full_pipe
 from support.contract import COLUMNS, HASH_COLUMNS, PRETTY_COLUMNS
@@ -104,11 +105,12 @@ def test_json_reports_listener_and_both_ends_ipv4(spawn_child, run_histstat):
     assert v4_rows == [row for row in rows if row["proto"] in ("tcp", "udp")]
     assert_exactly_child_connections(v4_rows, child, v6=False)
     check_json_rows(v4_rows, child, started)
-    # The original's columns, with the connection's story around them, and the owners
-    # and the parent after the process name (JSON schema).
+    # The original's columns, with the namespace before the status, the connection's
+    # story around it, and the owners, the parent and the container after the process
+    # name (JSON schema).
     story = {
-        "status": ["status", "direction", "attribution"],
-        "pname": [*OWNED, "ppid", "parent"],
+        "status": ["netns", "status", "direction", "attribution"],
+        "pname": [*OWNED, "ppid", "parent", "container"],
     }
     with_story = [key for column in COLUMNS for key in story.get(column, [column])]
     assert list(v4_rows[0]) == ["event", *with_story, "command_length", "timestamp"]
@@ -117,6 +119,8 @@ def test_json_reports_listener_and_both_ends_ipv4(spawn_child, run_histstat):
     }
     assert {row["event"] for row in v4_rows} == {"open"}
     assert {row["attribution"] for row in v4_rows} == {"socket"}
+    # The child's cgroup is the tests' (none, unless the tests run in a container).
+    assert {row["container"] for row in v4_rows} == {read_container_id(os.getpid())}
     # Every holder: here the child alone.
     assert {(row["owners_count"], str(row["owners"])) for row in v4_rows} == {
         (1, str([{"pid": child.pid, "name": v4_rows[0]["pname"]}]))

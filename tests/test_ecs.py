@@ -30,6 +30,9 @@ SERVER_END = {"ip": "127.0.0.1", "port": 8000}
 CLIENT_END = {"ip": "127.0.0.1", "port": 50000}
 
 
+CONTAINER = "4f1d" * 16
+
+
 def full_row(**changes):
     """The sample row with every fact histstat can know of it."""
     return sample_row(
@@ -37,7 +40,7 @@ def full_row(**changes):
         started=STARTED, md5="a" * 32, sha256="b" * 64, direction="in",
         attribution="socket", rhost="client.example", country="DE", asn=64496,
         as_org="Example AS", owners=(ProcessRef(4242, "python3"), ProcessRef(4243, None)),
-        owners_count=2,
+        owners_count=2, netns=4026532500, container=CONTAINER,
     )._replace(**changes)  # fmt: skip
 
 
@@ -224,6 +227,7 @@ def test_process_user_host_agent_related_and_histstat_facts():
     }
     assert doc["user"] == {"name": "alice", "id": "1000"}
     assert doc["host"] == {"name": "analyst-box", "hostname": "analyst-box"}
+    assert doc["container"] == {"id": CONTAINER}  # the full id
     assert doc["agent"] == {"type": "histstat", "version": "9.9.9"}
     assert doc["related"] == {
         "ip": ["127.0.0.1"], "user": ["alice"], "hosts": ["analyst-box", "client.example"],
@@ -232,7 +236,7 @@ def test_process_user_host_agent_related_and_histstat_facts():
         "event": "open", "proto": "tcp", "status": "ESTABLISHED", "direction": "in",
         "attribution": "socket", "command_length": 27,
         "owners": [{"pid": 4242, "name": "python3"}, {"pid": 4243}],
-        "owners_count": 2,
+        "owners_count": 2, "netns": 4026532500,
     }  # fmt: skip
 
 
@@ -242,6 +246,7 @@ def test_unknown_facts_are_left_out_and_empty_ones_kept():
     doc = document(row)
     assert_follows_ecs(doc)
     assert "process" not in doc and "user" not in doc and "user" not in doc["related"]
+    assert "container" not in doc and "netns" not in doc["histstat"]
     empty = document(sample_row(pname="", command="", args=("",), user="nobody-known"))
     assert empty["process"]["name"] == "" and empty["process"]["args"] == [""]
     assert empty["user"] == {"name": "nobody-known"}  # no uid known for that name

@@ -22,6 +22,7 @@ from histstat.enrich import (
 )
 from histstat.records import UNKNOWN_PROCESS, ProcessFacts
 from support.children import end_child
+from support.namespaces import docker_like_cgroup, join_cgroup
 from support.waiting import read_line
 
 # Above the kernel's pid_max, so /proc/<pid> can never exist for these fakes.
@@ -411,3 +412,57 @@ def test_real_child_has_its_parent_arguments_and_start(sleepers):
     created = psutil.Process(proc.pid).create_time()
     assert facts.started == datetime.datetime.fromtimestamp(created).astimezone()
     assert abs(facts.started.timestamp() - datetime.datetime.now().timestamp()) < 600
+
+
+CONTAINER = "4f1d" * 16  # a runtime's 64 hex digits
+
+
+def test_a_young_processs_container_is_read_again_until_it_settles():
+    # A runtime forks, then moves the child into its container's cgroup: what the first
+    # read saw may change while the process is young, never after.
+    clock = [1000.0]
+    cgroup = {FAKE_PID: None}
+    proc = FakeProcess(FAKE_PID, created=1000.0)
+    reads = []
+
+    def read_container(pid):
+        reads.append(pid)
+        return cgroup[pid]
+
+    cache = ProcessCache(process=factory(proc), read=read_process_facts,
+                         read_name=read_process_name, read_container=read_container,
+                         clock=lambda: clock[0])  # fmt: skip
+    assert cache.lookup(FAKE_PID).container is None
+    cgroup[FAKE_PID] = CONTAINER
+    clock[0] = 1001.0
+    assert cache.lookup(FAKE_PID).container == CONTAINER
+    clock[0] = 1002.5  # old enough: read once more, then never again
+    assert cache.lookup(FAKE_PID).container == CONTAINER
+    cgroup[FAKE_PID] = "e" * 64
+    assert cache.lookup(FAKE_PID).container == CONTAINER
+    assert len(reads) == 2
+
+
+def test_a_settled_process_is_read_with_its_container_once():
+    reads = []
+    proc = FakeProcess(FAKE_PID, created=1000.0)
+    cache = ProcessCache(process=factory(proc), read=read_process_facts,
+                         read_name=read_process_name, read_container=reads.append,
+                         clock=lambda: 5000.0)  # fmt: skip
+    cache.lookup(FAKE_PID)
+    cache.lookup(FAKE_PID)
+    assert reads == []  # the reader's own read was the only one
+
+
+def test_a_process_in_a_docker_like_cgroup_has_that_container_in_its_facts():
+    with docker_like_cgroup() as (scope, container):
+        child = subprocess.Popen(["cat"], stdin=subprocess.PIPE)
+        try:
+            join_cgroup(scope, child.pid)
+            facts = ProcessCache().lookup(child.pid)
+            psutil_facts = read_process_facts(psutil.Process(child.pid))
+        finally:
+            child.stdin.close()
+            child.wait()
+    assert (facts.name, facts.container) == ("cat", container)
+    assert psutil_facts.container is None  # the portable reader knows no containers

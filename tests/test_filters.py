@@ -6,6 +6,8 @@ from histstat.filters import (
     STATUSES,
     FilterValueError,
     RowFilter,
+    parse_containers,
+    parse_namespaces,
     parse_networks,
     parse_pids,
     parse_ports,
@@ -114,3 +116,45 @@ def test_process_filters_use_exact_names_globs_and_users():
     assert not RowFilter(users=frozenset({"bob"})).keeps_process(facts)
     assert RowFilter().keeps_process(ProcessFacts())
     assert RowFilter(names=("x",)).needs_process and not RowFilter().needs_process
+
+
+def test_namespaces_are_inode_numbers_alone_or_as_readlink_shows_them():
+    assert parse_namespaces("4026531840, net:[4026532500]") == frozenset({4026531840, 4026532500})
+
+
+@pytest.mark.parametrize(
+    "bad", ["abc", "net:4026531840", "net:[4026531840", "4026531840]", "0", "4294967296",
+            "-1", "\u0661", "mnt:[4026531840]", "1,"],
+)  # fmt: skip
+def test_a_bad_namespace_is_refused_by_name(bad):
+    with pytest.raises(FilterValueError, match="namespace"):
+        parse_namespaces(bad)
+
+
+def test_the_netns_filter_keeps_only_connections_of_those_namespaces():
+    mine, theirs = WEB._replace(netns=4026531840), WEB._replace(netns=4026532500)
+    chosen = RowFilter(namespaces=parse_namespaces("4026532500"))
+    assert [chosen.keeps_connection(c) for c in (mine, theirs, WEB)] == [False, True, False]
+
+
+ID = "4f1e2b3c" * 8
+
+
+def test_containers_are_full_ids_prefixes_of_twelve_or_machine_names():
+    assert parse_containers(f"{ID},{ID[:12]},my-box,{ID}") == (ID, ID[:12], "my-box")
+
+
+@pytest.mark.parametrize("bad", [ID[:11], "4f1e", "", "a b", "-rf", "x" * 65, "web,"])
+def test_a_short_id_prefix_or_odd_value_is_refused(bad):
+    with pytest.raises(FilterValueError, match="container"):
+        parse_containers(bad)
+
+
+def test_the_container_filter_decides_on_the_process_facts():
+    chosen = RowFilter(containers=(ID[:12], "my-box"))
+    assert chosen.needs_process
+    assert chosen.keeps_process(ProcessFacts(container=ID))
+    assert chosen.keeps_process(ProcessFacts(container="my-box"))
+    assert not chosen.keeps_process(ProcessFacts(container="my-box2"))
+    assert not chosen.keeps_process(ProcessFacts())  # in no container
+    assert RowFilter(containers=(ID,)) == RowFilter(containers=(ID,))  # configs compare

@@ -90,9 +90,9 @@ def test_json_has_real_types_and_null_for_unknown():
     row = make_row(raddr=None, rport=None, status=None, user=None)
     obj = json.loads(format_json_row(row, json_fields(False)))
     assert list(obj) == [
-        "event", "proto", "laddr", "lport", "raddr", "rport", "status", "direction",
-        "attribution", "pid", "pname", "owners", "owners_count", "ppid", "parent", "time",
-        "date", "user", "command", "command_length", "timestamp",
+        "event", "proto", "laddr", "lport", "raddr", "rport", "netns", "status", "direction",
+        "attribution", "pid", "pname", "owners", "owners_count", "ppid", "parent",
+        "container", "time", "date", "user", "command", "command_length", "timestamp",
     ]  # fmt: skip
     assert obj["event"] == "open"
     assert obj["lport"] == 8000 and obj["pid"] == 4242
@@ -284,7 +284,8 @@ def test_every_known_field_has_a_value():
                    command_length=27, bytes_sent=5000, bytes_received=7000,
                    owners=(ProcessRef(4242, "python3"),), owners_count=1, ppid=1,
                    parent="systemd", args=("python3", "-m", "http.server", "8000"),
-                   started=SEEN - datetime.timedelta(seconds=90))  # fmt: skip
+                   started=SEEN - datetime.timedelta(seconds=90), netns=4026531840,
+                   container="c" * 64)  # fmt: skip
     obj = json.loads(format_json_row(row, ALL_FIELDS))
     assert list(obj) == list(ALL_FIELDS)
     assert None not in obj.values()

@@ -371,3 +371,18 @@ def test_combining_marks_beyond_what_a_terminal_can_show_are_cut():
     assert len(line) <= len("4242    ") + 4 * 100 + 1  # measured no further
     few = make_row(command="a\u0301" * 5)
     assert format_pretty_row(few, ("pid", "command"), 100) == "4242    " + "a\u0301" * 5
+
+
+def test_a_runtimes_container_id_shows_as_its_short_id_and_a_machine_by_its_name():
+    view = PrettyView(("pid", "netns", "container"))
+    assert view.header() == "pid     netns      container"
+    runtime = "4f1e2b3c" * 8
+    line = view.format_row(make_row(netns=4026531840, container=runtime))
+    assert line == "4242    4026531840 4f1e2b3c4f1e"
+    assert view.format_row(make_row(container="my-box")).endswith(" my-box")
+    assert view.format_row(make_row()).split()[1:] == ["-", "-"]
+    # A long machine name is a name, not an id: shown up to the column's cap, where a
+    # column not the last one is cut on a terminal.
+    inner = PrettyView(("container", "status"))
+    line = inner.format_row(make_row(container="web-" + "x" * 60), terminal_width=200)
+    assert line == "web-" + "x" * 15 + ELLIPSIS + " ESTABLISHED"

@@ -5,7 +5,13 @@ import pytest
 from histstat.attribution import ListenerMemory
 from histstat.records import Connection, TcpCounters
 from histstat.sources.base import End, Ends
-from histstat.tracker import ConnectionTracker, Story, payload_bytes
+from histstat.tracker import (
+    ConnectionTracker,
+    Story,
+    connect_identity,
+    identity_key,
+    payload_bytes,
+)
 
 LISTENER = Connection("tcp", "127.0.0.1", 8000, None, None, "LISTEN", 10)
 ESTABLISHED = Connection("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, "ESTABLISHED", 10)
@@ -362,3 +368,161 @@ def test_a_socket_first_seen_in_time_wait_ends_at_once_without_end_events():
     ]
     poll = events.update(frozenset({time_wait}), now=1.0, watches_ends=True)
     assert kinds(poll) == [("close", "TIME_WAIT")]  # its end event never came
+
+
+# Network namespaces: the same 5-tuple in two namespaces is two sockets.
+NS_A, NS_B = 4026531840, 4026532500
+IN_A = ESTABLISHED._replace(netns=NS_A)
+IN_B = ESTABLISHED._replace(netns=NS_B, pid=30)
+
+
+def test_identity_is_the_5_tuple_and_namespace_and_the_owner_without_remote_end():
+    assert identity_key(IN_A) == ("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, NS_A)
+    listener = LISTENER._replace(netns=NS_B)
+    assert identity_key(listener) == ("tcp", "127.0.0.1", 8000, None, None, NS_B, 10)
+    end = End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 5, 1.0, None, NS_A)
+    assert identity_key(end) == identity_key(IN_A)
+    assert identity_key(ESTABLISHED)[5] is None  # a source that does not know it
+
+
+def test_the_same_5_tuple_in_two_namespaces_is_two_stories_each_ending_alone():
+    tracker = ConnectionTracker()
+    poll = tracker.update(frozenset({IN_A, IN_B}), now=0.0)
+    assert kinds(poll) == [("open", "ESTABLISHED"), ("open", "ESTABLISHED")]
+    stories = {c.conn.netns: c.story for c in poll.changes}
+    assert stories[NS_A] is not stories[NS_B]
+    poll = tracker.update(frozenset({IN_B}), now=1.0)
+    assert kinds(poll) == [("close", "ESTABLISHED")] and poll.changes[0].story is stories[NS_A]
+    assert tracker.update(frozenset({IN_B}), now=2.0).changes == []
+    assert len(tracker.live()) == 1 and tracker.live()[0] is stories[NS_B]
+
+
+def test_a_remainder_in_another_namespace_is_a_story_of_its_own():
+    tracker = ConnectionTracker()
+    (opened,) = tracker.update(frozenset({IN_A}), now=0.0).changes
+    tracker.update(frozenset(), now=1.0)  # A's ended: remembered for its remainder
+    remainder_b = IN_B._replace(status="TIME_WAIT", pid=None)
+    poll = tracker.update(frozenset({remainder_b}), now=2.0)
+    assert kinds(poll, "open") == [("open", "TIME_WAIT")]
+    assert poll.changes[0].story is not opened.story
+    # ...while A's own remainder is A's story.
+    tracker = ConnectionTracker()
+    (opened,) = tracker.update(frozenset({IN_A}), now=0.0).changes
+    tracker.update(frozenset(), now=1.0)
+    poll = tracker.update(frozenset({IN_A._replace(status="TIME_WAIT", pid=None)}), now=2.0)
+    assert kinds(poll) == [("state", "TIME_WAIT")] and poll.changes[0].story is opened.story
+
+
+def test_an_end_event_ends_only_the_story_of_its_namespace():
+    tracker = ConnectionTracker()
+    poll = tracker.update(frozenset({IN_A, IN_B}), now=0.0, watches_ends=True, wall=100.0)
+    stories = {c.conn.netns: c.story for c in poll.changes}
+    end_b = End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 0, 100.5, None, NS_B)
+    poll = tracker.update(
+        frozenset({IN_A}), now=1.0, ends=Ends([end_b]), watches_ends=True, wall=101.0
+    )
+    (close,) = poll.changes
+    assert close.kind == "close" and close.story is stories[NS_B] and close.story.exact_end
+    assert not stories[NS_A].ended
+
+
+def test_an_end_without_a_namespace_joins_as_from_a_source_that_knows_none():
+    tracker = ConnectionTracker()
+    tracker.update(frozenset({ESTABLISHED}), now=0.0, watches_ends=True, wall=100.0)
+    end = End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 0, 100.5, None)
+    poll = tracker.update(frozenset(), now=1.0, ends=Ends([end]), watches_ends=True, wall=101.0)
+    assert kinds(poll) == [("close", "ESTABLISHED")] and poll.changes[0].story.exact_end
+
+
+def test_an_end_without_a_namespace_joins_the_one_story_of_its_5_tuple_in_any():
+    # Snapshots that say the namespace, an end event that does not: it joins the only
+    # story of its 5-tuple; where two namespaces hold it, neither (each ends at its poll).
+    tracker = ConnectionTracker()
+    (opened,) = tracker.update(frozenset({IN_A}), now=0.0, watches_ends=True, wall=100.0).changes
+    end = End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 0, 100.5, None)
+    poll = tracker.update(frozenset(), now=1.0, ends=Ends([end]), watches_ends=True, wall=101.0)
+    assert kinds(poll) == [("close", "ESTABLISHED")] and poll.changes[0].story is opened.story
+    assert opened.story.exact_end
+    tracker = ConnectionTracker()
+    tracker.update(frozenset({IN_A, IN_B}), now=0.0, watches_ends=True, wall=100.0)
+    poll = tracker.update(
+        frozenset({IN_A, IN_B}), now=1.0, ends=Ends([end]), watches_ends=True, wall=101.0
+    )
+    assert poll.changes == []  # no phantom story either
+    poll = tracker.update(frozenset(), now=2.0, watches_ends=True, wall=102.0)
+    assert kinds(poll) == [("close", "ESTABLISHED"), ("close", "ESTABLISHED")]
+    assert not any(change.story.exact_end for change in poll.changes)
+
+
+def test_the_namespaces_remembered_follow_the_stories_known():
+    tracker = ConnectionTracker(ended_memory=10.0)
+    for netns in range(1, 1001):  # a thousand containers, each with one connection
+        tracker.update(frozenset({IN_A._replace(netns=netns)}), now=float(netns))
+    tracker.update(frozenset(), now=2000.0)  # all gone, and forgotten
+    tracker.update(frozenset({IN_A}), now=2001.0)
+    assert len(tracker._namespaces) <= 2 * tracker._namespaces_kept + 16 < 100
+
+
+def test_a_cookie_of_another_namespace_is_another_socket():
+    # Before Linux 5.12 each namespace numbered its own cookies: they collide.
+    tracker = ConnectionTracker()
+    a = IN_A._replace(cookie=7)
+    (opened,) = tracker.update(frozenset({a}), now=0.0, watches_ends=True, wall=100.0).changes
+    b = IN_B._replace(cookie=7, lport=9000)
+    poll = tracker.update(frozenset({a, b}), now=1.0, watches_ends=True, wall=101.0)
+    assert kinds(poll) == [("open", "ESTABLISHED")] and poll.changes[0].story is not opened.story
+    end_b = End("tcp", "127.0.0.1", 9000, "127.0.0.1", 50000, 7, 101.5, None, NS_B)
+    poll = tracker.update(
+        frozenset({a}), now=2.0, ends=Ends([end_b]), watches_ends=True, wall=102.0
+    )
+    assert [c.conn.lport for c in poll.changes if c.kind == "close"] == [9000]
+    assert not opened.story.ended
+
+
+def test_a_listener_in_another_namespace_is_no_new_holder_of_one_gone():
+    tracker = ConnectionTracker()
+    in_a = LISTENER._replace(netns=NS_A)
+    (opened,) = tracker.update(frozenset({in_a}), now=0.0).changes
+    in_b = LISTENER._replace(netns=NS_B, pid=11)
+    poll = tracker.update(frozenset({in_b}), now=1.0)
+    assert kinds(poll) == [("open", "LISTEN"), ("close", "LISTEN")]
+    assert poll.changes[1].story is opened.story
+    # Within one namespace, another holder is the same listener.
+    poll = tracker.update(frozenset({in_b._replace(pid=12)}), now=2.0)
+    assert kinds(poll) == [("owner", "LISTEN")]
+
+
+class FailedConnect:
+    def __init__(self, key):
+        self.proto, self.laddr, self.lport, self.raddr, self.rport = key[:5]
+        self.key = key
+        self.time, self.end_time = 99.0, 99.5
+
+
+def test_a_failed_connect_is_a_story_in_its_namespace():
+    tracker = ConnectionTracker()
+    live = IN_A._replace(status="SYN_SENT")
+    tracker.update(frozenset({live}), now=0.0, wall=100.0)
+    key = ("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000)
+    # The same 5-tuple failing in namespace B while A's socket lives: a story of its own.
+    poll = tracker.update(frozenset({live}), now=1.0, wall=101.0,
+                          failed=[FailedConnect((*key, NS_B))])  # fmt: skip
+    assert kinds(poll) == [("open", "SYN_SENT"), ("close", "SYN_SENT")]
+    assert poll.changes[0].story.conn.netns == NS_B
+    # In A, a poll saw it: no second story.
+    poll = tracker.update(frozenset({live}), now=2.0, wall=102.0,
+                          failed=[FailedConnect((*key, NS_A))])  # fmt: skip
+    assert poll.changes == []
+    # Connect events keyed by the 5-tuple alone are of an unknown namespace.
+    assert connect_identity(FailedConnect(key)) == (*key, None)
+
+
+def test_a_listener_makes_only_its_own_namespaces_connections_in():
+    listeners = ListenerMemory()
+    listeners.opened(LISTENER._replace(netns=NS_A))
+    assert listeners.direction(IN_A, 0.0) == "in"
+    assert listeners.direction(IN_B, 0.0) == "out"
+    assert listeners.listener_of(IN_A) == ("tcp", "127.0.0.1", 8000, NS_A)
+    assert listeners.listener_of(IN_B) is None
+    listeners.closed(LISTENER._replace(netns=NS_A), now=10.0)
+    assert listeners.direction(IN_A, 11.0) == "in" and listeners.direction(IN_B, 11.0) == "out"

@@ -7,7 +7,7 @@
 
 
 
-_shtab_histstat_option_strings=(-h --help -i --interval -l --log -p --prettify -j --json --csv --ecs -q --quiet -v --version --print-completion --hash --sqlite --syslog --syslog-facility --syslog-size --source --kernel-events --closed --transitions --update -r --resolve --geoip -f --fields --command-limit --color --once -c --count --duration --skip-existing --tcp --udp -4 -6 --port --lport --rport --laddr --raddr --pid --name --user --status --exclude-status)
+_shtab_histstat_option_strings=(-h --help -i --interval -l --log -p --prettify -j --json --csv --ecs -q --quiet -v --version --print-completion --hash --sqlite --syslog --syslog-facility --syslog-size --source --kernel-events --closed --transitions --update -r --resolve --geoip -f --fields --command-limit --color --once -c --count --duration --skip-existing --tcp --udp -4 -6 --port --lport --rport --laddr --raddr --pid --name --user --netns --container --status --exclude-status)
 
 _shtab_histstat__l_COMPGEN=_shtab_compgen_files
 _shtab_histstat___log_COMPGEN=_shtab_compgen_files

@@ -130,6 +130,7 @@ def _own_facts(row: Row) -> dict[str, Any]:
         "command_length": row.command_length,
         "owners": None if owners is None else [{"pid": o.pid, "name": o.name} for o in owners],
         "owners_count": row.owners_count,
+        "netns": row.netns,  # ECS has no field for a network namespace
     }
 
 
@@ -165,6 +166,7 @@ def _document(row: Row, host: HostFacts) -> dict[str, Any]:
         process=_process(row),
         user={"name": row.user, "id": None if uid is None else str(uid)},
         host={"name": host.name, "hostname": host.name},
+        container={"id": row.container},
         agent={"type": AGENT_TYPE, "version": host.agent_version},
         related={
             "ip": list(dict.fromkeys(ip for ip in (local_ip, remote_ip) if ip is not None)),

@@ -23,13 +23,14 @@ JSON_HASH_FIELDS = ("exe", "md5", "sha256")
 GEO_FIELDS = ("country", "asn", "as_org")
 # Every field a row can show, for -f/--fields.
 ALL_FIELDS = (
-    "event", "proto", "laddr", "lport", "raddr", "rport", "rhost", *GEO_FIELDS, "status",
-    "duration", "duration_from_start", "bytes_sent", "bytes_received", "direction",
-    "attribution", "pid", "pname", "owners", "owners_count", "ppid", "parent", "started",
-    "time", "date", "user", "exe", "md5", "sha256", "command", "command_length", "args",
-    "timestamp",
+    "event", "proto", "laddr", "lport", "raddr", "rport", "rhost", *GEO_FIELDS, "netns",
+    "status", "duration", "duration_from_start", "bytes_sent", "bytes_received",
+    "direction", "attribution", "pid", "pname", "owners", "owners_count", "ppid", "parent",
+    "container", "started", "time", "date", "user", "exe", "md5", "sha256", "command",
+    "command_length", "args", "timestamp",
 )  # fmt: skip
-# The parent process's fields, after pname (and the owners) among JSON's keys.
+# The parent process's fields, after pname (and the owners) among JSON's keys, and the
+# process's container after them.
 PARENT_FIELDS = ("ppid", "parent")
 BYTE_FIELDS = ("bytes_sent", "bytes_received")
 OWNER_FIELDS = ("owners", "owners_count")
@@ -114,18 +115,20 @@ def json_fields(
     geoip: bool = False,
     with_bytes: bool = False,
 ) -> tuple[str, ...]:
-    """The JSON keys in order: event, the text columns with direction and attribution
-    after status (duration and duration_from_start before them with rows beside open
-    rows, then bytes_sent and bytes_received with close or update rows), owners,
-    owners_count and the parent after pname, exe and hashes with --hash, command_length
-    after the command, and the timestamp."""
+    """The JSON keys in order: event, the text columns with the network namespace
+    (netns) before status and direction and attribution after it (duration and
+    duration_from_start before them with rows beside open rows, then bytes_sent and
+    bytes_received with close or update rows), owners, owners_count, the parent and the
+    container after pname, exe and hashes with --hash, command_length after the command,
+    and the timestamp."""
     fields = _remote(list(TEXT_FIELDS), resolve, geoip)
+    fields.insert(fields.index("status"), "netns")
     after_status = fields.index("status") + 1
     lifecycle = ["duration", "duration_from_start"] if closed else []
     lifecycle += list(BYTE_FIELDS) if with_bytes else []
     fields[after_status:after_status] = [*lifecycle, "direction", "attribution"]
     after_pname = fields.index("pname") + 1
-    fields[after_pname:after_pname] = [*OWNER_FIELDS, *PARENT_FIELDS]
+    fields[after_pname:after_pname] = [*OWNER_FIELDS, *PARENT_FIELDS, "container"]
     if with_hashes:
         fields[-1:-1] = JSON_HASH_FIELDS
     return ("event", *fields, "command_length", "timestamp")

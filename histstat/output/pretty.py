@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -51,6 +52,7 @@ WIDTHS = {
     "command_length": Width(14, 14),
     "bytes_sent": Width(10, 20), "bytes_received": Width(14, 20),
     "owners": Width(12, 40), "owners_count": Width(12, 12),
+    "netns": Width(10, 10), "container": Width(12, 20),
 }  # fmt: skip
 
 # Endpoints are shown as ss shows them, address and port in one column.
@@ -116,10 +118,24 @@ def endpoint_text(address: str | None, port: int | None) -> str:
     return f"{host}:{NO_REMOTE if port is None else port}"
 
 
+# A runtime's container id (64 hex digits) is shown as its first 12, as docker ps does;
+# a machine's name (systemd-nspawn) whole, as far as its column allows.
+SHORT_ID = 12
+_RUNTIME_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _container_text(row: Row) -> str:
+    if row.container is not None and _RUNTIME_ID.fullmatch(row.container):
+        return row.container[:SHORT_ID]
+    return text_value(row, "container")
+
+
 def _cell_text(row: Row, column: Column) -> str:
     if column.label in _ENDPOINT_FIELDS:
         address, port = column.fields
         return endpoint_text(getattr(row, address), getattr(row, port))
+    if column.label == "container":
+        return _container_text(row)
     return text_value(row, column.fields[0])
 
 

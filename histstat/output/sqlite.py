@@ -28,7 +28,7 @@ from histstat.output.format import field_value, json_text, owners_json
 from histstat.output.sinks import warn_if_exposed
 from histstat.records import Row
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Every row field, in the order of the connections table's columns after run_id.
 ROW_COLUMNS = (
@@ -36,7 +36,7 @@ ROW_COLUMNS = (
     "status", "pid", "pname", "user", "command", "exe", "md5", "sha256",
     "event", "duration", "duration_from_start", "direction", "attribution", "rhost",
     "country", "asn", "as_org", "command_length", "bytes_sent", "bytes_received", "owners",
-    "owners_count", "ppid", "parent",
+    "owners_count", "ppid", "parent", "netns", "container",
 )  # fmt: skip
 
 # MIGRATIONS[n] takes a database from schema version n to n + 1.
@@ -111,6 +111,13 @@ MIGRATIONS = (
     """
     ALTER TABLE connections ADD COLUMN ppid INTEGER;
     ALTER TABLE connections ADD COLUMN parent TEXT;
+    """,
+    # 6: containers (issue 12): the socket's network namespace and the owner's container.
+    # NULL in rows of earlier versions.
+    """
+    ALTER TABLE connections ADD COLUMN netns INTEGER;  -- the namespace's inode (Linux)
+    ALTER TABLE connections ADD COLUMN container TEXT;  -- the full container id
+    CREATE INDEX connections_by_container ON connections(container);
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION

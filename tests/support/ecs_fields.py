@@ -45,6 +45,7 @@ HISTSTAT_FIELDS = {
     "histstat.command_length": FieldDefinition("long", False, frozenset()),
     "histstat.owners": FieldDefinition("object", True, frozenset()),
     "histstat.owners_count": FieldDefinition("long", False, frozenset()),
+    "histstat.netns": FieldDefinition("long", False, frozenset()),
 }  # fmt: skip
 
 
