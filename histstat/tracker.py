@@ -452,7 +452,7 @@ class ConnectionTracker:
     ) -> None:
         """A connect that failed (SYN_SENT→CLOSE): a story of its own, unless a poll
         saw the socket (its end comes as any other's)."""
-        key = connect.key
+        key = connect.key[:5]  # connects.Connect.key has the netns: these identities not yet
         started = now - max(0.0, wall - connect.time)
         if key in self._live:
             return
