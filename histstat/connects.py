@@ -145,12 +145,14 @@ def read_connecting_process(
     thread's network namespace: the thread's own status says its process while it lives
     (the trace's tgid is a cache's hint, or unknown); once it is gone, the trace's tgid
     (else the thread id) and name. A process in ``known`` (the same pid and start time)
-    is not read again."""
-    netns = thread_namespace(event.tid)  # first: the thread may end any moment
+    is not read again, its namespace included (each /proc read costs tens of
+    microseconds on a cold cache: a thread that alone moves to another namespace after
+    its process's first connect keeps the namespace read then)."""
     if known is not None:
         found = _known_process(event, known)
         if found is not None:
-            return found if found.netns == netns else found._replace(netns=netns)
+            return found
+    netns = thread_namespace(event.tid)  # first: the thread may end any moment
     tgid = _status_tgid(event.tid)
     pid = tgid or event.tgid or event.tid
     gone = Process(pid, None, ProcessFacts(name=event.name), netns)
@@ -162,7 +164,7 @@ def read_connecting_process(
     if known is not None:
         found = known.get(pid, ticks)
         if found is not None:
-            return found if found.netns == netns else found._replace(netns=netns)
+            return found
     try:
         proc = psutil.Process(pid)
         created = proc.create_time()
