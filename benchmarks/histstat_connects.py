@@ -52,7 +52,8 @@ import time
 # once); prints "pid:port" of each connection made.
 CLIENT = """
 import os, socket, sys, time
-count, hold, pause, rate = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+count = int(sys.argv[1])
+hold, pause, rate = (float(value) for value in sys.argv[2:5])
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(1024)
@@ -306,8 +307,9 @@ def main() -> None:
         for work in workloads:
             report(work, "auto", measure(work, "auto", histstat_command()))
             if work is burst_work:
-                report(work, "auto, no tracefs (ends only)",
-                       measure(work, "auto", histstat_command(), {"HISTSTAT_TEST_TRACEFS": empty}))  # fmt: skip
+                no_tracefs = {"HISTSTAT_TEST_TRACEFS": empty}
+                got = measure(work, "auto", histstat_command(), no_tracefs)
+                report(work, "auto, no tracefs (ends only)", got)
             report(work, "off", measure(work, "off", histstat_command()))
         unprivileged = options.unprivileged_histstat
         why_not = nobody_runs(unprivileged)
