@@ -201,6 +201,7 @@ def measure(work: Workload, events: str, histstat: str, env: dict | None = None,
     client.stdin.write(b"go\n")
     client.stdin.flush()
     made = [pair.split(":") for pair in client.stdout.readline().decode().split()]
+    client.wait(30)  # reaped at once, as a shell reaps its commands: no zombie to read
     time.sleep(2.5)  # two more polls
     cpu = cpu_seconds(proc.pid) - cpu_before
     wall = time.monotonic() - started
@@ -208,7 +209,6 @@ def measure(work: Workload, events: str, histstat: str, env: dict | None = None,
     proc.wait(30)
     reading.join(30)
     err = proc.stderr.read().decode(errors="replace").strip()
-    client.wait(30)
     # How often each port was used, by which pid; and the open rows of each port.
     used = collections.Counter((int(port), int(pid)) for pid, port in made)
     rows = [json.loads(line) for line in lines]
