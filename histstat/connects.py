@@ -34,6 +34,9 @@ MAX_FAILED = 65536  # failed connects waiting for the next poll
 # CPU). A process in such a stream that exits within this long of its connect may keep
 # only its pid and name (see RecentProcesses).
 BATCH_PAUSE = 0.1  # seconds
+# Without a wake pipe (no descriptor to spare: ulimit -n), the thread looks for close()
+# this often instead of sleeping until events come.
+NO_PIPE_WAIT = 0.25  # seconds
 # The longest a poll waits for the thread to read what waits (a flood may keep it busy).
 CATCH_UP = 0.2  # seconds
 
@@ -450,7 +453,10 @@ class ConnectWatcher:
         self._busy = False  # reading, or handling what a read gave
         self._probe = select.poll()  # the poll loop's look at what waits in the kernel
         self._probe.register(reader.fileno(), select.POLLIN)
-        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # no descriptor to spare: the thread wakes every NO_PIPE_WAIT
+            self._wake_read = self._wake_write = -1
         self.thread_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="histstat-connects", daemon=True)
         self._thread.start()
@@ -458,9 +464,13 @@ class ConnectWatcher:
     def _run(self) -> None:
         waiting = select.poll()  # for events, or a wake
         waiting.register(self._reader.fileno(), select.POLLIN)
-        waiting.register(self._wake_read, select.POLLIN)
         pausing = select.poll()  # for a wake alone
-        pausing.register(self._wake_read, select.POLLIN)
+        sleep: float | None = None  # until events come
+        if self._wake_read >= 0:
+            waiting.register(self._wake_read, select.POLLIN)
+            pausing.register(self._wake_read, select.POLLIN)
+        else:
+            sleep = NO_PIPE_WAIT * 1000
         try:
             while not self._stop:
                 with self._state:
@@ -478,8 +488,8 @@ class ConnectWatcher:
                         self._state.notify_all()
                 if self._stop:
                     break
-                woken = pausing.poll(BATCH_PAUSE * 1000) if events else waiting.poll()
-                if any(fd == self._wake_read for fd, _ in woken):
+                woken = pausing.poll(BATCH_PAUSE * 1000) if events else waiting.poll(sleep)
+                if self._wake_read >= 0 and any(fd == self._wake_read for fd, _ in woken):
                     self._drain_wake()
         except (OSError, ValueError) as exc:  # the reader closed under us, or tracefs went
             if not self._stop:
@@ -496,6 +506,8 @@ class ConnectWatcher:
             pass
 
     def _wake(self) -> None:
+        if self._wake_write < 0:
+            return
         try:
             os.write(self._wake_write, b"!")
         except BlockingIOError:
@@ -570,10 +582,9 @@ class ConnectWatcher:
         """Stop the thread, then remove the instance; returns why it could not be
         removed, or None. Safe to call again."""
         self._stop = True
-        if self._wake_write >= 0:
-            self._wake()
+        self._wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(5.0)
+            self._thread.join(NO_PIPE_WAIT + 5.0)
         if not self._thread.is_alive() and self._wake_write >= 0:
             os.close(self._wake_read)
             os.close(self._wake_write)

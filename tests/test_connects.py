@@ -4,6 +4,7 @@ its memories; the connecting process read from /proc; the reader thread's cycle.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -286,6 +287,26 @@ def test_the_reader_thread_sleeps_until_events_come_and_a_poll_catches_up_with_t
     finally:
         watcher.close()
     assert reader.closed and not watcher._thread.is_alive()
+
+
+def test_without_a_descriptor_for_its_wake_pipe_the_thread_still_reads_and_stops(monkeypatch):
+    reader = PipeReader()
+
+    def no_descriptor(flags):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "pipe2", no_descriptor)
+    watcher = ConnectWatcher(reader, read_process=lambda e, *_: process(e.tid))  # type: ignore[arg-type]
+    try:
+        now = time.time()
+        reader.send(event("CLOSE", "SYN_SENT", tid=7, time=now))
+        reader.send(event("SYN_SENT", "CLOSE", sport=4000, time=now))
+        wait_for(lambda: watcher.take_failed() or None, describe="the failed connect")
+    finally:
+        started = time.monotonic()
+        watcher.close()
+    assert reader.closed and not watcher._thread.is_alive()
+    assert time.monotonic() - started < 5.0
 
 
 # The poller with connect events: a stand-in for ConnectWatcher over the story tests'
