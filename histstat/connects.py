@@ -3,17 +3,19 @@ loop, joined into whole connects with the connecting process's facts taken at on
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import psutil
 
 from histstat.enrich import COMMAND_LIMIT, PROCESS_FACTS, start_time
 from histstat.records import ProcessFacts
+from histstat.sources.namespaces import namespace_inode
 from histstat.sources.trace_lines import ConnectEvent
 from histstat.sources.tracefs import ConnectEventReader, process_start_time
 
@@ -32,10 +34,11 @@ MAX_FAILED = 65536  # failed connects waiting for the next poll
 # CPU). A process in such a stream that exits within this long of its connect may keep
 # only its pid and name (see RecentProcesses).
 BATCH_PAUSE = 0.1  # seconds
-WAIT = 0.25  # seconds a read waits for events, so that close() is heard promptly
+# Without a wake pipe (no descriptor to spare: ulimit -n), the thread looks for close()
+# this often instead of sleeping until events come.
+NO_PIPE_WAIT = 0.25  # seconds
 # The longest a poll waits for the thread to read what waits (a flood may keep it busy).
 CATCH_UP = 0.2  # seconds
-LOSS_CHECK_EVERY = 1.0  # seconds between two looks at the ring buffer's loss counters
 
 _UNSPECIFIED = ("0.0.0.0", "::")
 # The transitions the kernel is asked for (tcp_states.h numbers): CLOSE→SYN_SENT (the
@@ -45,19 +48,27 @@ _UNSPECIFIED = ("0.0.0.0", "::")
 CONNECT_OUTCOMES = ((7, 2), (2, 1), (2, 7))
 
 
+Address = tuple[str, str, int, str, int]  # proto, laddr, lport, raddr, rport
+ConnectKey = tuple[str, str, int, str, int, Optional[int]]  # and the netns inode
+
+
 class Process(NamedTuple):
     """The connecting process as read at its connect: ``created`` is its start (epoch
     seconds), None when it had already exited, and then ``facts`` holds only the name the
-    kernel gave (its command line, user and executable unknown)."""
+    kernel gave (its command line, user and executable unknown). ``netns`` is the inode
+    of the connecting thread's network namespace at the connect, None when it was gone
+    before it could be read."""
 
     pid: int
     created: float | None
     facts: ProcessFacts
+    netns: int | None = None
 
 
 class Connect(NamedTuple):
-    """One connect() and its outcome: the full 4-tuple, the times of both events, and
-    who made it (None: unknown, or ambiguous)."""
+    """One connect() and its outcome: the full 4-tuple, the times of both events, who
+    made it (None: unknown, or ambiguous) and the network namespace it was made in (the
+    connecting thread's; None when unknown: the event carries none)."""
 
     proto: str  # tcp or tcp6
     laddr: str
@@ -68,10 +79,17 @@ class Connect(NamedTuple):
     end_time: float  # wall clock of the outcome
     failed: bool  # SYN_SENT→CLOSE: refused, reset or timed out
     process: Process | None
+    netns: int | None = None
 
     @property
-    def key(self) -> tuple[str, str, int, str, int]:
-        """The connection's identity as the tracker has it (identity_key)."""
+    def key(self) -> ConnectKey:
+        """The connection's identity as the tracker has it (identity_key): the 5-tuple
+        and the network namespace's inode."""
+        return (self.proto, self.laddr, self.lport, self.raddr, self.rport, self.netns)
+
+    @property
+    def address(self) -> Address:
+        """The 5-tuple alone, which two namespaces may share."""
         return (self.proto, self.laddr, self.lport, self.raddr, self.rport)
 
 
@@ -96,16 +114,51 @@ def _status_tgid(tid: int) -> int | None:
     return None
 
 
+def thread_namespace(tid: int) -> int | None:
+    """The inode of thread ``tid``'s network namespace (a thread may setns() alone);
+    None once it is gone, or when its link cannot be read."""
+    try:
+        return namespace_inode(tid)
+    except PermissionError:
+        return None
+
+
+def _known_process(event: ConnectEvent, known: KnownProcesses) -> Process | None:
+    """The connecting process when it was read whole before, found with one small read
+    instead of two: the trace's tgid names it, and its start time (the key of ``known``,
+    with the pid) says it is the same process. A thread other than its main one must be
+    listed under it, as the tgid is a cache's hint that may name a former holder of the
+    thread id. None: not known, or not sure (the caller reads the thread's status)."""
+    pid = event.tgid
+    if pid is None:
+        return None
+    ticks = process_start_time(pid)
+    if ticks is None:
+        return None
+    found = known.get(pid, ticks)
+    if found is None or (event.tid != pid and not os.path.exists(f"/proc/{pid}/task/{event.tid}")):
+        return None
+    return found
+
+
 def read_connecting_process(
     event: ConnectEvent, command_limit: int = COMMAND_LIMIT, known: KnownProcesses | None = None
 ) -> Process:
-    """The process that ran a CLOSE→SYN_SENT, read from /proc now: the thread's own
-    status says its process while it lives (the trace's tgid is a cache's hint, or
-    unknown); once it is gone, the trace's tgid (else the thread id) and name. A process
-    in ``known`` (the same pid and start time) is not read again."""
+    """The process that ran a CLOSE→SYN_SENT, read from /proc now, with the connecting
+    thread's network namespace: the thread's own status says its process while it lives
+    (the trace's tgid is a cache's hint, or unknown); once it is gone, the trace's tgid
+    (else the thread id) and name. A process in ``known`` (the same pid and start time)
+    is not read again, its namespace included (each /proc read costs tens of
+    microseconds on a cold cache: a thread that alone moves to another namespace after
+    its process's first connect keeps the namespace read then)."""
+    if known is not None:
+        found = _known_process(event, known)
+        if found is not None:
+            return found
+    netns = thread_namespace(event.tid)  # first: the thread may end any moment
     tgid = _status_tgid(event.tid)
     pid = tgid or event.tgid or event.tid
-    gone = Process(pid, None, ProcessFacts(name=event.name))
+    gone = Process(pid, None, ProcessFacts(name=event.name), netns)
     if tgid is None:
         return gone
     ticks = process_start_time(pid)
@@ -123,7 +176,7 @@ def read_connecting_process(
     facts = PROCESS_FACTS(proc, command_limit)
     if facts.name is None:  # it exited while being read
         return gone
-    process = Process(pid, created, facts._replace(started=start_time(created)))
+    process = Process(pid, created, facts._replace(started=start_time(created)), netns)
     if known is not None:
         known.add(pid, ticks, process)
     return process
@@ -193,19 +246,29 @@ class ConnectJoiner:
     """Joins each CLOSE→SYN_SENT to its outcome (SYN_SENT→ESTABLISHED or →CLOSE) by
     family, destination and order, and the source address and port where the connect
     already had them; then keeps the whole connects for the poll (bounded: CONNECT_MEMORY
-    seconds, MAX_CONNECTS of them).
+    seconds, MAX_CONNECTS of them), by the connection's identity: its 5-tuple and
+    network namespace.
 
     Two connects pending to one destination from different processes, with no source
     port yet, cannot be told apart: the outcome takes no process, and ``ambiguous``
-    counts it, rather than a guess.
+    counts it, rather than a guess. A connect whose namespace is unknown (its thread
+    ended before it was read) is given to a connection of that 5-tuple only when no
+    other namespace's connect has the 5-tuple and no other namespace asked for it
+    before; otherwise ``ambiguous_namespace`` counts it (see ``connect_of``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, own_netns: int | None = None) -> None:
+        self.own_netns = own_netns  # the namespace of the connections a 5-tuple asks for
         self._pending: dict[tuple[int, str, int], deque[_Pending]] = {}
         self._pending_count = 0
-        self._connects: OrderedDict[tuple[str, str, int, str, int], Connect] = OrderedDict()
+        self._connects: OrderedDict[ConnectKey, Connect] = OrderedDict()
+        # The namespaces each remembered 5-tuple was connected in (None: unknown).
+        self._namespaces: dict[Address, dict[int | None, None]] = {}
+        # A connect of unknown namespace → the namespace that took it, or AMBIGUOUS.
+        self._taken: dict[ConnectKey, object] = {}
         self._failed: deque[Connect] = deque()
         self.ambiguous = 0
+        self.ambiguous_namespace = 0
         self.unmatched = 0  # outcomes whose connect was never seen
         self.dropped = 0  # connects given up for lack of room
 
@@ -234,6 +297,7 @@ class ConnectJoiner:
                     chosen = index
                     break
         process = None
+        netns = None
         started = event.time
         if chosen is None:
             self.unmatched += 1
@@ -246,11 +310,14 @@ class ConnectJoiner:
                 del self._pending[key]
             started = pending.event.time
             process = pending.process
-            if pending.event.sport == 0 and any(
-                other.event.sport == 0 and _who(other.process) != _who(process) for other in queue
-            ):
-                self.ambiguous += 1
-                process = None
+            netns = process.netns
+            if pending.event.sport == 0:
+                rivals = [other.process for other in queue if other.event.sport == 0]
+                if any(_who(other) != _who(process) for other in rivals):
+                    self.ambiguous += 1
+                    process = None
+                if any(other.netns != netns for other in rivals):
+                    netns = None  # which of their namespaces is not known either
         connect = Connect(
             "tcp" if family == socket.AF_INET else "tcp6",
             saddr,
@@ -261,17 +328,33 @@ class ConnectJoiner:
             event.time,
             event.newstate == "CLOSE",
             process,
+            netns,
         )
-        self._connects[connect.key] = connect
-        self._connects.move_to_end(connect.key)
-        while len(self._connects) > MAX_CONNECTS:
-            self._connects.popitem(last=False)
+        self._remember(connect)
         if connect.failed:
             if len(self._failed) >= MAX_FAILED:
                 self._failed.popleft()
                 self.dropped += 1
             self._failed.append(connect)
         return connect
+
+    def _remember(self, connect: Connect) -> None:
+        key = connect.key
+        if key in self._connects:
+            self._forget(key)  # the 5-tuple was used again: the older connect goes
+        self._connects[key] = connect
+        self._namespaces.setdefault(connect.address, {})[connect.netns] = None
+        while len(self._connects) > MAX_CONNECTS:
+            self._forget(next(iter(self._connects)))
+
+    def _forget(self, key: ConnectKey) -> None:
+        connect = self._connects.pop(key)
+        self._taken.pop(key, None)
+        namespaces = self._namespaces.get(connect.address)
+        if namespaces is not None:
+            namespaces.pop(connect.netns, None)
+            if not namespaces:
+                del self._namespaces[connect.address]
 
     def _expire_pending(self, now: float, force: bool = False) -> None:
         for key in list(self._pending):
@@ -288,22 +371,50 @@ class ConnectJoiner:
     def expire(self, now: float) -> None:
         """Forget connects older than their memories (``now``: wall clock)."""
         while self._connects:
-            oldest = next(iter(self._connects.values()))
+            key, oldest = next(iter(self._connects.items()))
             if now - oldest.end_time <= CONNECT_MEMORY:
                 break
-            self._connects.popitem(last=False)
+            self._forget(key)
         self._expire_pending(now)
 
-    def connect_of(self, key: tuple[Any, ...]) -> Connect | None:
-        """The latest whole connect of the connection ``key`` (proto, laddr, lport,
-        raddr, rport), if remembered."""
-        return self._connects.get(key)
+    def connect_of(self, key: tuple[Any, ...], alone: bool = True) -> Connect | None:
+        """The latest whole connect of the connection ``key``, if remembered: (proto,
+        laddr, lport, raddr, rport, netns) as identity_key gives it, or the 5-tuple alone
+        for a connection of histstat's own namespace (``own_netns``).
+
+        A connect in that namespace comes first. Else one whose namespace is unknown is
+        given when nothing says it may be another connection's: ``alone`` (the caller
+        knows no other live connection with this 5-tuple), no connect of another
+        namespace has the 5-tuple, and no other namespace took it before; otherwise it
+        is given to none, and counted once in ``ambiguous_namespace``."""
+        address = tuple(key[:5])
+        netns = key[5] if len(key) > 5 else self.own_netns
+        found = self._connects.get((*address, netns))
+        if found is not None or netns is None:
+            return found
+        unknown_key: ConnectKey = (*address, None)
+        unknown = self._connects.get(unknown_key)
+        if unknown is None:
+            return None
+        taken = self._taken.get(unknown_key)
+        if taken == netns:
+            return unknown
+        if taken is None and alone and len(self._namespaces.get(unknown.address, ())) == 1:
+            self._taken[unknown_key] = netns
+            return unknown
+        if taken is not _AMBIGUOUS:
+            self._taken[unknown_key] = _AMBIGUOUS
+            self.ambiguous_namespace += 1
+        return None
 
     def take_failed(self) -> list[Connect]:
         """The failed connects since the last call, in order."""
         failed = list(self._failed)
         self._failed.clear()
         return failed
+
+
+_AMBIGUOUS = object()  # a connect of unknown namespace that two namespaces could own
 
 
 def _who(process: Process | None) -> tuple[int, float | None] | None:
@@ -315,7 +426,12 @@ class ConnectWatcher:
     descriptor, never a blocking read), reads each connecting process from /proc at
     once, since it may exit within milliseconds, and joins the events (ConnectJoiner).
     The poll loop asks ``connect_of`` and ``take_failed``; ``close`` stops the thread
-    and removes the tracefs instance."""
+    and removes the tracefs instance.
+
+    The thread sleeps in poll() until events come, with no timeout: an idle machine
+    costs nothing. After a batch it pauses BATCH_PAUSE; a byte on its wake pipe ends a
+    sleep or a pause early (``catch_up``, ``close``).
+    """
 
     def __init__(
         self,
@@ -326,60 +442,76 @@ class ConnectWatcher:
         self._reader = reader
         self._command_limit = command_limit
         self._read_process = read_process
-        self._joiner = ConnectJoiner()
+        self._joiner = ConnectJoiner(own_netns=thread_namespace(os.getpid()))
         self._recent = RecentProcesses()
         self._known = KnownProcesses()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._lost = 0
-        self._lost_told = 0
+        self._stop = False
         # The thread's cycle (a read and its events handled), for catch_up.
-        self._state = threading.Condition()
+        self._state = threading.Condition(threading.Lock())
         self._cycles = 0
-        self._busy = False  # handling what a read gave
-        self._pausing = False  # waiting BATCH_PAUSE after a batch
-        self._wake = threading.Event()  # ends the pause: the poll wants what waits
+        self._busy = False  # reading, or handling what a read gave
+        self._probe = select.poll()  # the poll loop's look at what waits in the kernel
+        self._probe.register(reader.fileno(), select.POLLIN)
+        try:
+            self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # no descriptor to spare: the thread wakes every NO_PIPE_WAIT
+            self._wake_read = self._wake_write = -1
         self.thread_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="histstat-connects", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        next_loss_check = 0.0
-        woken = False
+        waiting = select.poll()  # for events, or a wake
+        waiting.register(self._reader.fileno(), select.POLLIN)
+        pausing = select.poll()  # for a wake alone
+        sleep: float | None = None  # until events come
+        if self._wake_read >= 0:
+            waiting.register(self._wake_read, select.POLLIN)
+            pausing.register(self._wake_read, select.POLLIN)
+        else:
+            sleep = NO_PIPE_WAIT * 1000
         try:
-            while not self._stop.is_set():
-                events = self._reader.read(0.0 if woken else WAIT)
+            while not self._stop:
                 with self._state:
                     self._busy = True
                 try:
+                    # Read before any poll(): text the kernel formatted for a read cut
+                    # short waits in the reader, and poll() does not report it.
+                    events = self._reader.read()
                     for event in events:
                         self._handle(event)
-                    now = time.monotonic()
-                    if now >= next_loss_check:
-                        next_loss_check = now + LOSS_CHECK_EVERY
-                        lost = self._reader.lost_events()
-                        with self._lock:
-                            self._lost += lost
-                            self._joiner.expire(time.time())
                 finally:
                     with self._state:
                         self._busy = False
                         self._cycles += 1
                         self._state.notify_all()
-                woken = False
-                if events and not self._stop.is_set():
-                    with self._state:
-                        self._pausing = True
-                    woken = self._wake.wait(BATCH_PAUSE)
-                    self._wake.clear()
-                    with self._state:
-                        self._pausing = False
+                if self._stop:
+                    break
+                woken = pausing.poll(BATCH_PAUSE * 1000) if events else waiting.poll(sleep)
+                if self._wake_read >= 0 and any(fd == self._wake_read for fd, _ in woken):
+                    self._drain_wake()
         except (OSError, ValueError) as exc:  # the reader closed under us, or tracefs went
-            if not self._stop.is_set():
+            if not self._stop:
                 self.thread_error = str(exc)
         finally:
             with self._state:
                 self._state.notify_all()
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_read, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _wake(self) -> None:
+        if self._wake_write < 0:
+            return
+        try:
+            os.write(self._wake_write, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full of wakes already
 
     def _cycle_after(self, start: int) -> Callable[[], bool]:
         return lambda: self._cycles > start
@@ -387,9 +519,7 @@ class ConnectWatcher:
     def _readable(self) -> bool:
         """Whether events wait in the kernel for the thread to read."""
         try:
-            poller = select.poll()
-            poller.register(self._reader.fileno(), select.POLLIN)
-            return bool(poller.poll(0))
+            return bool(self._probe.poll(0))
         except (OSError, ValueError):
             return False
 
@@ -399,11 +529,9 @@ class ConnectWatcher:
         deadline = time.monotonic() + timeout
         with self._state:
             while self._thread.is_alive():
-                readable = self._readable()
-                if not (self._busy or readable):
+                if not (self._busy or self._readable()):
                     return
-                if self._pausing:
-                    self._wake.set()
+                self._wake()  # ends a pause
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
@@ -419,33 +547,48 @@ class ConnectWatcher:
             with self._lock:
                 self._joiner.finished(event)
 
-    def connect_of(self, key: tuple[Any, ...]) -> Connect | None:
+    def connect_of(self, key: tuple[Any, ...], alone: bool = True) -> Connect | None:
+        """See ConnectJoiner.connect_of."""
         with self._lock:
-            return self._joiner.connect_of(key)
+            return self._joiner.connect_of(key, alone)
 
     def take_failed(self) -> list[Connect]:
+        """The failed connects since the last call; older connects are forgotten."""
         with self._lock:
+            self._joiner.expire(time.time())
             return self._joiner.take_failed()
 
     def lost_since_told(self) -> int:
         """Events lost (the ring buffer overran) since the last call."""
-        with self._lock:
-            lost = self._lost - self._lost_told
-            self._lost_told = self._lost
-        return lost
+        try:
+            return self._reader.lost_events()
+        except (OSError, ValueError):
+            return 0
 
     @property
     def ambiguous(self) -> int:
+        """Connects left unattributed: two processes connected to one destination."""
         with self._lock:
             return self._joiner.ambiguous
+
+    @property
+    def ambiguous_namespace(self) -> int:
+        """Connects of unknown namespace left unattributed: their 5-tuple was another
+        namespace's too."""
+        with self._lock:
+            return self._joiner.ambiguous_namespace
 
     def close(self) -> str | None:
         """Stop the thread, then remove the instance; returns why it could not be
         removed, or None. Safe to call again."""
-        self._stop.set()
-        self._wake.set()
+        self._stop = True
+        self._wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(WAIT + 5.0)
+            self._thread.join(NO_PIPE_WAIT + 5.0)
+        if not self._thread.is_alive() and self._wake_write >= 0:
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            self._wake_read = self._wake_write = -1
         return self._reader.close()
 
 

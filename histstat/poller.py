@@ -298,12 +298,9 @@ class Poller:
         its facts from the cache while that process (pid and start time) lives, else as
         read at the connect; a process gone by then keeps its pid and name alone."""
         assert self._connects is not None
-        # Connect events keyed without the namespace (five parts) are found by the 5-tuple.
-        connect = (
-            story.connect
-            or self._connects.connect_of(story.key)
-            or self._connects.connect_of(story.key[:5])
-        )
+        # The key has the namespace; a connect whose namespace is unknown is given to
+        # it only where no other namespace may own it (ConnectJoiner.connect_of).
+        connect = story.connect or self._connects.connect_of(story.key)
         if connect is None or connect.process is None:
             return
         process = connect.process

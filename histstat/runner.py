@@ -529,6 +529,13 @@ def _close_connects(connects: ConnectWatcher, env: Environment) -> None:
             f"{count} {'connect was' if count == 1 else 'connects were'} left unattributed: "
             "another process connected to the same destination at the same moment"
         )
+    if connects.ambiguous_namespace:
+        count = connects.ambiguous_namespace
+        env.notice(
+            f"{count} {'connect was' if count == 1 else 'connects were'} left unattributed: "
+            "its process ended before its network namespace was read, and another "
+            "namespace had a connection with the same addresses and ports"
+        )
 
 
 def _writing_order(outputs: list[Output], stdout: StdoutSink | None) -> list[Output]:

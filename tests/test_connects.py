@@ -1,16 +1,33 @@
 """The join of connect events into whole connects (histstat.connects), on made-up events:
-order, source addresses, ambiguity, failed connects and the bounds of its memories."""
+order, source addresses, ambiguity, network namespaces, failed connects and the bounds of
+its memories; the connecting process read from /proc; the reader thread's cycle."""
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import threading
+import time
 
 from test_story import CLIENT, LISTENER, SERVER, poller_of, rows_of
 
-from histstat.connects import Connect, ConnectJoiner, Process, RecentProcesses, normal_address
+from histstat.connects import (
+    Connect,
+    ConnectJoiner,
+    ConnectWatcher,
+    KnownProcesses,
+    Process,
+    RecentProcesses,
+    normal_address,
+    read_connecting_process,
+)
 from histstat.records import ProcessFacts
 from histstat.sources.base import NO_ENDS
+from histstat.sources.namespaces import namespace_inode
 from histstat.sources.trace_lines import ConnectEvent
+from histstat.sources.tracefs import process_start_time
+from support.waiting import wait_for
 
 
 def event(old, new, sport=0, dport=80, saddr="127.0.0.1", daddr="127.0.0.1", time=1.0,
@@ -18,15 +35,19 @@ def event(old, new, sport=0, dport=80, saddr="127.0.0.1", daddr="127.0.0.1", tim
     return ConnectEvent(time, tid, tid, "curl", family, sport, dport, saddr, daddr, old, new)
 
 
-def process(pid: int, created: float | None = 5.0) -> Process:
-    return Process(pid, created, ProcessFacts(name=f"p{pid}"))
+NETNS = 4026531840  # a namespace's inode, as /proc/<pid>/ns/net gives it
+OTHER_NETNS = 4026532999
+
+
+def process(pid: int, created: float | None = 5.0, netns: int | None = NETNS) -> Process:
+    return Process(pid, created, ProcessFacts(name=f"p{pid}"), netns)
 
 
 def test_outcome_joins_its_connect_and_gives_the_whole_tuple():
     joiner = ConnectJoiner()
     joiner.connected(event("CLOSE", "SYN_SENT", time=1.0), process(7))
     connect = joiner.finished(event("SYN_SENT", "ESTABLISHED", sport=4000, time=1.5))
-    assert connect.key == ("tcp", "127.0.0.1", 4000, "127.0.0.1", 80)
+    assert connect.key == ("tcp", "127.0.0.1", 4000, "127.0.0.1", 80, NETNS)
     assert (connect.time, connect.end_time, connect.failed) == (1.0, 1.5, False)
     assert connect.process == process(7)
     assert joiner.connect_of(connect.key) == connect
@@ -80,7 +101,7 @@ def test_ipv6_addresses_are_spelled_as_sources_spell_them():
     v6 = dict(family=socket.AF_INET6, saddr="::1", daddr="0:0::1")
     joiner.connected(event("CLOSE", "SYN_SENT", **v6), process(7))
     connect = joiner.finished(event("SYN_SENT", "ESTABLISHED", sport=4000, **v6))
-    assert connect.key == ("tcp6", "::1", 4000, "::1", 80)
+    assert connect.key == ("tcp6", "::1", 4000, "::1", 80, NETNS)
     assert connect.process == process(7)
     assert normal_address(socket.AF_INET6, "::ffff:127.0.0.1") == "::ffff:127.0.0.1"
 
@@ -105,16 +126,199 @@ def test_a_process_gone_at_its_read_takes_its_read_of_moments_before():
     assert recent.fill(Process(7, None, ProcessFacts(name="other")), 10.5).facts.name == "other"
 
 
+ADDRESS = ("tcp", "127.0.0.1", 4000, "127.0.0.1", 80)
+
+
+def joined(joiner: ConnectJoiner, *processes: Process, sport: int = 4000) -> Connect:
+    """One connect per process to port 80, then one outcome from ``sport``."""
+    for each in processes:
+        joiner.connected(event("CLOSE", "SYN_SENT", tid=each.pid), each)
+    return joiner.finished(event("SYN_SENT", "ESTABLISHED", sport=sport))
+
+
+def test_a_connect_is_found_in_its_own_namespace_only():
+    joiner = ConnectJoiner(own_netns=NETNS)
+    connect = joined(joiner, process(7, netns=OTHER_NETNS))
+    assert connect.key == (*ADDRESS, OTHER_NETNS) and connect.netns == OTHER_NETNS
+    assert joiner.connect_of((*ADDRESS, OTHER_NETNS)) == connect
+    assert joiner.connect_of((*ADDRESS, NETNS)) is None
+    assert joiner.connect_of(ADDRESS) is None  # five parts: histstat's own namespace
+    assert joiner.ambiguous_namespace == 0
+
+
+def test_five_parts_ask_for_histstats_own_namespace():
+    joiner = ConnectJoiner(own_netns=NETNS)
+    connect = joined(joiner, process(7))
+    assert joiner.connect_of(ADDRESS) == connect == joiner.connect_of((*ADDRESS, NETNS))
+
+
+def test_a_connect_of_unknown_namespace_goes_to_the_one_connection_asking():
+    joiner = ConnectJoiner(own_netns=NETNS)
+    connect = joined(joiner, process(7, created=None, netns=None))  # gone before its read
+    assert connect.netns is None
+    assert joiner.connect_of((*ADDRESS, OTHER_NETNS)) == connect
+    assert joiner.connect_of((*ADDRESS, OTHER_NETNS)) == connect  # asked again: the same
+    # A second namespace asking for it: given to none more, and counted once.
+    assert joiner.connect_of((*ADDRESS, NETNS)) is None
+    assert joiner.connect_of((*ADDRESS, NETNS)) is None
+    assert joiner.ambiguous_namespace == 1
+
+
+def test_a_connect_of_unknown_namespace_is_not_guessed_where_another_namespace_has_its_tuple():
+    joiner = ConnectJoiner(own_netns=NETNS)
+    known = joined(joiner, process(7, netns=OTHER_NETNS))
+    joined(joiner, process(8, created=None, netns=None))
+    assert joiner.connect_of((*ADDRESS, OTHER_NETNS)) == known
+    assert joiner.connect_of((*ADDRESS, NETNS)) is None
+    assert joiner.connect_of(ADDRESS) is None
+    assert joiner.ambiguous_namespace == 1
+
+
+def test_a_connect_of_unknown_namespace_is_not_given_when_the_caller_sees_two_connections():
+    joiner = ConnectJoiner(own_netns=NETNS)
+    joined(joiner, process(7, created=None, netns=None))
+    assert joiner.connect_of((*ADDRESS, NETNS), alone=False) is None
+    assert joiner.ambiguous_namespace == 1
+
+
+def test_forgotten_connects_leave_no_namespace_behind():
+    joiner = ConnectJoiner(own_netns=NETNS)
+    joined(joiner, process(7, netns=OTHER_NETNS))
+    joiner.expire(100.0)
+    unknown = joined(joiner, process(8, created=None, netns=None))
+    assert joiner.connect_of((*ADDRESS, NETNS)) == unknown  # the other namespace's is gone
+
+
+def test_rivals_in_two_namespaces_leave_the_namespace_unknown():
+    joiner = ConnectJoiner()
+    connect = joined(joiner, process(7, netns=NETNS), process(8, netns=OTHER_NETNS))
+    assert connect.process is None and connect.netns is None and joiner.ambiguous == 1
+
+
+def test_a_failed_connect_carries_its_namespace():
+    joiner = ConnectJoiner()
+    joiner.connected(event("CLOSE", "SYN_SENT"), process(7, netns=OTHER_NETNS))
+    joiner.finished(event("SYN_SENT", "CLOSE", sport=4000))
+    (failed,) = joiner.take_failed()
+    assert failed.failed and failed.netns == OTHER_NETNS
+    assert failed.key == (*ADDRESS, OTHER_NETNS)
+
+
+def this_thread_connects() -> ConnectEvent:
+    """A CLOSE→SYN_SENT as this thread would make it, the trace's tgid right."""
+    return ConnectEvent(1.0, threading.get_native_id(), os.getpid(), "python", socket.AF_INET,
+                        0, 80, "127.0.0.1", "127.0.0.1", "CLOSE", "SYN_SENT")  # fmt: skip
+
+
+def test_the_connecting_process_is_read_with_its_threads_namespace_then_known():
+    known = KnownProcesses()
+    read = read_connecting_process(this_thread_connects(), known=known)
+    assert read.pid == os.getpid() and read.created is not None
+    assert read.facts.command and read.netns == namespace_inode("self")
+    # Read again: the same process (pid and start time) is taken from what is known.
+    marked = read._replace(facts=read.facts._replace(command="as known"))
+    ticks = process_start_time(os.getpid())
+    assert ticks is not None
+    known.add(os.getpid(), ticks, marked)
+    again = read_connecting_process(this_thread_connects(), known=known)
+    assert again.facts.command == "as known" and again.netns == read.netns
+
+
+def test_a_wrong_tgid_hint_never_gives_a_known_process_the_thread_is_not_in():
+    known = KnownProcesses()
+    parent = os.getppid()
+    ticks = process_start_time(parent)
+    assert ticks is not None
+    known.add(parent, ticks, Process(parent, 1.0, ProcessFacts(name="parent")))
+    # The tgid cache may name a former holder of the thread id: here, the parent.
+    stale = this_thread_connects()._replace(tgid=parent)
+    read = read_connecting_process(stale, known=known)
+    assert read.pid == os.getpid() and read.facts.name != "parent"
+
+
+class PipeReader:
+    """A stand-in for ConnectEventReader: a pipe's read end, one queued event per byte."""
+
+    def __init__(self):
+        self._read, self._write = os.pipe2(os.O_NONBLOCK)
+        self.queued: list[ConnectEvent] = []
+        self.reads = 0
+        self.closed = False
+
+    def send(self, item: ConnectEvent) -> None:
+        self.queued.append(item)
+        os.write(self._write, b"e")
+
+    def fileno(self) -> int:
+        return self._read
+
+    def read(self, timeout: float = 0.0) -> list[ConnectEvent]:
+        self.reads += 1
+        try:
+            count = len(os.read(self._read, 4096))
+        except BlockingIOError:
+            return []
+        taken, self.queued = self.queued[:count], self.queued[count:]
+        return taken
+
+    def lost_events(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.closed = True
+        os.close(self._read)
+        os.close(self._write)
+
+
+def test_the_reader_thread_sleeps_until_events_come_and_a_poll_catches_up_with_them():
+    reader = PipeReader()
+    watcher = ConnectWatcher(reader, read_process=lambda e, *_: process(e.tid))  # type: ignore[arg-type]
+    try:
+        wait_for(lambda: reader.reads >= 1, describe="the thread's first read")
+        time.sleep(0.5)  # idle: no timeout wakes it (the old loop read twice in 0.5 s)
+        assert reader.reads == 1
+        now = time.time()  # the poll's take_failed forgets connects older than their memory
+        reader.send(event("CLOSE", "SYN_SENT", tid=7, time=now))
+        reader.send(event("SYN_SENT", "CLOSE", sport=4000, time=now))
+        watcher.catch_up(timeout=5.0)
+        (failed,) = watcher.take_failed()
+        assert failed.process == process(7) and failed.key == (*ADDRESS, NETNS)
+        assert watcher.connect_of((*ADDRESS, NETNS)) == failed
+    finally:
+        watcher.close()
+    assert reader.closed and not watcher._thread.is_alive()
+
+
+def test_without_a_descriptor_for_its_wake_pipe_the_thread_still_reads_and_stops(monkeypatch):
+    reader = PipeReader()
+
+    def no_descriptor(flags):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "pipe2", no_descriptor)
+    watcher = ConnectWatcher(reader, read_process=lambda e, *_: process(e.tid))  # type: ignore[arg-type]
+    try:
+        now = time.time()
+        reader.send(event("CLOSE", "SYN_SENT", tid=7, time=now))
+        reader.send(event("SYN_SENT", "CLOSE", sport=4000, time=now))
+        wait_for(lambda: watcher.take_failed() or None, describe="the failed connect")
+    finally:
+        started = time.monotonic()
+        watcher.close()
+    assert reader.closed and not watcher._thread.is_alive()
+    assert time.monotonic() - started < 5.0
+
+
 # The poller with connect events: a stand-in for ConnectWatcher over the story tests'
 # event source and process cache.
 class Watcher:
     def __init__(self, connects=(), failed=(), lost=0):
-        self._connects = {connect.key: connect for connect in connects}
+        self._connects = {connect.address: connect for connect in connects}
         self._failed = list(failed)
         self._lost = lost
 
-    def connect_of(self, key):
-        return self._connects.get(key)
+    def connect_of(self, key, alone=True):
+        return self._connects.get(tuple(key[:5]))
 
     def catch_up(self):
         pass

@@ -69,19 +69,35 @@ sys.stdin.read()
 """
 
 
+# The histstat processes this module started: the instances named after them are its
+# own. Another histstat on the machine (another user's, a parallel test run) may create
+# an instance at any moment, and it is none of this module's business.
+STARTED: set[int] = set()
+
+
+class Tracked(Histstat):
+    """Histstat, its pid remembered in STARTED."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        STARTED.add(self.proc.pid)
+
+
 @pytest.fixture
 def tracefs_root():
-    """Where tracefs is, mounted if it was not; fails (never skips) without root."""
+    """Where tracefs is, mounted if it was not; fails (never skips) without root. At the
+    end, no instance of a histstat the test started is left."""
     if os.geteuid() != 0:
         pytest.fail("kernel connect events need root: run the tests as root")
     try:
         root = locate_tracefs(environ={}).root
     except TracefsUnavailable as exc:
         pytest.fail(f"kernel connect events cannot be had here: {exc}")
-    before = set(os.listdir(os.path.join(root, "instances")))
+    started_before = set(STARTED)
     yield root
-    left = set(os.listdir(os.path.join(root, "instances"))) - before
-    assert not {name for name in left if name.startswith("histstat-")}, left
+    ours = STARTED - started_before
+    left = [name for pid in ours for name in instances_of(root, pid)]
+    assert not left, left
 
 
 def instances_of(root: str, pid: int) -> list[str]:
@@ -114,7 +130,7 @@ def go(child: subprocess.Popen) -> str:
 def watching(port, *more) -> Histstat:
     """histstat with connect events, once its first poll showed the child's listener or
     ran (the instance is set up before the first poll)."""
-    return Histstat(["-j", "--closed", *LINUX, "--port", port, *more])
+    return Tracked(["-j", "--closed", *LINUX, "--port", port, *more])
 
 
 def ready(histstat: Histstat, root: str) -> None:
@@ -253,13 +269,13 @@ def test_name_with_newline_and_escape_is_parsed_and_escaped(tracefs_root):
 
 
 def test_instance_is_removed_after_sigterm_and_a_stale_one_at_next_start(tracefs_root):
-    killed = Histstat([*LINUX, "--port", "1"])
+    killed = Tracked([*LINUX, "--port", "1"])
     try:
         wait_for(lambda: instances_of(tracefs_root, killed.proc.pid), describe="the instance")
     finally:
         killed.kill()  # SIGKILL: its instance stays behind
     (stale,) = instances_of(tracefs_root, killed.proc.pid)
-    histstat = Histstat([*LINUX, "--port", "1"])
+    histstat = Tracked([*LINUX, "--port", "1"])
     try:
         wait_for(lambda: instances_of(tracefs_root, histstat.proc.pid), describe="the instance")
         wait_for(
@@ -277,7 +293,7 @@ def test_unusable_tracefs_under_auto_says_so_once_and_polls_on(tmp_path):
     child = start_child(BEACON, 1, 0, "stay")
     try:
         port = first_line(child)
-        histstat = Histstat(["-j", *LINUX, "--port", port, "-i", "0.1"], env=env)
+        histstat = Tracked(["-j", *LINUX, "--port", port, "-i", "0.1"], env=env)
         try:
             (row,) = histstat.wait_for_rows(lambda row: row["status"] == "LISTEN")
         finally:
@@ -311,7 +327,7 @@ def test_kernel_events_off_is_polling_alone(tracefs_root):
     child = start_child(BEACON, 3, 0.1, "stay")
     try:
         port = first_line(child)
-        histstat = Histstat(["-j", "--closed", *LINUX, "--kernel-events", "off", "--port", port,
+        histstat = Tracked(["-j", "--closed", *LINUX, "--kernel-events", "off", "--port", port,
                              "-i", "0.1"])  # fmt: skip
         try:
             histstat.wait_for_rows(lambda row: row["status"] == "LISTEN")
@@ -355,14 +371,22 @@ def test_unmounted_tracefs_is_mounted_by_histstat(tracefs_root):
     if unshare is None:
         pytest.fail("this test needs unshare(1) (util-linux) for a private mount namespace")
     command = histstat_command()
-    result = subprocess.run(
+    # unshare and python exec: the child's pid is histstat's, whose instance must go.
+    child = subprocess.Popen(
         [unshare, "--mount", "--propagation", "private", sys.executable, "-c", UNMOUNTING_EXEC,
          command, "--source", "linux", "--kernel-events", "on", "--port", "1",
          "--duration", "0.5"],
-        capture_output=True,
-        timeout=DEFAULT_TIMEOUT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )  # fmt: skip
-    stderr = result.stderr.decode(errors="replace")
-    assert result.returncode == 0, stderr  # `on`: it had connect events, so it mounted
-    assert result.stdout.startswith(b"before: ") and b"before: tracefs" not in result.stdout
+    STARTED.add(child.pid)
+    try:
+        stdout, stderr_bytes = child.communicate(timeout=DEFAULT_TIMEOUT)
+    finally:
+        if child.poll() is None:  # it overran the timeout: it goes, and the test fails
+            child.kill()
+            child.communicate()
+    stderr = stderr_bytes.decode(errors="replace")
+    assert child.returncode == 0, stderr  # `on`: it had connect events, so it mounted
+    assert stdout.startswith(b"before: ") and b"before: tracefs" not in stdout
     assert stderr == ""

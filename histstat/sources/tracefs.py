@@ -35,6 +35,12 @@ _IPPROTO_TCP = 6
 # ring buffer (which counts what it has to overwrite) until the next call.
 READ_CHUNK = 64 * 1024
 MAX_READ_BYTES = 256 * 1024
+# trace_pipe gives at most about a page per read (kernel/trace/trace.c,
+# tracing_read_pipe: what it formatted, up to its trace_seq's size), and keeps nothing
+# back when that is less than asked. A read that gave less than half a page found no
+# more events then: reading again would only meet EAGAIN, and events that come later
+# make poll() readable.
+SHORT_READ = 2048
 # A line longer than this is no line of this event (about 250 bytes): it is dropped,
 # and counted, rather than held.
 MAX_LINE = 1024
@@ -390,7 +396,9 @@ class ConnectEventReader:
                 break
             chunks.append(chunk)
             budget -= len(chunk)
-        return b"".join(chunks)
+            if len(chunk) < SHORT_READ:
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _parse(self, data: bytes) -> list[ConnectEvent]:
         wall_offset = time.time() - time.monotonic()
