@@ -58,6 +58,20 @@ def _other_namespace(known: int | None, told: int | None) -> bool:
     return known is not None and told is not None and known != told
 
 
+def _another_socket(story: Story, end: End) -> bool:
+    """Whether an end event found by its 5-tuple is of a later socket than the story it
+    found: a full socket ends once, so a second end with another cookie is another
+    connection on the same 5-tuple (loopback and tcp_tw_reuse hand out a port still in
+    TIME_WAIT at once). A remainder's cookie is not the full socket's, so only the cookie
+    of the end that ended the story tells."""
+    return (
+        story.exact_end
+        and story.end_cookie is not None
+        and bool(end.cookie)
+        and end.cookie != story.end_cookie
+    )
+
+
 def connect_identity(connect: Any) -> Identity:
     """The identity of a connect's socket (histstat.connects.Connect.key, identity_key's
     shape); a key of five parts, from connect events that do not know namespaces, is of
@@ -78,7 +92,7 @@ class Story:
     __slots__ = (
         "key", "cookie", "conn", "first_seen", "from_start", "peer_fin_seen", "our_fin_seen",
         "ended", "end_time", "end_wall", "exact_end", "end_counters", "last_conn",
-        "pending_end", "rows", "held", "freed_whole", "life_unseen", "connect",
+        "pending_end", "rows", "held", "freed_whole", "life_unseen", "connect", "end_cookie",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, now: float, from_start: bool) -> None:
@@ -97,6 +111,7 @@ class Story:
         self.end_counters: TcpCounters | None = None  # the end event's
         self.last_conn = conn  # the last record seen before the end
         self.pending_end: float | None = None  # seen in an end state, its event awaited
+        self.end_cookie: int | None = None  # the cookie of the socket whose end event ended it
         self.rows: Any = None  # the poller's: what it showed of the story
         self.held = 0  # records of the latest snapshot that are this socket
         # Its end event came before the poll's dump, which held nothing of it: no
@@ -458,6 +473,8 @@ class ConnectionTracker:
                 if len(found) > 1:
                     return  # the 5-tuple in several namespaces: the polls end each one
                 story = found[0] if found else None
+            if story is not None and _another_socket(story, end):
+                story = None  # the 5-tuple used again: a connection of its own
         when = now - max(0.0, wall - end.time)
         if story is None:
             if not complete or end.laddr is None or end.lport is None:
@@ -471,6 +488,7 @@ class ConnectionTracker:
             return  # a close is never reported twice
         story.freed_whole = story.held == 0 and end.time <= wall
         story.exact_end = True
+        story.end_cookie = end.cookie or None
         story.end_wall = end.time
         story.end_counters = end.counters
         self._end(story, when, closes)

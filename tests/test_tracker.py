@@ -195,6 +195,38 @@ def test_an_end_for_a_connection_no_poll_saw_opens_and_closes_it_once():
     assert poll.changes == []
 
 
+def test_a_second_end_on_the_same_5_tuple_with_another_cookie_is_another_connection():
+    """A port still in TIME_WAIT given again at once (loopback, tcp_tw_reuse): two full
+    sockets on one 5-tuple, each ending once, are two stories, even in one batch."""
+    tracker = ConnectionTracker()
+    first = End("tcp", "127.0.0.1", 50001, "127.0.0.1", 8000, 11, 99.9, TcpCounters(2, 0, 0, 0))
+    second = first._replace(cookie=21, time=100.3)
+    poll = tracker.update(frozenset(), now=1.0, ends=Ends([first]), watches_ends=True, wall=100.0)
+    assert kinds(poll) == [("open", "CLOSE"), ("close", "CLOSE")]
+    time_wait = Connection("tcp", "127.0.0.1", 50001, "127.0.0.1", 8000, "TIME_WAIT", None, 12)
+    poll = tracker.update(
+        frozenset({time_wait}), now=2.0, ends=Ends([second]), watches_ends=True, wall=101.0
+    )
+    assert kinds(poll, "open", "close") == [("open", "CLOSE"), ("close", "CLOSE")]
+    third = first._replace(cookie=31, time=101.5)
+    poll = tracker.update(
+        frozenset(),
+        now=3.0,
+        ends=Ends([third._replace(cookie=41), third]),
+        watches_ends=True,
+        wall=102.0,
+    )
+    assert (
+        kinds(poll, "open", "close")
+        == [("open", "CLOSE"), ("open", "CLOSE")] + [("close", "CLOSE")] * 2
+    )
+    # The same events again (or late): never a second close.
+    poll = tracker.update(
+        frozenset(), now=4.0, ends=Ends([second, third]), watches_ends=True, wall=103.0
+    )
+    assert kinds(poll, "open", "close") == []
+
+
 def test_an_abort_no_poll_saw_is_left_out_for_it_has_only_a_cookie():
     tracker = ConnectionTracker()
     end = End("tcp", None, 50001, "127.0.0.1", None, 11, 99.9, TcpCounters(0, 0, 0, 0))
