@@ -15,36 +15,12 @@ import pytest
 from histstat.sources.tracefs import TEST_ROOT_VARIABLE, TracefsUnavailable, locate_tracefs
 from support.children import end_child, new_tag, one_line_script
 from support.histstat import Histstat, assert_clean_end, histstat_command, run_once
+from support.tracing import BEACON, instances_of, ready
 from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT, read_line, wait_for
 
 LINUX = ("--source", "linux")
 BEACONS = 10  # one every 0.3 s: about 3 s at the default interval
 
-# A child with a listener on 127.0.0.1: prints "PORT", then on "go" connects to it
-# COUNT times, every PAUSE seconds, each connection closed after about 1 ms, and prints
-# the client ports used; then it exits at once when EXIT is "exit", else waits for its
-# stdin to close.
-BEACON = """
-import socket, sys, time
-count, pause, mode = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
-listener.listen(64)
-print(listener.getsockname()[1], flush=True)
-sys.stdin.readline()
-ports = []
-for _ in range(count):
-    client = socket.create_connection(listener.getsockname())
-    ports.append(client.getsockname()[1])
-    accepted, _ = listener.accept()
-    time.sleep(0.001)
-    client.close()
-    accepted.close()
-    time.sleep(pause)
-print(*ports, flush=True)
-if mode != "exit":
-    sys.stdin.read()
-"""
 
 # A child that finds a closed port (bound, then closed: nothing listens), prints it,
 # and on "go" connects to it five times, each refused.
@@ -100,11 +76,6 @@ def tracefs_root():
     assert not left, left
 
 
-def instances_of(root: str, pid: int) -> list[str]:
-    prefix = f"histstat-{pid}-"
-    return [name for name in os.listdir(os.path.join(root, "instances")) if name.startswith(prefix)]
-
-
 def start_child(source: str, *args, comm: str | bytes | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", one_line_script(source, comm), *map(str, args)],
@@ -131,26 +102,6 @@ def watching(port, *more) -> Histstat:
     """histstat with connect events, once its first poll showed the child's listener or
     ran (the instance is set up before the first poll)."""
     return Tracked(["-j", "--closed", *LINUX, "--port", port, *more])
-
-
-def ready(histstat: Histstat, root: str) -> None:
-    """Wait until histstat's instance traces: events are recorded from then on."""
-
-    def tracing():
-        # A new instance traces at once (tracing_on 1) until histstat turns it off to set
-        # it up: only the event enabled and tracing on again say the setup is done.
-        for name in instances_of(root, histstat.proc.pid):
-            instance = os.path.join(root, "instances", name)
-            try:
-                with open(os.path.join(instance, "events/sock/inet_sock_set_state/enable")) as on:
-                    enabled = on.read().strip() == "1"
-                with open(os.path.join(instance, "tracing_on")) as flag:
-                    return enabled and flag.read().strip() == "1"
-            except OSError:
-                return False
-        return False
-
-    histstat.until(tracing, what="histstat's tracefs instance tracing")
 
 
 def test_beacon_every_short_connection_is_attributed_with_its_command(tracefs_root):
