@@ -19,8 +19,10 @@ from histstat.cli import get_parser, parse_config
 from histstat.connects import connects_notice
 from histstat.environment import Environment
 from histstat.privileges import NOT_PRIVILEGED_NOTICE
+from histstat.sources.namespaces import UNPRIVILEGED_REASON
 from support.contract import COLUMNS
 from support.histstat import histstat_command
+from support.namespaces import start_netns_child
 from support.waiting import STOP_TIMEOUT, read_line, wait_for
 
 
@@ -265,6 +267,15 @@ def test_unprivileged_notice_goes_to_stderr_only(monkeypatch):
     not nobody_can_run_histstat(), reason="needs root, setpriv and an install others can read"
 )
 def test_unprivileged_run_prints_the_notice_on_stderr_only(tmp_path):
+    # A root process in a namespace of its own, which nobody cannot read: said once.
+    other_namespace = start_netns_child()
+    try:
+        unprivileged_run_notices(tmp_path)
+    finally:
+        other_namespace.stop()
+
+
+def unprivileged_run_notices(tmp_path):
     with socket.socket() as listener:  # a row is sure to come, without a process
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -285,6 +296,7 @@ def test_unprivileged_run_prints_the_notice_on_stderr_only(tmp_path):
     assert err.decode().splitlines() == [
         "histstat: " + connects_notice("they need root"),
         NOT_PRIVILEGED_NOTICE,
+        "histstat: " + UNPRIVILEGED_REASON,  # at the first poll
     ]
     assert NOT_PRIVILEGED_NOTICE.encode() not in first_row + out
     assert first_row.startswith(b"{")
