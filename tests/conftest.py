@@ -13,6 +13,7 @@ import pytest
 from histstat.sources.linux import LinuxSource
 from support.children import HoldingChild, SocketChild, child_argv
 from support.histstat import Histstat
+from support.namespaces import start_netns_child
 from support.waiting import END_TIMEOUT
 
 
@@ -89,3 +90,18 @@ def live_source():
     yield make
     for source in made:
         source.close()
+
+
+@pytest.fixture
+def netns_children():
+    """Start socket children, each alone in a new network namespace (as root):
+    ``netns_children()``; each is stopped at the end."""
+    children: list = []
+
+    def start():
+        children.append(start_netns_child())
+        return children[-1]
+
+    yield start
+    for child in children:
+        child.stop()

@@ -30,7 +30,6 @@ from support.namespaces import (
     need_tools,
     netns_inode,
     socket_inodes,
-    start_netns_child,
     tcp_sockets,
     thread_count,
 )
@@ -226,19 +225,6 @@ def test_registry_retries_a_gone_representative_but_not_a_refusal(fake_proc):
 
 
 # As root, on real namespaces.
-
-
-@pytest.fixture
-def netns_children():
-    children: list = []
-
-    def start():
-        children.append(start_netns_child())
-        return children[-1]
-
-    yield start
-    for child in children:
-        child.stop()
 
 
 def test_discovery_finds_the_childs_namespace_with_the_child_as_representative(netns_children):

@@ -20,7 +20,6 @@ from support.namespaces import (
     need_tools,
     netns_child_argv,
     netns_inode,
-    start_netns_child,
     thread_count,
 )
 from support.waiting import END_TIMEOUT, read_line, wait_for
@@ -41,19 +40,6 @@ def source():
     made = LinuxSource()
     yield made
     made.close()
-
-
-@pytest.fixture
-def netns_children():
-    children: list = []
-
-    def start():
-        children.append(start_netns_child())
-        return children[-1]
-
-    yield start
-    for child in children:
-        child.stop()
 
 
 def keys(conns) -> set:
