@@ -108,6 +108,13 @@ class StoryRows:
         self.skipped = skipped
 
 
+def _filled(facts: ProcessFacts, more: ProcessFacts) -> ProcessFacts:
+    """``facts`` with what it does not know taken from ``more``."""
+    return ProcessFacts._make(
+        mine if mine is not None else theirs for mine, theirs in zip(facts, more)
+    )
+
+
 def _wall_time(seconds: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(seconds).astimezone()
 
@@ -309,7 +316,11 @@ class Poller:
             process.created
         )
         if alive:
-            facts = self._processes.lookup(process.pid)
+            cached = self._processes.lookup(process.pid)
+            if cached.command or not facts.command:
+                facts = cached
+            else:  # a zombie (exited, not yet reaped): its command line went with it
+                facts = _filled(facts, cached)
         rows.connect = connect
         rows.hashable = alive
         rows.owner = Owner(process.pid, facts, None, connect.time, (process.pid,))

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 
-from test_story import CLIENT, LISTENER, SERVER, poller_of, rows_of
+from test_story import CLIENT, LISTENER, SERVER, Cache, EventSource, poller_of, rows_of
 
 from histstat.connects import (
     Connect,
@@ -22,11 +22,13 @@ from histstat.connects import (
     normal_address,
     read_connecting_process,
 )
+from histstat.poller import Poller
 from histstat.records import ProcessFacts
 from histstat.sources.base import NO_ENDS
 from histstat.sources.namespaces import namespace_inode
 from histstat.sources.trace_lines import ConnectEvent
 from histstat.sources.tracefs import process_start_time
+from histstat.tracker import ConnectionTracker
 from support.waiting import wait_for
 
 
@@ -355,6 +357,25 @@ def test_a_process_that_still_lives_gives_its_facts_from_the_cache():
     )
     (row,) = rows_of(poller)
     assert (row.pid, row.command, row.attribution) == (20, "command of 20", "connect")
+
+
+def test_a_zombie_keeps_the_command_line_read_at_its_connect():
+    """A process that exited but is not yet reaped keeps its pid and start time, and has
+    no command line left: the facts read at the connect stay, the cache adds the rest."""
+
+    class Zombie(Cache):
+        def lookup(self, pid):
+            return ProcessFacts(name="beacon", ppid=1, parent="init")
+
+    remainder = CLIENT._replace(status="TIME_WAIT", pid=None, cookie=None)
+    read = Process(20, 0.0, ProcessFacts(name="beacon", command="read at the connect"))
+    source = EventSource(({remainder}, NO_ENDS))
+    watcher = Watcher([whole_connect(remainder, read)])
+    poller = Poller(source, ConnectionTracker(), Zombie(), connects=watcher)
+    (row,) = rows_of(poller)
+    assert (row.pid, row.command, row.parent, row.attribution) == (
+        20, "read at the connect", "init", "connect",
+    )  # fmt: skip
 
 
 def test_a_failed_connect_is_an_open_and_a_close_row_in_syn_sent():
