@@ -519,11 +519,17 @@ class ConnectionTracker:
         saw the socket (its end comes as any other's)."""
         key = connect_identity(connect)
         started = now - max(0.0, wall - connect.time)
-        if key in self._live:
-            return
-        entry = self._ended.get(key)
-        if entry is not None and entry[1].first_seen >= started - 1.0:
-            return  # seen by a poll while it tried: the same socket
+        # Connect events name no namespace (key[5] None) while the Linux source's polls
+        # do: a poll's story of the 5-tuple in any namespace is then the same socket.
+        keys = [key]
+        if key[5] is None:
+            keys += [(*key[:5], netns) for netns in self._namespaces if netns is not None]
+        for known in keys:
+            if known in self._live:
+                return
+            entry = self._ended.get(known)
+            if entry is not None and entry[1].first_seen >= started - 1.0:
+                return  # seen by a poll while it tried: the same socket
         conn = Connection(
             connect.proto, connect.laddr, connect.lport, connect.raddr, connect.rport,
             "SYN_SENT", None, netns=key[5],

@@ -558,3 +558,28 @@ def test_a_listener_makes_only_its_own_namespaces_connections_in():
     assert listeners.listener_of(IN_B) is None
     listeners.closed(LISTENER._replace(netns=NS_A), now=10.0)
     assert listeners.direction(IN_A, 11.0) == "in" and listeners.direction(IN_B, 11.0) == "out"
+
+
+def test_a_failed_connect_without_a_namespace_joins_the_polled_socket_of_any():
+    """histstat.connects keys a connect by its 5-tuple alone: a failed connect a poll saw
+    in SYN_SENT (with its namespace) is that socket, not a second story."""
+    key = ("tcp", "127.0.0.1", 50000, "127.0.0.1", 8000)
+    live = Connection(*key, "SYN_SENT", 42, 77, (42,), netns=NS_A)
+    tracker = ConnectionTracker()
+    tracker.update(frozenset({live}), now=0.0, watches_ends=True, wall=100.0)
+    end = End(*key, 77, 100.9, None, NS_A)
+    poll = tracker.update(frozenset(), now=1.0, ends=Ends([end]), watches_ends=True,
+                          wall=101.0, failed=[FailedConnect(key)])  # fmt: skip
+    assert kinds(poll) == [("close", "SYN_SENT")]
+    assert poll.changes[0].conn.netns == NS_A
+    # Still live when the connect's failure is heard: no second story either.
+    tracker = ConnectionTracker()
+    tracker.update(frozenset({live}), now=0.0, watches_ends=True, wall=100.0)
+    poll = tracker.update(frozenset({live}), now=1.0, watches_ends=True, wall=101.0,
+                          failed=[FailedConnect(key)])  # fmt: skip
+    assert poll.changes == []
+    # No poll saw it: a story of its own, of an unknown namespace.
+    poll = ConnectionTracker().update(frozenset(), now=0.0, wall=101.0,
+                                      failed=[FailedConnect(key)])  # fmt: skip
+    assert kinds(poll) == [("open", "SYN_SENT"), ("close", "SYN_SENT")]
+    assert poll.changes[0].conn.netns is None
