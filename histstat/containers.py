@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from histstat.shortage import note_shortage
-from histstat.sources.namespaces import process_start_time
 
 # A cgroup path component that names a container, by runtime:
 # Docker (systemd driver, also dockershim under kubepods.slice), containerd's CRI,
@@ -25,12 +23,13 @@ _HEX_ID = re.compile(r"[0-9a-f]{64}")
 _BARE_ID_PARENT = re.compile(r"docker|pod[0-9a-fA-F_-]{32,36}")
 # systemd-nspawn and other machines registered with systemd-machined:
 # machine.slice/machine-<name>.scope, the name escaped as systemd escapes unit names.
-_MACHINE = re.compile(r"machine-(.+)\.scope")
+# machinectl start runs one as the unit machine.slice/systemd-nspawn@<name>.service.
+_MACHINE = re.compile(r"machine-(.+)\.scope|systemd-nspawn@(.+)\.service")
 _UNIT_ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
 _MACHINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # machined's valid names
 
 # A process younger than this may still be joining its container's cgroup (a runtime
-# forks, then moves the child), so its answer is not cached.
+# forks, then moves the child), so its answer is read again (enrich.ProcessCache).
 SETTLE_SECONDS = 2.0
 MIN_PREFIX = 12  # characters of a container id a filter value may give (Docker's short id)
 
@@ -45,7 +44,8 @@ def _component_id(parent: str, name: str) -> str | None:
     if parent == "machine.slice":
         match = _MACHINE.fullmatch(name)
         if match:
-            machine = _UNIT_ESCAPE.sub(lambda hexa: chr(int(hexa.group(1), 16)), match.group(1))
+            escaped = match.group(1) or match.group(2)
+            machine = _UNIT_ESCAPE.sub(lambda hexa: chr(int(hexa.group(1), 16)), escaped)
             if _MACHINE_NAME.fullmatch(machine):
                 return machine
     return None
@@ -119,60 +119,21 @@ def read_container_id(pid: int, proc: str = "/proc") -> str | None:
     return None if text is None else container_id(text)
 
 
-def _boot_ticks() -> float:
-    """Clock ticks since boot, the unit of a process's start time."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK")
-
-
-class ContainerCache:
-    """Container ids of processes, cached by (pid, start time) so that a reused pid
-    never inherits the old process's container; ``retain`` bounds it to live pids."""
-
-    def __init__(
-        self,
-        proc: str = "/proc",
-        start_time: Callable[[int], int | None] | None = None,
-        read: Callable[[int], str | None] | None = None,
-    ) -> None:
-        """``start_time`` and ``read`` (a process's cgroup text, None when unreadable)
-        replace the /proc reads in tests."""
-        self.proc = proc
-        self._start_time = start_time or (lambda pid: process_start_time(pid, proc))
-        self._read = read or (lambda pid: read_cgroup(pid, proc))
-        self._settle_ticks = SETTLE_SECONDS * os.sysconf("SC_CLK_TCK")
-        self._cache: dict[int, tuple[int, str | None]] = {}  # pid → (start time, id)
-
-    def lookup(self, pid: int | None) -> str | None:
-        """The container id of a process, None when in none or gone."""
-        if pid is None:
-            return None
-        started = self._start_time(pid)
-        if started is None:
-            self._cache.pop(pid, None)
-            return None
-        cached = self._cache.get(pid)
-        if cached is not None and cached[0] == started:
-            return cached[1]
-        text = self._read(pid)
-        if text is None or self._start_time(pid) != started:
-            return None  # unreadable (maybe for want of a descriptor: asked again), or reused
-        found = container_id(text)
-        if _boot_ticks() - started >= self._settle_ticks:
-            self._cache[pid] = (started, found)
-        return found
-
-    def retain(self, live_pids: set[int]) -> None:
-        for pid in self._cache.keys() - live_pids:
-            del self._cache[pid]
-
-    def __len__(self) -> int:
-        return len(self._cache)
+_CUT_ID = re.compile(r"[0-9a-f]+")
 
 
 def container_matches(value: str, container: str) -> bool:
-    """Whether a ``--container`` value names this container: its full id, or a prefix
-    of at least ``MIN_PREFIX`` characters."""
-    return value == container or (len(value) >= MIN_PREFIX and container.startswith(value))
+    """Whether a ``--container`` value names this container: its full id or machine
+    name, or a cut id (hex digits) of at least ``MIN_PREFIX`` characters that begins
+    its id; a machine's name matches only whole."""
+    if value == container:
+        return True
+    return (
+        len(value) >= MIN_PREFIX
+        and _CUT_ID.fullmatch(value) is not None
+        and _HEX_ID.fullmatch(container) is not None
+        and container.startswith(value)
+    )
 
 
 class ContainerFilter:

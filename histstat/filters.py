@@ -115,10 +115,13 @@ def parse_containers(text: str) -> tuple[str, ...]:
     for item in _items(text, "container"):
         if not _CONTAINER_ID.fullmatch(item):
             raise FilterValueError(f"not a container id or machine name: {item!r}")
-        if len(item) < MIN_PREFIX and _HEX.fullmatch(item):
-            raise FilterValueError(
-                f"container id prefix {item!r} is too short: give at least {MIN_PREFIX} characters"
-            )
+        if _HEX.fullmatch(item.lower()):
+            if len(item) < MIN_PREFIX:
+                raise FilterValueError(
+                    f"container id prefix {item!r} is too short: give at least {MIN_PREFIX}"
+                    " characters"
+                )
+            item = item.lower()  # ids are lowercase; a pasted uppercase one still matches
         values.append(item)
     return tuple(dict.fromkeys(values))
 

@@ -4,13 +4,11 @@ named like Docker's."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
 
 from histstat.containers import (
-    ContainerCache,
     ContainerFilter,
     container_id,
     container_matches,
@@ -46,6 +44,7 @@ PATHS = [
     # systemd-nspawn: the machine's name, unescaped; a container inside one.
     ("/machine.slice/machine-web.scope", "web"),
     ("/machine.slice/machine-my\\x2dbox.scope/payload", "my-box"),
+    ("/machine.slice/systemd-nspawn@web.service/payload", "web"),  # machinectl start
     (f"/machine.slice/machine-web.scope/payload/system.slice/docker-{ID}.scope", ID),
     # No container.
     ("/", None),
@@ -110,61 +109,6 @@ def test_read_container_id_of_a_gone_process_is_none(tmp_path):
     assert read_container_id(1, str(tmp_path)) is None
 
 
-class Counted:
-    def __init__(self, answers: dict) -> None:
-        self.answers = answers
-        self.calls: list[int] = []
-
-    def __call__(self, pid: int):
-        self.calls.append(pid)
-        return self.answers.get(pid)
-
-
-def test_cache_is_keyed_by_pid_and_start_time():
-    starts = Counted({10: 1})  # started at boot: long settled
-    reads = Counted({10: f"0::/docker/{ID}\n"})
-    cache = ContainerCache(start_time=starts, read=reads)
-    assert cache.lookup(10) == ID
-    assert cache.lookup(10) == ID
-    assert reads.calls == [10]
-    starts.answers[10] = 2  # pid 10 reused by a process in another container
-    reads.answers[10] = f"0::/docker/{OTHER}\n"
-    assert cache.lookup(10) == OTHER
-    assert reads.calls == [10, 10]
-    starts.answers.pop(10)
-    assert cache.lookup(10) is None
-    assert len(cache) == 0
-    assert cache.lookup(None) is None
-
-
-def test_young_process_is_read_again_until_settled():
-    ticks = os.sysconf("SC_CLK_TCK")
-    now = int(float(open("/proc/uptime").read().split()[0]) * ticks)
-    starts = Counted({10: now})  # started just now: its runtime may still move it
-    reads = Counted({10: "0::/user.slice\n"})
-    cache = ContainerCache(start_time=starts, read=reads)
-    assert cache.lookup(10) is None
-    reads.answers[10] = f"0::/docker/{ID}\n"
-    assert cache.lookup(10) == ID
-
-
-def test_unreadable_cgroup_is_asked_again():
-    reads = Counted({})  # e.g. no descriptor left
-    cache = ContainerCache(start_time=Counted({10: 1}), read=reads)
-    assert cache.lookup(10) is None
-    reads.answers[10] = f"0::/docker/{ID}\n"
-    assert cache.lookup(10) == ID
-
-
-def test_retain_drops_ended_pids():
-    reads = Counted({10: f"0::/docker/{ID}\n", 11: "0::/\n"})
-    cache = ContainerCache(start_time=Counted({10: 1, 11: 1}), read=reads)
-    cache.lookup(10)
-    cache.lookup(11)
-    cache.retain({11})
-    assert len(cache) == 1
-
-
 def test_container_values_match_a_full_id_or_a_long_enough_prefix():
     assert container_matches(ID, ID)
     assert container_matches(ID[:12], ID)
@@ -199,7 +143,6 @@ def test_child_in_a_docker_like_cgroup_has_that_container_id():
                 text = handle.read().decode(errors="replace")
             assert f"/system.slice/docker-{container}.scope" in text
             assert read_container_id(child.pid) == container
-            assert ContainerCache().lookup(child.pid) == container
         finally:
             child.stdin.close()
             child.wait()

@@ -150,6 +150,14 @@ def test_a_short_id_prefix_or_odd_value_is_refused(bad):
         parse_containers(bad)
 
 
+def test_a_machine_name_matches_whole_and_a_pasted_uppercase_id_matches():
+    assert parse_containers(ID[:12].upper()) == (ID[:12],)
+    chosen = RowFilter(containers=parse_containers("webserver-pr," + ID[:12].upper()))
+    assert not chosen.keeps_process(ProcessFacts(container="webserver-production"))
+    assert chosen.keeps_process(ProcessFacts(container="webserver-pr"))
+    assert chosen.keeps_process(ProcessFacts(container=ID))
+
+
 def test_the_container_filter_decides_on_the_process_facts():
     chosen = RowFilter(containers=(ID[:12], "my-box"))
     assert chosen.needs_process
