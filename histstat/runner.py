@@ -388,9 +388,26 @@ class PollLoop:
             self._check_reader()
 
 
+def _raise_descriptor_limit() -> None:
+    """The soft limit of open descriptors up to the hard one, as many servers do: the
+    sockets of other network namespaces take one or two each, and the rows' reads must
+    not run short for them (bash's ``ulimit -n`` sets both limits, and is kept)."""
+    try:
+        import resource  # POSIX only
+    except ImportError:  # pragma: no cover
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):  # refused (e.g. above the kernel's nr_open): kept
+            pass
+
+
 def run(config: Config, env: Environment) -> int:
     signals = Signals()
     signals.install()  # first: a SIGTERM at start-up ends quietly too
+    _raise_descriptor_limit()
     hasher = resolver = geoip = None
     opened: list[Sink] = []
     stdout = None

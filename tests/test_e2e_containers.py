@@ -99,8 +99,8 @@ def histstat():
     """Start the installed histstat: ``histstat(*args)``; stopped at the end."""
     started: list[Histstat] = []
 
-    def start(*args) -> Histstat:
-        run = Histstat(args)
+    def start(*args, prefix: tuple = ()) -> Histstat:
+        run = Histstat(args, prefix=prefix)
         started.append(run)
         return run
 
@@ -317,3 +317,36 @@ def test_connect_events_inside_a_container_carry_its_netns_and_container(childre
         assert row["attribution"] in ("connect", "socket"), row
     # At the default interval nearly none can be seen owned: the events did it.
     assert sum(rows[p]["attribution"] == "connect" for p in ports) >= beacons - 2
+
+
+def test_namespaces_beyond_the_descriptor_limit_are_said_and_rows_keep_their_owners(
+    children, histstat
+):
+    """Under a low ulimit -n, the namespaces whose sockets would leave histstat short of
+    descriptors are not read, said once on stderr: the rows of its own namespace keep
+    their process (any user may make namespaces, through a user namespace)."""
+    own = netns_inode("self")
+    sleepers = [
+        subprocess.Popen(["unshare", "--net", "sleep", "60"], stdin=subprocess.DEVNULL)
+        for _ in range(30)
+    ]
+    try:
+        wait_for(
+            lambda: all(netns_inode(sleeper.pid) != own for sleeper in sleepers),
+            DEFAULT_TIMEOUT,
+            "30 namespaces",
+        )
+        child = children.start(socket_child_argv())
+        low = ("bash", "-c", 'ulimit -n 300 && exec "$0" "$@"')
+        js = histstat("-j", *LINUX, *FAST, "--pid", child.pid, prefix=low)
+        rows = js.wait_for_child(child)
+        assert {row["pid"] for row in rows} == {child.pid}
+        js.until(lambda: "not read" in js.stderr(), what="the notice of unread namespaces")
+        result = js.stop()
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait(DEFAULT_TIMEOUT)
+    said = [line for line in result.stderr.splitlines() if "not read" in line]
+    assert len(said) == 1 and "ulimit -n is 300" in said[0], result.stderr
+    assert result.returncode == 0, result.stderr

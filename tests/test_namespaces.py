@@ -210,6 +210,23 @@ def test_registry_opens_for_new_namespaces_and_closes_for_gone_ones(fake_proc):
     assert dict(registry.sockets) == {}
 
 
+def test_registry_keeps_descriptors_for_the_rest_and_opens_once_they_are_spare(
+    fake_proc, monkeypatch
+):
+    """Namespaces that would leave fewer than RESERVED_DESCRIPTORS spare are left unread,
+    without an attempt, and read once descriptors are free again."""
+    for pid, inode in ((10, 1), (11, 2), (12, 3), (13, 4)):
+        fake_process(fake_proc, pid, 100, inode)
+    spare = [namespaces.RESERVED_DESCRIPTORS + 2 * NamespaceSockets.DESCRIPTORS]
+    monkeypatch.setattr(namespaces, "spare_descriptors", lambda: spare[0])
+    with FakeSockets(fake_proc) as registry:
+        assert len(registry.update().opened) == 2
+        assert (registry.unread, len(registry.attempts)) == (1, 2)
+        spare[0] = namespaces.RESERVED_DESCRIPTORS + NamespaceSockets.DESCRIPTORS
+        assert len(registry.update().opened) == 1
+        assert (registry.unread, len(registry.attempts), len(registry.sockets)) == (0, 3, 3)
+
+
 def test_registry_retries_a_gone_representative_but_not_a_refusal(fake_proc):
     fake_process(fake_proc, 10, 100, 1)
     fake_process(fake_proc, 11, 100, 2)

@@ -19,6 +19,7 @@ from histstat.sources.namespaces import (
     NamespaceGone,
     NamespaceRegistry,
     namespace_inode,
+    short_of_descriptors_notice,
     socket_in_namespace,
     sockets_in_namespace,
 )
@@ -251,6 +252,7 @@ class LinuxSource:
             self._readers = NamespaceReaders(NamespaceDiscovery(proc), self._watcher)
         self._notice = notice
         self._told = False
+        self._told_unread = False
         self._proc_tables: set[str] = set()  # tables netlink refused: read from /proc/net
         # (proto, reader) → that reader's address cache
         self._addresses: dict[tuple[str, str], dict[bytes, Any]] = {}
@@ -299,13 +301,15 @@ class LinuxSource:
         self._table_sizes, self._counting = self._counting, {}
 
     def _tell_reason(self) -> None:
-        if self._told or self._readers is None:
+        if self._readers is None or self._notice is None:
             return
         reason = self._readers.reason
-        if reason is not None:
+        if reason is not None and not self._told:
             self._told = True
-            if self._notice is not None:
-                self._notice(reason)
+            self._notice(reason)
+        if self._readers.unread and not self._told_unread:
+            self._told_unread = True
+            self._notice(short_of_descriptors_notice(self._readers.unread))
 
     def _table(self, diag: SockDiag | None, files: str | None, counters: bool) -> list[TableRow]:
         """The rows of one namespace: netlink dumps through ``diag``, else the files in

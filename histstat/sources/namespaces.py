@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import resource
 import socket
 import threading
 from collections.abc import Mapping
@@ -392,6 +393,35 @@ def socket_in_namespace(
     return sockets_in_namespace(pid, inode, 1, family, kind, proto, proc, timeout)[0]
 
 
+# Descriptors kept for everything else histstat opens (the owners lookup, process facts,
+# output files): a host with many namespaces, or a user making them (an unprivileged
+# user may, through a user namespace), must not take what the rows need.
+RESERVED_DESCRIPTORS = 256
+
+
+def spare_descriptors() -> int:
+    """How many more descriptors the process may open (its soft RLIMIT_NOFILE less those
+    open); a large number when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+    return soft - used
+
+
+def short_of_descriptors_notice(unread: int) -> str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    namespaces = "namespace is" if unread == 1 else "namespaces are"
+    return (
+        f"{unread} network {namespaces} not read, to keep {RESERVED_DESCRIPTORS} file"
+        f" descriptors for the rest (ulimit -n is {soft}; each namespace read takes one or"
+        " two): raise the limit to see their connections"
+    )
+
+
 class NamespaceChanges(NamedTuple):
     """Namespaces whose socket an ``update`` opened and closed."""
 
@@ -414,14 +444,19 @@ class NamespaceRegistry(Generic[Held]):
 
     ``update`` follows the discovery; ``held`` maps each watched namespace's inode to what
     ``open`` made for it. A namespace that cannot be entered (without root) is not tried
-    again while it lasts, and ``reason`` says why once there is one.
+    again while it lasts, and ``reason`` says why once there is one. A namespace whose
+    ``DESCRIPTORS`` would leave fewer than ``RESERVED_DESCRIPTORS`` spare is not opened
+    (``unread`` counts them) until some are free again.
     """
+
+    DESCRIPTORS = 2  # what ``open`` takes in one namespace, at most
 
     def __init__(self, discovery: NamespaceDiscovery | None = None) -> None:
         self.discovery = discovery if discovery is not None else NamespaceDiscovery()
         self._held: dict[int, Held] = {}
         self._refused: set[int] = set()
         self._reason: str | None = None
+        self.unread = 0  # namespaces the latest update left unread to spare descriptors
 
     @property
     def own(self) -> int:
@@ -450,9 +485,17 @@ class NamespaceRegistry(Generic[Held]):
                 closed.append(inode)
         self._refused.intersection_update(held)
         opened = []
+        spare: int | None = None  # descriptors histstat may still open, read when needed
+        self.unread = 0
         for inode, pid in list(held.items()):
             if inode == self.own or inode in self._held or inode in self._refused:
                 continue
+            if spare is None:
+                spare = spare_descriptors()
+            if spare - self.DESCRIPTORS < RESERVED_DESCRIPTORS:
+                self.unread += 1  # tried again at the next update, without a thread
+                continue
+            spare -= self.DESCRIPTORS
             try:
                 self._held[inode] = self.open(pid, inode)
             except NamespaceGone:
