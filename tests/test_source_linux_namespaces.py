@@ -184,6 +184,33 @@ def test_a_failed_dump_in_a_namespace_is_read_again(source, netns_children):
     assert diag._sock is not None and diag._sock.fileno() != -1
 
 
+def test_a_namespace_read_through_a_pid_gone_elsewhere_keeps_its_last_rows(source, netns_children):
+    """A failed dump falls back to the namespace's files through its representative: a
+    representative now in another namespace (a reused pid) gives no rows of its own to
+    this namespace, whose last rows stand in for the poll: nothing of it ends."""
+    child = netns_children()
+    inode = netns_inode(child.pid)
+    first = {conn[:6] for conn in source.snapshot() if conn.netns == inode}
+    readers = source._readers
+    real_scan = readers.discovery.scan
+
+    def reused():
+        held = dict(real_scan())
+        held[inode] = os.getpid()  # as if its pid were now ours, in histstat's namespace
+        return held
+
+    readers.discovery.scan = reused
+    readers.held[inode].diag._sock.close()  # the next dump fails: the files are read
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        snapshot = source.snapshot()
+    assert first == child.connections()
+    assert {conn[:6] for conn in snapshot if conn.netns == inode} == first
+    assert {conn.netns for conn in snapshot if conn.lport == port} == {OWN}
+
+
 def link_exists(name: str) -> bool:
     return os.path.exists(f"/sys/class/net/{name}")
 

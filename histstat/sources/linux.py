@@ -165,6 +165,16 @@ def holds_no_socket(net: str) -> bool:
     return seen >= {b"TCP:", b"UDP:"}  # a format not understood: dump
 
 
+def _still_in(pid: int | None, inode: int, proc: str) -> bool:
+    """Whether ``pid`` is (still) in namespace ``inode``."""
+    if pid is None:
+        return False
+    try:
+        return namespace_inode(pid, proc) == inode
+    except OSError:
+        return False
+
+
 class NamespaceReader:
     """What the source holds in one network namespace other than its own: a SockDiag
     for its dumps, and its broadcast socket, which the watcher owns. Both keep the
@@ -175,6 +185,7 @@ class NamespaceReader:
         self.diag = diag
         self.watcher = watcher  # None: its ends are not heard (inferred from polls)
         self.empty = True  # its latest dump found nothing (or none was made yet)
+        self.rows: list[TableRow] = []  # its latest rows read whole
 
     def close(self) -> None:
         self.diag.close()
@@ -265,14 +276,14 @@ class LinuxSource:
         """Rows (see ``ROW_FIELDS``) of every TCP and UDP socket of histstat's own
         namespace, IPv4 and IPv6; with ``counters``, netlink's TCP rows carry their byte
         counters."""
-        rows = self._table(self._diag, f"{self.proc}/net", counters)
+        rows = self._table(self._diag, f"{self.proc}/net", counters)[0]
         self._count_done()
         return rows
 
     def tables(self, counters: bool = False) -> list[tuple[int | None, list[TableRow]]]:
         """(namespace inode, ``table``'s rows of that namespace) of histstat's own
         namespace, then of each other namespace it reads."""
-        found = [(self.netns, self._table(self._diag, f"{self.proc}/net", counters))]
+        found = [(self.netns, self._table(self._diag, f"{self.proc}/net", counters)[0])]
         if self._readers is None:
             self._count_done()
             return found
@@ -290,7 +301,13 @@ class LinuxSource:
             # story yet, and is only late, never taken for one that ended.
             if reader.empty and net is not None and holds_no_socket(net):
                 continue
-            rows = self._table(reader.diag, net, counters)
+            rows, fell_back = self._table(reader.diag, net, counters)
+            if fell_back and not _still_in(pid, inode, self.proc):
+                # Its files were read through a pid that ended or left the namespace (or
+                # were not read at all): unknown this poll, so its latest rows stand in,
+                # and nothing of it ends, opens or takes another namespace's rows.
+                rows = reader.rows
+            reader.rows = rows
             reader.empty = not rows
             found.append((inode, rows))
         self._count_done()
@@ -311,10 +328,14 @@ class LinuxSource:
             self._told_unread = True
             self._notice(short_of_descriptors_notice(self._readers.unread))
 
-    def _table(self, diag: SockDiag | None, files: str | None, counters: bool) -> list[TableRow]:
+    def _table(
+        self, diag: SockDiag | None, files: str | None, counters: bool
+    ) -> tuple[list[TableRow], bool]:
         """The rows of one namespace: netlink dumps through ``diag``, else the files in
-        ``files`` (a /proc/net directory of that namespace; None: none to read)."""
+        ``files`` (a /proc/net directory of that namespace; None: none to read); and
+        whether any table fell back to the files."""
         rows: list[TableRow] = []
+        fell_back = False
         for proto, family, protocol, stateful in self._tables:
             if diag is not None and proto not in self._proc_tables:
                 addresses = self._address_cache(proto, "netlink")
@@ -332,9 +353,10 @@ class LinuxSource:
                     pass  # no way back in: its files, through its representative
                 except (OSError, struct.error) as exc:
                     note_shortage(exc)  # this poll reads the file; netlink next poll
+            fell_back = True
             if files is not None:
                 rows += self._read_proc_net(files, proto)
-        return rows
+        return rows, fell_back
 
     def _read_proc_net(self, directory: str, proto: str) -> list[TableRow]:
         try:
