@@ -502,6 +502,37 @@ def test_a_joined_socket_stamps_its_namespace_and_is_closed_by_the_reader_when_l
     assert rejoined.fileno() == -1  # close() closed what was still joined
 
 
+def test_every_socket_left_is_closed_even_when_draining_one_fails(monkeypatch):
+    """Two namespaces left in one batch: the first one's drain fails, and the second's
+    socket, which alone keeps its namespace alive, is closed all the same."""
+    monkeypatch.setattr(destroy, "_SAFETY_WAKEUP", 600_000)
+    watcher = DestroyWatcher(["tcp"], netns=os.stat("/proc/self/ns/net").st_ino)
+    try:
+        assert watcher.start()
+        first, second = (socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4) for _ in "12")
+        assert watcher.join(8, first) and watcher.join(9, second)
+        drain = watcher._drain
+
+        def failing(sock, buffer, addresses, netns):
+            if netns == 8:
+                raise OSError("drain failed")
+            drain(sock, buffer, addresses, netns)
+
+        monkeypatch.setattr(watcher, "_drain", failing)
+        wake = watcher._wake_reader
+        monkeypatch.setattr(watcher, "_wake_reader", lambda: None)
+        watcher.leave(8)
+        watcher.leave(9)
+        wake()  # both leaves in one batch
+        wait_for(
+            lambda: first.fileno() == -1 and second.fileno() == -1,
+            END_TIMEOUT,
+            "both sockets left closed",
+        )
+    finally:
+        watcher.close()
+
+
 def test_no_watcher_on_a_proc_tree_or_when_joining_fails(tmp_path, monkeypatch):
     (tmp_path / "net").mkdir()
     for name in ("tcp", "tcp6", "udp", "udp6"):

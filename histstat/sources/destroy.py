@@ -268,6 +268,7 @@ class DestroyWatcher:
             return True
         with self._lock:
             changes, self._changes = self._changes, []
+        failed: BaseException | None = None
         for netns, sock, joined in changes:
             if joined:
                 polled[sock.fileno()] = (sock, netns)
@@ -277,8 +278,12 @@ class DestroyWatcher:
                 poller.unregister(sock.fileno())
                 try:
                     self._drain(sock, buffer, addresses, netns)
+                except Exception as exc:  # noqa: BLE001 - every other leave closes its socket first
+                    failed = failed or exc
                 finally:
-                    sock.close()
+                    sock.close()  # it alone keeps its namespace alive
+        if failed is not None:
+            raise failed
         return False
 
     def _drain(
