@@ -4,7 +4,6 @@ make for their children."""
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -29,6 +28,7 @@ from support.namespaces import (
     need_root,
     need_tools,
     netns_inode,
+    netns_inode_if_entered,
     socket_inodes,
     tcp_sockets,
     thread_count,
@@ -350,15 +350,6 @@ def test_registry_follows_fifty_namespaces_without_leaks():
             end_child(child)
     assert descriptor_count() == fds
     wait_for(lambda: thread_count() == threads, END_TIMEOUT, "worker threads left running")
-
-
-def netns_inode_if_entered(pid: int, host: int) -> int | None:
-    """The child's namespace once unshare has made it (until then it is the host's)."""
-    with contextlib.suppress(OSError):
-        inode = netns_inode(pid)
-        if inode != host:
-            return inode
-    return None
 
 
 def test_unprivileged_registry_watches_none_and_says_why(netns_children):

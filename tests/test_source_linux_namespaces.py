@@ -4,7 +4,6 @@ once no process holds a namespace; as root, on namespaces the tests make and rem
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -20,6 +19,7 @@ from support.namespaces import (
     need_tools,
     netns_child_argv,
     netns_inode,
+    netns_inode_if_entered,
     thread_count,
 )
 from support.waiting import END_TIMEOUT, read_line, wait_for
@@ -215,15 +215,6 @@ def link_exists(name: str) -> bool:
     return os.path.exists(f"/sys/class/net/{name}")
 
 
-def netns_inode_if_entered(pid: int) -> int | None:
-    """The child's namespace once unshare has made it (until then it is ours)."""
-    with contextlib.suppress(OSError):
-        inode = netns_inode(pid)
-        if inode != OWN:
-            return inode
-    return None
-
-
 def test_fifty_namespaces_come_and_go_without_leaks(source):
     """50 namespaces appear while the source polls and all go: its descriptors and
     threads return to their starting count, and no socket of its keeps a namespace
@@ -237,7 +228,8 @@ def test_fifty_namespaces_come_and_go_without_leaks(source):
         for _ in range(50):
             children.append(subprocess.Popen(["unshare", "--net", "cat"], stdin=subprocess.PIPE))
         inodes = {
-            wait_for(lambda child=child: netns_inode_if_entered(child.pid)) for child in children
+            wait_for(lambda child=child: netns_inode_if_entered(child.pid, OWN))
+            for child in children
         }
         made = subprocess.run(
             ["ip", "link", "add", host_end, "type", "veth", "peer", "name", "inside", "netns"]
@@ -434,7 +426,7 @@ def test_the_counters_of_an_empty_namespace_and_of_a_busy_one(netns_children):
     assert not holds_no_socket(f"/proc/{netns_children().pid}/net")
     empty = subprocess.Popen(["unshare", "--net", "cat"], stdin=subprocess.PIPE)
     try:
-        wait_for(lambda: netns_inode_if_entered(empty.pid))
+        wait_for(lambda: netns_inode_if_entered(empty.pid, OWN))
         assert holds_no_socket(f"/proc/{empty.pid}/net")
     finally:
         end_child(empty)

@@ -48,6 +48,15 @@ def netns_inode(pid: int | str) -> int:
     return os.stat(f"/proc/{pid}/ns/net").st_ino
 
 
+def netns_inode_if_entered(pid: int, host: int) -> int | None:
+    """The child's namespace once unshare has made it (until then it is the host's)."""
+    with contextlib.suppress(OSError):
+        inode = netns_inode(pid)
+        if inode != host:
+            return inode
+    return None
+
+
 def socket_inodes(pid: int) -> set[int]:
     """The socket inodes among a process's descriptors."""
     found = set()
