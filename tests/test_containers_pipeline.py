@@ -8,7 +8,7 @@ import sqlite3
 import time
 from typing import NamedTuple
 
-from test_story import EventSource, rows_of
+from test_story import Cache, EventSource, rows_of
 
 from histstat.filters import RowFilter
 from histstat.output.format import (
@@ -37,27 +37,14 @@ CONTAINED_CLIENT = HOST_CLIENT._replace(pid=30, netns=CONTAINER_NS)
 HOST_LISTENER = Connection("tcp", "127.0.0.1", 8000, None, None, "LISTEN", 10, netns=HOST_NS)
 
 
-class ContainerCache:
+class ContainerCache(Cache):
     """Process facts whose container depends on the pid: 30 and 31 run in containers."""
 
     containers = {30: CONTAINER, 31: OTHER, 40: "my-box"}
 
-    def __init__(self):
-        self.looked_up = []
-
     def lookup(self, pid):
-        self.looked_up.append(pid)
-        return ProcessFacts(name=f"proc{pid}", command=f"curl {pid}",
-                            container=self.containers.get(pid))  # fmt: skip
-
-    def hashes(self, pid, facts):
-        return None
-
-    def created(self, pid):
-        return 0.0
-
-    def retain(self, live):
-        pass
+        facts = super().lookup(pid)
+        return facts._replace(command=f"curl {pid}", container=self.containers.get(pid))
 
 
 def poller_of(*snapshots, row_filter=None, cache=None, **options):
