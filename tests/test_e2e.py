@@ -37,7 +37,7 @@ from support.histstat import (
     run_once,
     sleeping_between_polls,
 )
-from support.waiting import END_TIMEOUT, wait_for
+from support.waiting import END_TIMEOUT, STOP_TIMEOUT, wait_for
 
 # Linux fcntl commands (named in the fcntl module from Python 3.10).
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -595,6 +595,23 @@ def test_head_closing_the_pipe_ends_histstat(tmp_path):
     assert proc.returncode == 0, err.read_text()
     assert err.read_text() == ""
     assert out.decode() == "\t".join(COLUMNS) + "\n"
+
+
+def test_head_leaving_in_the_middle_of_a_row_ends_histstat_quietly(spawn_child, tmp_path):
+    """A row larger than the pipe (a 65,536-character command line) is being written
+    when its reader exits: histstat ends at once, with no traceback."""
+    child = spawn_child("x" * 100_000)
+    err = tmp_path / "stderr.txt"
+    script = '"$0" --once -j --pid "$2" 2>"$1" | head -c 100; exit "${PIPESTATUS[0]}"'
+    proc = subprocess.run(
+        ["bash", "-c", script, histstat_command(), str(err), str(child.pid)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=STOP_TIMEOUT,
+    )
+    assert proc.returncode == 0, err.read_text()
+    assert err.read_text() == ""
+    assert len(proc.stdout) == 100
 
 
 def test_reader_gone_between_polls_ends_histstat(spawn_child, tmp_path):

@@ -164,6 +164,22 @@ def drain(fd: int) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.parametrize("writes", ["nowait", "small-writes"])
+def test_stdout_whose_reader_left_mid_run_is_reader_gone(writes, monkeypatch):
+    """`histstat | head`: the reader closes the pipe with rows still to write; the sink
+    says the reader is gone (and histstat ends quietly), never a traceback."""
+    if writes == "small-writes":
+        monkeypatch.setattr(sinks, "_RWF_NOWAIT", None)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "wb") as stream:
+        sink = StdoutSink(stream, "utf-8")
+        sink.write("a" * 20_000)
+        sink.write("b")
+        with pytest.raises(ReaderGone):
+            sink.flush()
+
+
 def test_stdout_starts_no_row_once_the_run_gave_up_on_it(small_pipe):
     read_end, stream = small_pipe
     sink = StdoutSink(stream, "utf-8")

@@ -195,7 +195,13 @@ class StdoutSink:
                     self._stalled = True
                     return
                 # Past the deadline, only the rest of the row in flight.
-                written = self._write_some(data[sent : ends[row] if late else len(data)])
+                chunk = data[sent : ends[row] if late else len(data)]
+                try:
+                    written = self._write_some(chunk)
+                finally:
+                    # Released at once: a view left alive (in a raised exception's frame)
+                    # keeps the buffer exported, and then cannot be cut below.
+                    chunk.release()
                 if written:
                     sent += written
                     continue
