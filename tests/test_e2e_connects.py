@@ -173,22 +173,30 @@ def test_refused_connects_are_stories_attributed_to_their_process(tracefs_root):
         end_child(child)
 
 
+def one_connect(child: subprocess.Popen, exits: bool):
+    """The open row of the one connection the beacon child makes (after it exited, when
+    ``exits``), and histstat's result."""
+    port = first_line(child)
+    histstat = watching(port)
+    try:
+        histstat.wait_for_rows(lambda row: row["status"] == "LISTEN")
+        go(child)
+        if exits:
+            child.wait(END_TIMEOUT)  # gone before any poll could see its connection
+        (row,) = histstat.wait_for_rows(
+            lambda row: row["event"] == "open" and row["rport"] == int(port)
+        )
+    finally:
+        result = histstat.stop()
+    assert_clean_end(result)
+    return row, result
+
+
 def test_process_that_exits_after_its_connection_keeps_pid_and_name(tracefs_root):
     tag = f"gone{new_tag()}"
     child = start_child(BEACON, 1, 0, "exit", comm=tag)
     try:
-        port = first_line(child)
-        histstat = watching(port)
-        try:
-            histstat.wait_for_rows(lambda row: row["status"] == "LISTEN")
-            go(child)
-            child.wait(END_TIMEOUT)  # gone before any poll could see its connection
-            (row,) = histstat.wait_for_rows(
-                lambda row: row["event"] == "open" and row["rport"] == int(port)
-            )
-        finally:
-            result = histstat.stop()
-        assert_clean_end(result)
+        row, _ = one_connect(child, exits=True)
         assert row["pid"] == child.pid, row
         assert row["pname"] == tag, row
         assert row["attribution"] == "connect", row
@@ -200,17 +208,7 @@ def test_name_with_newline_and_escape_is_parsed_and_escaped(tracefs_root):
     name = "a\nb\x1b[31mc"
     child = start_child(BEACON, 1, 0, "stay", comm=name)
     try:
-        port = first_line(child)
-        histstat = watching(port)
-        try:
-            histstat.wait_for_rows(lambda row: row["status"] == "LISTEN")
-            go(child)
-            (row,) = histstat.wait_for_rows(
-                lambda row: row["event"] == "open" and row["rport"] == int(port)
-            )
-        finally:
-            result = histstat.stop()
-        assert_clean_end(result)
+        row, result = one_connect(child, exits=False)
         assert row["attribution"] == "connect", row  # its event was parsed and joined
         assert row["pid"] == child.pid and row["pname"] == name, row
         assert b"\x1b" not in result.stdout_bytes
