@@ -5,7 +5,6 @@ make for their children."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from histstat.sources.namespaces import (
 )
 from support.children import end_child
 from support.namespaces import (
+    as_nobody,
     descriptor_count,
     need_root,
     need_tools,
@@ -355,29 +355,18 @@ def test_registry_follows_fifty_namespaces_without_leaks():
 def test_unprivileged_registry_watches_none_and_says_why(netns_children):
     child = netns_children()
     inode = netns_inode(child.pid)
-    reader, writer = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child drops root, then reports what the registry saw
-        try:
-            os.close(reader)
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            with NamespaceSockets() as registry:
-                changes = registry.update()
-                seen = {
-                    "opened": list(changes.opened),
-                    "listed": inode in registry.discovery.scan(),
-                    "own": registry.own,
-                    "reason": registry.reason,
-                }
-            os.write(writer, json.dumps(seen).encode())
-        finally:
-            os._exit(0)
-    os.close(writer)
-    with os.fdopen(reader, "rb") as pipe:
-        seen = json.loads(pipe.read() or b"{}")
-    os.waitpid(pid, 0)
+
+    def registry_as_nobody() -> dict:
+        with NamespaceSockets() as registry:
+            changes = registry.update()
+            return {
+                "opened": list(changes.opened),
+                "listed": inode in registry.discovery.scan(),
+                "own": registry.own,
+                "reason": registry.reason,
+            }
+
+    seen = as_nobody(registry_as_nobody)
     assert seen == {
         "opened": [],
         "listed": False,

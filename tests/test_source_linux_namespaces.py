@@ -14,6 +14,7 @@ import pytest
 
 from support.children import end_child
 from support.namespaces import (
+    as_nobody,
     descriptor_count,
     need_root,
     need_tools,
@@ -285,37 +286,26 @@ def test_unprivileged_source_reads_its_own_namespace_and_says_why_once(netns_chi
     netns."""
     child = netns_children()
     inode = netns_inode(child.pid)
-    reader, writer = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(reader)
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            notes: list[str] = []
-            with socket.socket() as server:
-                server.bind(("127.0.0.1", 0))
-                server.listen()
-                port = server.getsockname()[1]
-                source = LinuxSource(notice=notes.append)
-                try:
-                    snapshots = [source.snapshot() for _ in range(3)]
-                    seen = {
-                        "notes": notes,
-                        "namespaces": sorted(source.namespaces),
-                        "mine": sorted({c.netns for s in snapshots for c in s if c.lport == port}),
-                        "child": sum(1 for s in snapshots for c in s if c.netns == inode),
-                    }
-                finally:
-                    source.close()
-            os.write(writer, json.dumps(seen).encode())
-        finally:
-            os._exit(0)
-    os.close(writer)
-    with os.fdopen(reader, "rb") as pipe:
-        seen = json.loads(pipe.read() or b"{}")
-    os.waitpid(pid, 0)
+
+    def source_as_nobody() -> dict:
+        notes: list[str] = []
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            port = server.getsockname()[1]
+            source = LinuxSource(notice=notes.append)
+            try:
+                snapshots = [source.snapshot() for _ in range(3)]
+                return {
+                    "notes": notes,
+                    "namespaces": sorted(source.namespaces),
+                    "mine": sorted({c.netns for s in snapshots for c in s if c.lport == port}),
+                    "child": sum(1 for s in snapshots for c in s if c.netns == inode),
+                }
+            finally:
+                source.close()
+
+    seen = as_nobody(source_as_nobody)
     assert seen == {"notes": [UNPRIVILEGED_REASON], "namespaces": [], "mine": [OWN], "child": 0}
 
 

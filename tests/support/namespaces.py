@@ -4,6 +4,7 @@ sock_diag dump to look inside a namespace."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -66,6 +67,27 @@ def socket_inodes(pid: int) -> set[int]:
             if target.startswith("socket:["):
                 found.add(int(target[8:-1]))
     return found
+
+
+def as_nobody(work) -> dict:
+    """What ``work()`` returns (a JSON-able dict) when run in a forked child that dropped
+    root for the user nobody; {} when the child failed before reporting."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(reader)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            os.write(writer, json.dumps(work()).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        seen = json.loads(pipe.read() or b"{}")
+    os.waitpid(pid, 0)
+    return seen
 
 
 def descriptor_count() -> int:
