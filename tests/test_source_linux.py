@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from support.children import end_child
 from support.waiting import DEFAULT_TIMEOUT, POLL_STEP, read_line
 
 if not sys.platform.startswith("linux"):
@@ -490,13 +491,7 @@ def holders():
     finally:
         shared.close()
         for child in children:
-            child.stdin.close()
-            try:
-                child.wait(DEFAULT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-            child.stdout.close()
+            end_child(child, DEFAULT_TIMEOUT)
 
 
 def _by_key(conns, ports: set) -> dict:

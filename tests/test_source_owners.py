@@ -12,6 +12,7 @@ import sys
 import psutil
 import pytest
 
+from support.children import end_child
 from support.waiting import DEFAULT_TIMEOUT, END_TIMEOUT, read_line, wait_for
 
 if not sys.platform.startswith("linux"):
@@ -195,7 +196,7 @@ def test_a_child_forked_after_the_first_sight_is_an_owner_at_the_next_snapshot(
         assert conn.owners == (parent.pid, child) and conn.pid == parent.pid
         accepted.close()
     finally:
-        end(parent)
+        end_child(parent)
 
 
 # The opener: connects to the port in argv[2], prints its local port, and on each line
@@ -232,16 +233,6 @@ def python_child(source: str, *args, pass_fds=()) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         pass_fds=pass_fds,
     )
-
-
-def end(child: subprocess.Popen) -> None:
-    child.stdin.close()
-    try:
-        child.wait(END_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-    child.stdout.close()
 
 
 def tell(child: subprocess.Popen) -> None:
@@ -284,7 +275,7 @@ def test_a_socket_passed_to_a_running_process_lists_both_and_then_the_receiver(
         assert read_line(opener.stdout) == b"closed\n"
         alone = (receiver.pid,)
         wait_for(lambda: owners_of(source, client_port, port) == alone)
-        end(opener)
+        end_child(opener)
         conn = the_connection(source, client_port, port)
         assert conn.owners == alone and conn.pid == receiver.pid
         accepted.close()
@@ -293,4 +284,4 @@ def test_a_socket_passed_to_a_running_process_lists_both_and_then_the_receiver(
         theirs.close()
         for child in (opener, receiver):
             if child is not None:
-                end(child)
+                end_child(child)
