@@ -19,7 +19,7 @@ import pytest
 
 from histstat.sources.tracefs import TracefsUnavailable, locate_tracefs
 from support.children import SocketChild, child_script, end_child, new_tag, one_line_script
-from support.histstat import Histstat, assert_clean_end, connection_key, sleeping_between_polls
+from support.histstat import assert_clean_end, connection_key, sleeping_between_polls
 from support.namespaces import docker_like_cgroup, need_root, need_tools, netns_inode
 from support.tracing import BEACON, instances_of, ready
 from support.waiting import DEFAULT_TIMEOUT, read_line, wait_for
@@ -95,18 +95,10 @@ def children():
 
 
 @pytest.fixture
-def histstat():
-    """Start the installed histstat: ``histstat(*args)``; stopped at the end."""
-    started: list[Histstat] = []
-
-    def start(*args, prefix: tuple = ()) -> Histstat:
-        run = Histstat(args, prefix=prefix)
-        started.append(run)
-        return run
-
-    yield start
-    for run in started:
-        run.kill()
+def histstat(run_histstat):
+    """Start the installed histstat: ``histstat(*args, prefix=())``; ended at the end by
+    SIGTERM first, so that its tracefs instance goes with it even when a test fails."""
+    return run_histstat
 
 
 def socket_child_argv(comm: str | None = None) -> list:
