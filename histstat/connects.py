@@ -458,6 +458,9 @@ class ConnectWatcher:
         except OSError:  # no descriptor to spare: the thread wakes every NO_PIPE_WAIT
             self._wake_read = self._wake_write = -1
         self.thread_error: str | None = None
+        # Events whose handling failed (a /proc read, say): each is lost alone, counted.
+        self.unhandled = 0
+        self.unhandled_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="histstat-connects", daemon=True)
         self._thread.start()
 
@@ -480,7 +483,11 @@ class ConnectWatcher:
                     # short waits in the reader, and poll() does not report it.
                     events = self._reader.read()
                     for event in events:
-                        self._handle(event)
+                        try:
+                            self._handle(event)
+                        except (OSError, ValueError) as exc:  # this event alone is lost
+                            self.unhandled += 1
+                            self.unhandled_error = str(exc)
                 finally:
                     with self._state:
                         self._busy = False

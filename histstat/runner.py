@@ -540,6 +540,12 @@ def _close_connects(connects: ConnectWatcher, env: Environment) -> None:
         env.notice(problem)
     if connects.thread_error is not None:
         env.notice(f"kernel connect events stopped early: {connects.thread_error}")
+    if connects.unhandled:
+        count = connects.unhandled
+        env.notice(
+            f"{count} kernel connect {'event' if count == 1 else 'events'} could not be"
+            f" handled and went unused (the latest: {connects.unhandled_error})"
+        )
     if connects.ambiguous:
         count = connects.ambiguous
         env.notice(

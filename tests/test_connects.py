@@ -291,6 +291,31 @@ def test_the_reader_thread_sleeps_until_events_come_and_a_poll_catches_up_with_t
     assert reader.closed and not watcher._thread.is_alive()
 
 
+def test_an_event_that_fails_is_counted_and_the_thread_reads_on():
+    """A connect whose process read fails (an error no reader foresaw) is lost alone:
+    counted, and the events after it are still joined."""
+
+    def read_process(e, *_):
+        if e.tid == 7:
+            raise OSError("unreadable")
+        return process(e.tid)
+
+    reader = PipeReader()
+    watcher = ConnectWatcher(reader, read_process=read_process)  # type: ignore[arg-type]
+    try:
+        now = time.time()
+        reader.send(event("CLOSE", "SYN_SENT", tid=7, time=now))
+        reader.send(event("CLOSE", "SYN_SENT", tid=8, time=now))
+        reader.send(event("SYN_SENT", "CLOSE", sport=4000, time=now))
+        watcher.catch_up(timeout=5.0)
+        wait_for(lambda: watcher.unhandled == 1, describe="the failed event counted")
+        (failed,) = watcher.take_failed()
+        assert failed.process == process(8)
+        assert watcher.thread_error is None and watcher._thread.is_alive()
+    finally:
+        watcher.close()
+
+
 def test_without_a_descriptor_for_its_wake_pipe_the_thread_still_reads_and_stops(monkeypatch):
     reader = PipeReader()
 
