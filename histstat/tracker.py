@@ -74,8 +74,8 @@ def _another_socket(story: Story, end: End) -> bool:
 
 def connect_identity(connect: Any) -> Identity:
     """The identity of a connect's socket (histstat.connects.Connect.key, identity_key's
-    shape); a key of five parts, from connect events that do not know namespaces, is of
-    an unknown namespace."""
+    shape, its namespace None when the connecting process was gone before it was read);
+    a key of five parts, from a stand-in that knows no namespaces, is of an unknown one."""
     key = tuple(connect.key)
     return key if len(key) > 5 else (*key, None)
 
@@ -519,8 +519,9 @@ class ConnectionTracker:
         saw the socket (its end comes as any other's)."""
         key = connect_identity(connect)
         started = now - max(0.0, wall - connect.time)
-        # Connect events name no namespace (key[5] None) while the Linux source's polls
-        # do: a poll's story of the 5-tuple in any namespace is then the same socket.
+        # A connect whose namespace could not be read (key[5] None; its process was gone)
+        # while the polls name theirs: a poll's story of the 5-tuple in any namespace is
+        # then the same socket.
         keys = [key]
         if key[5] is None:
             keys += [(*key[:5], netns) for netns in self._namespaces if netns is not None]
@@ -580,10 +581,6 @@ class ConnectionTracker:
         return list(self._live.values())
 
     @property
-    def current(self) -> frozenset[Connection]:
-        """The latest snapshot."""
-        return self._current
-
     def live_pids(self) -> set[int]:
         """Pids that own a socket in the latest snapshot (the likeliest openers)."""
         return {conn.pid for conn in self._current if conn.pid is not None}
