@@ -580,7 +580,6 @@ class ConnectionTracker:
         """The stories of the latest snapshot, ended remainders included."""
         return list(self._live.values())
 
-    @property
     def live_pids(self) -> set[int]:
         """Pids that own a socket in the latest snapshot (the likeliest openers)."""
         return {conn.pid for conn in self._current if conn.pid is not None}
