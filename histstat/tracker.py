@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from histstat.records import Connection, TcpCounters, sort_key
+from histstat.records import MAX_OWNERS, Connection, TcpCounters, sort_key
 from histstat.sources.base import NO_ENDS, End, Ends
 
 # A socket's identity without its cookie: (proto, laddr, lport, raddr, rport, netns), plus
@@ -581,8 +581,13 @@ class ConnectionTracker:
         return list(self._live.values())
 
     def live_pids(self) -> set[int]:
-        """Pids that own a socket in the latest snapshot (the likeliest openers)."""
-        return {conn.pid for conn in self._current if conn.pid is not None}
+        """Pids that hold a socket in the latest snapshot: the likeliest openers and the
+        other holders a row lists (so their facts stay cached, not read again per row)."""
+        pids = {conn.pid for conn in self._current if conn.pid is not None}
+        for conn in self._current:
+            if len(conn.owners) > 1:
+                pids.update(conn.owners[:MAX_OWNERS])
+        return pids
 
     def remembered(self) -> int:
         """Ended stories kept in memory (bounded by MAX_ENDED)."""
