@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -79,11 +80,22 @@ def fake_proc(tmp_path):
     return proc
 
 
+class Ticking:
+    """A clock that advances a sixteenth of the sweep's pass at each reading."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += NamespaceDiscovery.SWEEP_SECONDS / 16
+        return self.now
+
+
 class CountingDiscovery(NamespaceDiscovery):
     """Counts the ns links it reads, and refuses those of the pids in ``refused``."""
 
-    def __init__(self, proc, refused=()) -> None:
-        super().__init__(str(proc))
+    def __init__(self, proc, refused=(), clock=time.monotonic) -> None:
+        super().__init__(str(proc), clock)
         self.reads: list[int] = []
         self.refused = set(refused)
 
@@ -130,23 +142,23 @@ def test_reused_pid_is_not_kept_as_representative(fake_proc):
 def test_unchanged_scan_reads_only_the_sweep_share_and_the_representatives(fake_proc):
     for pid in range(100, 164):
         fake_process(fake_proc, pid, 5, 1 if pid < 150 else 2)
-    discovery = CountingDiscovery(fake_proc)
+    discovery = CountingDiscovery(fake_proc, clock=Ticking())
     assert dict(discovery.scan()) == {1: 100, 2: 150}
     discovery.scan()  # reads the pids new at the first call once more
     discovery.reads.clear()
     discovery.scan()
-    # 64 processes: 4 swept, then both representatives.
-    assert len(discovery.reads) == 64 // discovery.SWEEP_CALLS + 2
+    # 64 processes, a sixteenth of the pass's time gone: 4 swept, then both representatives.
+    assert len(discovery.reads) == 64 // 16 + 2
     assert {100, 150} <= set(discovery.reads)
 
 
 def test_process_that_changes_namespace_is_found_within_the_sweep(fake_proc):
     for pid in range(100, 164):
         fake_process(fake_proc, pid, 5, 1)
-    discovery = NamespaceDiscovery(str(fake_proc))
+    discovery = NamespaceDiscovery(str(fake_proc), Ticking())
     assert dict(discovery.scan()) == {1: 100}
     fake_process(fake_proc, 130, 5, 9)  # same process, unshare()d
-    for _ in range(discovery.SWEEP_CALLS):
+    for _ in range(16):  # one pass of the sweep
         if 9 in discovery.scan():
             break
     assert dict(discovery.scan()) == {1: 100, 9: 130}

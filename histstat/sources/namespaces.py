@@ -9,7 +9,8 @@ import os
 import resource
 import socket
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -83,15 +84,19 @@ class NamespaceDiscovery:
     another known member, read again, takes its place, and a namespace without members
     is dropped. A process that stays but changes namespace (``unshare``, ``setns``, as
     ``ip netns exec`` does after fork) is found at the next call when it was new at the
-    previous one, else by a sweep that re-reads ``1/SWEEP_CALLS`` of the known pids each
-    call, so within ``SWEEP_CALLS`` calls. Threads are not looked at: a namespace held
-    only by a thread other than a process's main thread is not found.
+    previous one, else by a sweep that re-reads the known pids in turn, paced by time (as
+    the owners' sweep is), so within ``SWEEP_SECONDS`` whatever the interval. Threads are
+    not looked at: a namespace held only by a thread other than a process's main thread
+    is not found.
     """
 
-    SWEEP_CALLS = 16
+    SWEEP_SECONDS = 16.0  # a pass of the sweep through every known process
 
-    def __init__(self, proc: str = "/proc") -> None:
+    def __init__(self, proc: str = "/proc", clock: Callable[[], float] = time.monotonic) -> None:
         self.proc = proc
+        self._clock = clock
+        self._last_scan: float | None = None
+        self._sweep_credit = 0.0  # pids the sweep owes, by the time since the last call
         own = namespace_inode("self", proc)
         if own is None:
             raise OSError(f"cannot read {proc}/self/ns/net")
@@ -137,9 +142,15 @@ class NamespaceDiscovery:
         return frozenset(self._members.get(inode, ()))
 
     def _sweep_batch(self) -> list[int]:
+        now = self._clock()
+        elapsed = 0.0 if self._last_scan is None else now - self._last_scan
+        self._last_scan = now
+        share = min(max(elapsed, 0.0), self.SWEEP_SECONDS) / self.SWEEP_SECONDS
+        self._sweep_credit = min(self._sweep_credit + share * len(self._known), len(self._known))
+        size = int(self._sweep_credit)
+        self._sweep_credit -= size
         if not self._sweep:
             self._sweep = list(self._known)
-        size = -(-len(self._known) // self.SWEEP_CALLS)
         batch = self._sweep[-size:] if size else []
         del self._sweep[len(self._sweep) - len(batch) :]
         return batch
