@@ -80,6 +80,12 @@ def connect_identity(connect: Any) -> Identity:
     return key if len(key) > 5 else (*key, None)
 
 
+def _accepted(story: Story, conn: Connection) -> bool:
+    """A listener's request socket (SYN_RECV, its own cookie) that the handshake replaced
+    by the full socket, which has another cookie: the same connection."""
+    return story.conn.status == "SYN_RECV" and conn.status != "SYN_RECV"
+
+
 def _cookie(conn: Connection | End) -> int | None:
     """The socket's cookie where it identifies it (an accepted socket starts at 0)."""
     return conn.cookie or None
@@ -390,7 +396,7 @@ class ConnectionTracker:
             if cookie is not None and story.cookie is not None and story.cookie != cookie:
                 # Another socket on the same 5-tuple: the known one's remainder turns
                 # into a new connection only by a new SYN, which starts a new story.
-                if conn.status not in REMAINDER_STATES:
+                if conn.status not in REMAINDER_STATES and not _accepted(story, conn):
                     return None
             return story
         entry = self._ended.get(key)
@@ -432,8 +438,10 @@ class ConnectionTracker:
         if not story.ended and conn.status not in END_STATES:
             story.last_conn = conn
         cookie = _cookie(conn)
-        if story.cookie is None and cookie is not None:
-            story.cookie = cookie
+        if cookie is not None and (story.cookie is None or _accepted(story, conn)):
+            if self._live_cookies.get(story.cookie or 0) is story:
+                del self._live_cookies[story.cookie or 0]
+            story.cookie = cookie  # the full socket's, which its end event will carry
             self._live_cookies[cookie] = story
         story.conn = conn
         if conn.status != previous.status:

@@ -109,6 +109,23 @@ def test_an_accepted_socket_whose_cookie_appears_later_stays_one_story():
     assert poll.changes[0].story.end_time == 1.5  # the event's time, not the poll's
 
 
+def test_a_request_socket_replaced_by_its_accepted_socket_stays_one_story():
+    """A dump can list a listener's request socket (SYN_RECV, its own cookie) before the
+    handshake's last ACK; the full socket that replaces it has another cookie, which
+    its end event carries."""
+    tracker = ConnectionTracker()
+    request = ESTABLISHED._replace(status="SYN_RECV", pid=None, cookie=7)
+    (opened,) = tracker.update(frozenset({request}), now=0.0, watches_ends=True).changes
+    accepted = ESTABLISHED._replace(cookie=8)
+    poll = tracker.update(frozenset({accepted}), now=1.0, watches_ends=True, wall=101.0)
+    assert kinds(poll) == [("state", "ESTABLISHED")]
+    assert poll.changes[0].story is opened.story
+    end = End("tcp", "127.0.0.1", 8000, "127.0.0.1", 50000, 8, 101.5, None)
+    poll = tracker.update(frozenset(), now=2.0, ends=Ends([end]), watches_ends=True, wall=102.0)
+    assert kinds(poll) == [("close", "ESTABLISHED")]
+    assert poll.changes[0].story is opened.story and opened.story.exact_end
+
+
 def test_an_end_event_ends_the_story_exactly_and_its_remainder_is_absorbed():
     tracker = ConnectionTracker()
     live = ESTABLISHED._replace(cookie=5)
