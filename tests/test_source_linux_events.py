@@ -639,9 +639,8 @@ def test_a_tcp_table_is_dumped_connections_first_then_listeners(monkeypatch):
     beside the connection it accepted a moment later: its listeners come after."""
     asked = []
 
-    def recorded(self, sock, proto, family, protocol, states, endpoints, counters, mask):
-        asked.append((proto, mask))
-        return []
+    def recorded(self, sock, kind, family, protocol, mask, info, states, tables):
+        asked.append((tables[family][0], mask))
 
     monkeypatch.setattr(SockDiag, "_dump", recorded)
     diag = SockDiag()

@@ -53,6 +53,11 @@ _TABLES = (
     ("udp6", socket.AF_INET6, socket.IPPROTO_UDP, False),
 )
 
+# The TCP tables dumped together, by family, when both are asked for: each dump walks
+# the kernel's whole established hash (sized by its memory), and TCPDIAG_GETSOCK walks it
+# once for both families.
+_ONE_WALK: dict[int, str] = {socket.AF_INET: "tcp", socket.AF_INET6: "tcp6"}
+
 # Decoded addresses and endpoints are cached across polls, since they recur; past this
 # size the cache starts over, which bounds it whatever the traffic.
 _ADDRESS_CACHE_SIZE = 1 << 16
@@ -245,6 +250,7 @@ class LinuxSource:
         histstat's own alone); ``notice`` is told once why some cannot be read."""
         self.proc = proc
         self._tables = tuple(t for t in _TABLES if protos is None or t[0] in protos)
+        self._one_walk = set(_ONE_WALK.values()) <= {t[0] for t in self._tables}
         self.owners = SocketOwners(proc)
         live_netlink = proc == "/proc" if netlink is None else netlink
         self._diag = SockDiag() if live_netlink else None
@@ -336,8 +342,16 @@ class LinuxSource:
         whether any table fell back to the files."""
         rows: list[TableRow] = []
         fell_back = False
+        walked: dict[str, list[TableRow] | None] = {}
+        if diag is not None and diag.one_walk and self._one_walk:
+            walked = self._dump_tcp(diag, counters)
         for proto, family, protocol, stateful in self._tables:
-            if diag is not None and proto not in self._proc_tables:
+            if proto in walked:
+                dumped = walked[proto]
+                if dumped is not None:
+                    rows += dumped
+                    continue
+            elif diag is not None and proto not in self._proc_tables:
                 addresses = self._address_cache(proto, "netlink")
                 states = _TCP_STATES if stateful else {}
                 try:
@@ -357,6 +371,30 @@ class LinuxSource:
             if files is not None:
                 rows += self._read_proc_net(files, proto)
         return rows, fell_back
+
+    def _dump_tcp(self, diag: SockDiag, counters: bool) -> dict[str, list[TableRow] | None]:
+        """Both TCP tables from one walk of the kernel's hash tables: proto → its rows,
+        or → None when the dump failed this poll (its file is read, as a table dumped
+        alone would be); empty when the kernel refused (``diag`` remembers it, and each
+        table is dumped alone)."""
+        if self._proc_tables.intersection(_ONE_WALK.values()):
+            return {}
+        tables = {
+            family: (proto, self._address_cache(proto, "netlink"))
+            for family, proto in _ONE_WALK.items()
+        }
+        try:
+            found = diag.dump_tcp(tables, _TCP_STATES, counters=counters)
+        except NetlinkUnavailable:
+            return {}
+        except NamespaceGone:
+            return dict.fromkeys(_ONE_WALK.values())
+        except (OSError, struct.error) as exc:
+            note_shortage(exc)
+            return dict.fromkeys(_ONE_WALK.values())
+        for proto, dumped in found.items():
+            self._count((proto, "netlink"), len(dumped))
+        return dict(found)
 
     def _read_proc_net(self, directory: str, proto: str) -> list[TableRow]:
         try:

@@ -7,7 +7,7 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Optional, Union
 
 from histstat.records import TcpCounters
@@ -33,11 +33,19 @@ _EXT_INFO = 1 << (INET_DIAG_INFO - 1)
 
 # inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed inet_diag_sockid.
 _DIAG_REQUEST = struct.Struct("=BBBBI48x")
-# An answer: nlmsghdr (len, type, (flags), seq, (pid)), then inet_diag_msg ((family),
+# The old request, TCPDIAG_GETSOCK (linux/inet_diag.h), still answered by every kernel
+# with inet_diag: its inet_diag_req is family, src_len, dst_len, ext, a zeroed
+# inet_diag_sockid, states, dbs. For a dump the kernel ignores the family and walks with
+# AF_UNSPEC (inet_diag_dump_compat), so one walk of the TCP hash tables answers for IPv4
+# and IPv6 together; each answer has the request's type, and its own family.
+TCPDIAG_GETSOCK = 18
+_COMPAT_REQUEST = struct.Struct("=BBBB48xII")
+# An answer: nlmsghdr (len, type, (flags), seq, (pid)), then inet_diag_msg (family,
 # state, (timer, retrans), the first 36 bytes of inet_diag_sockid: sport, dport, src, dst,
 # then (if), the cookie, (expires, rqueue, wqueue), uid, inode). The cookie is two u32
 # words, low one first, each in host order: one native u64 on a little-endian machine.
-_DIAG_ANSWER = struct.Struct("=IH2xI4xxB2x36s4xQ12xII")
+_DIAG_ANSWER = struct.Struct("=IH2xI4xBB2x36s4xQ12xII")
+_ERRNO = struct.Struct("=i")  # what NLMSG_ERROR and NLMSG_DONE carry first
 _DIAG_MESSAGE_END = NLMSG_HEADER.size + 72  # where an inet_diag_msg's attributes start
 _COOKIE_SWAPPED = sys.byteorder != "little"
 # Every state from ESTABLISHED to CLOSING; SYN_RECV brings the kernel's request sockets
@@ -180,6 +188,8 @@ class SockDiag:
         self._sock: socket.socket | None = None
         self._seq = 0
         self._buffer = bytearray(_RECEIVE_SIZE + _DIAG_ANSWER.size)
+        # The kernel answers TCPDIAG_GETSOCK (``dump_tcp``); False once it refused.
+        self.one_walk = True
         if sock is not None:
             self._adopt(sock)
 
@@ -207,86 +217,154 @@ class SockDiag:
         ``endpoints`` caches decoded socket ids between calls. With ``counters`` each
         full TCP socket carries its tcp_info byte counters (the kernel adds them to each
         message only when asked, so without it a dump costs what it always did)."""
+        rows: list[DiagRow] = []
+        self._run(
+            SOCK_DIAG_BY_FAMILY,
+            family,
+            protocol,
+            states,
+            {family: (proto, endpoints, rows)},
+            counters,
+        )
+        return _swapped(rows) if _COOKIE_SWAPPED else rows
+
+    def dump_tcp(
+        self,
+        tables: Mapping[int, tuple[str, dict[bytes, Endpoints | None]]],
+        states: dict[int, str],
+        counters: bool = False,
+    ) -> dict[str, list[DiagRow]]:
+        """proto → rows of the TCP tables of several families (family → (proto, its
+        ``endpoints`` cache)), as ``dump`` gives them, from one walk of the kernel's TCP
+        hash tables (TCPDIAG_GETSOCK) instead of one per family.
+
+        Raises NetlinkUnavailable when the kernel refuses it, and ``one_walk`` is False
+        from then on: the caller dumps each table alone, as the kernel is asked once."""
+        found: dict[int, tuple[str, dict[bytes, Endpoints | None], list[DiagRow]]] = {
+            family: (proto, endpoints, []) for family, (proto, endpoints) in tables.items()
+        }
+        try:
+            self._run(
+                TCPDIAG_GETSOCK, socket.AF_UNSPEC, socket.IPPROTO_TCP, states, found, counters
+            )
+        except NetlinkUnavailable:
+            self.one_walk = False
+            raise
+        return {
+            proto: _swapped(rows) if _COOKIE_SWAPPED else rows for proto, _, rows in found.values()
+        }
+
+    def _run(
+        self,
+        kind: int,
+        family: int,
+        protocol: int,
+        states: dict[int, str],
+        tables: dict[int, tuple[str, dict[bytes, Endpoints | None], list[DiagRow]]],
+        counters: bool,
+    ) -> None:
+        """Every request of one dump (a TCP one's connections, then its listeners), its
+        rows added to ``tables``' lists by family."""
         sock = self._sock
         if sock is None:
             sock = self._adopt(self._opener())
         masks = _TCP_MASKS if protocol == socket.IPPROTO_TCP else (_ALL_STATES,)
         try:
-            rows = []
             for mask in masks:
-                rows += self._dump(sock, proto, family, protocol, states, endpoints, counters, mask)
+                info = counters and protocol == socket.IPPROTO_TCP and mask != _LISTEN
+                self._dump(sock, kind, family, protocol, mask, info, states, tables)
+        except NetlinkUnavailable:
+            raise  # the kernel's answer ended the request: nothing of it is left queued
         except BaseException:
             # A dump cut short leaves its remaining messages queued on the socket.
             self.close()
             raise
-        if _COOKIE_SWAPPED:  # a big-endian machine: rare, so not in the loop
-            rows = [(*row[:8], _swap_halves(row[8] or 0), row[9]) for row in rows]
-        return rows
 
     def _dump(
         self,
         sock: socket.socket,
-        proto: str,
+        kind: int,
         family: int,
         protocol: int,
-        states: dict[int, str],
-        endpoints: dict[bytes, Endpoints | None],
-        counters: bool,
         mask: int,
-    ) -> list[DiagRow]:
+        info: bool,
+        states: dict[int, str],
+        tables: dict[int, tuple[str, dict[bytes, Endpoints | None], list[DiagRow]]],
+    ) -> None:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         seq = self._seq
-        info = counters and protocol == socket.IPPROTO_TCP and mask != _LISTEN
-        request = _DIAG_REQUEST.pack(family, protocol, _EXT_INFO if info else 0, 0, mask)
-        header = NLMSG_HEADER.pack(
-            NLMSG_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0
-        )
-        sock.send(header + request)
+        sock.send(dump_request(kind, family, protocol, _EXT_INFO if info else 0, mask, seq))
         buffer = self._buffer
         unpack = _DIAG_ANSWER.unpack_from
         info_counters = _info_counters
-        rows: list[DiagRow] = []
         while True:
             size = sock.recv_into(buffer, _RECEIVE_SIZE)
             offset = 0
             while offset + NLMSG_HEADER.size <= size:
                 # One unpack per message, the header with the inet_diag_msg that follows
                 # it; the buffer's spare tail keeps this in bounds for shorter messages.
-                length, kind, message_seq, state, sockid, cookie, uid, inode = unpack(
-                    buffer, offset
+                length, answer, message_seq, answer_family, state, sockid, cookie, uid, inode = (
+                    unpack(buffer, offset)
                 )
                 if length < NLMSG_HEADER.size:
                     raise OSError("malformed netlink message")
                 if message_seq == seq:
-                    if kind == _NLMSG_DONE:
-                        return rows
-                    if kind == _NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", buffer, offset + NLMSG_HEADER.size)
-                        raise NetlinkUnavailable(-code, os.strerror(-code))
-                    if kind == SOCK_DIAG_BY_FAMILY and length >= _DIAG_ANSWER.size:
-                        try:
-                            ends = endpoints[sockid]
-                        except KeyError:
-                            ends = endpoints[sockid] = diag_endpoints(sockid, family)
-                        if ends is not None:
-                            laddr, lport, raddr, rport = ends
-                            rows.append(
-                                (
-                                    proto,
-                                    laddr,
-                                    lport,
-                                    raddr,
-                                    rport,
-                                    states.get(state),
-                                    inode,
-                                    uid,
-                                    cookie,
-                                    info_counters(buffer, offset, min(offset + length, size))
-                                    if info
-                                    else None,
+                    if answer == kind and length >= _DIAG_ANSWER.size:
+                        table = tables.get(answer_family)
+                        if table is not None:
+                            proto, endpoints, rows = table
+                            try:
+                                ends = endpoints[sockid]
+                            except KeyError:
+                                ends = endpoints[sockid] = diag_endpoints(sockid, answer_family)
+                            if ends is not None:
+                                laddr, lport, raddr, rport = ends
+                                rows.append(
+                                    (
+                                        proto,
+                                        laddr,
+                                        lport,
+                                        raddr,
+                                        rport,
+                                        states.get(state),
+                                        inode,
+                                        uid,
+                                        cookie,
+                                        info_counters(buffer, offset, min(offset + length, size))
+                                        if info
+                                        else None,
+                                    )
                                 )
-                            )
+                    elif answer == _NLMSG_DONE:
+                        # A dump the kernel could not make (no handler for the protocol)
+                        # ends at once, its error in the NLMSG_DONE.
+                        if length >= NLMSG_HEADER.size + _ERRNO.size:
+                            (code,) = _ERRNO.unpack_from(buffer, offset + NLMSG_HEADER.size)
+                            if code < 0:
+                                raise NetlinkUnavailable(-code, os.strerror(-code))
+                        return
+                    elif answer == _NLMSG_ERROR:
+                        (code,) = _ERRNO.unpack_from(buffer, offset + NLMSG_HEADER.size)
+                        raise NetlinkUnavailable(-code, os.strerror(-code))
                 offset += (length + 3) & ~3
+
+
+def dump_request(kind: int, family: int, protocol: int, ext: int, states: int, seq: int) -> bytes:
+    """The netlink message that asks for a dump: SOCK_DIAG_BY_FAMILY (one family and
+    protocol), or TCPDIAG_GETSOCK (TCP, every family: ``family`` and ``protocol`` are
+    not sent); ``ext`` the attributes wanted per socket, ``states`` the state mask."""
+    if kind == TCPDIAG_GETSOCK:
+        request = _COMPAT_REQUEST.pack(socket.AF_UNSPEC, 0, 0, ext, states, 0)
+    else:
+        request = _DIAG_REQUEST.pack(family, protocol, ext, 0, states)
+    header = NLMSG_HEADER.pack(NLMSG_HEADER.size + len(request), kind, _NLM_F_REQUEST_DUMP, seq, 0)
+    return header + request
+
+
+def _swapped(rows: list[DiagRow]) -> list[DiagRow]:
+    """The rows with their cookies read right on a big-endian machine (rare, so not in
+    the parsing loop)."""
+    return [(*row[:8], _swap_halves(row[8] or 0), row[9]) for row in rows]
 
 
 # A destroy broadcast's message: nlmsghdr (len, type, ...), then inet_diag_msg (family,
