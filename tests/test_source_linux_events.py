@@ -597,6 +597,37 @@ def test_a_destroy_message_is_parsed_with_its_cookie_and_counters():
     assert parse_destroys(data6, len(data6), 1.0)[0][:5] == ("udp6", "::1", 40000, "::1", 80)
 
 
+def test_a_destroy_message_laid_out_otherwise_gives_the_same_end():
+    """Linux's own layout (protocol, then a whole tcp_info) is read in one unpack; any
+    other (a padding attribute before tcp_info, as on machines where unaligned access is
+    slow, the attributes in another order, an older kernel's shorter tcp_info) takes the
+    walk through the attributes and gives the same end."""
+    info = bytearray(232)
+    struct.pack_into("=QQ", info, 120, 5002, 7000)
+    struct.pack_into("=QQ", info, 200, 5000, 3)
+    canonical = destroy_message(info=bytes(info))
+    (expected,) = parse_destroys(canonical, len(canonical), 1.0)
+    assert expected.counters == TcpCounters(5002, 7000, 5000, 3)
+    header, body = canonical[:16], canonical[16:88]
+    protocol = struct.pack("=HHB3x", 5, 10, 6)
+    whole_info = struct.pack("=HH", 236, 2) + bytes(info)
+    padding = struct.pack("=HH", 4, 14)  # INET_DIAG_PAD
+
+    def message(attributes: bytes) -> bytes:
+        length = 16 + len(body) + len(attributes)
+        return struct.pack("=I", length) + header[4:] + body + attributes
+
+    for attributes in (protocol + padding + whole_info, whole_info + protocol):
+        data = message(attributes)
+        assert parse_destroys(data, len(data), 1.0) == [expected]
+    older = message(protocol + struct.pack("=HH", 196, 2) + bytes(info[:192]))
+    (end,) = parse_destroys(older, len(older), 1.0)
+    assert end == expected._replace(counters=TcpCounters(5002, 7000, None, None))
+    # A tcp_info attribute claiming more than the message holds is not read.
+    lying = message(protocol + struct.pack("=HH", 400, 2) + bytes(info))
+    assert parse_destroys(lying, len(lying), 1.0)[0].counters is None
+
+
 def test_a_shorter_tcp_info_leaves_the_newer_counters_none():
     info = bytearray(232)
     struct.pack_into("=QQQQ", info, 120, 1, 2, 0, 0)

@@ -234,8 +234,11 @@ class DestroyWatcher:
                         if self._take_changes(wake, poller, polled, buffer, addresses):
                             return
                     elif fd in polled:
+                        # One datagram per wake-up: the kernel sends one message per
+                        # datagram, and a poll() that finds more waiting returns at once,
+                        # where a recv that finds none raises (costly, at every end).
                         sock, netns = polled[fd]
-                        self._drain(sock, buffer, addresses, netns)
+                        self._receive(sock, buffer, addresses, netns)
         except Exception as exc:  # noqa: BLE001 - a thread's traceback would reach stderr
             # Not foreseen: the caller learns it from ``watching`` and ``lost``.
             self.error = exc if isinstance(exc, OSError) else OSError(str(exc))
@@ -294,23 +297,34 @@ class DestroyWatcher:
         netns: int | None,
     ) -> None:
         """Receive every datagram waiting, one message each."""
-        while True:
-            try:
-                size = sock.recv_into(buffer)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise
-                # The kernel dropped broadcasts; the socket itself goes on working.
-                with self._lock:
+        while self._receive(sock, buffer, addresses, netns):
+            pass
+
+    def _receive(
+        self,
+        sock: socket.socket,
+        buffer: bytearray,
+        addresses: dict[bytes, str],
+        netns: int | None,
+    ) -> bool:
+        """Receive one datagram, if one waits (False when none did), and queue its ends."""
+        try:
+            size = sock.recv_into(buffer)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                raise
+            # The kernel dropped broadcasts; the socket itself goes on working.
+            with self._lock:
+                self._lost = True
+            return True
+        ends = parse_destroys(buffer, size, self.clock(), addresses, netns)
+        if ends:
+            with self._lock:
+                room = self.max_queued - len(self._queue)
+                if len(ends) > room:
+                    ends = ends[: max(room, 0)]
                     self._lost = True
-                continue
-            ends = parse_destroys(buffer, size, self.clock(), addresses, netns)
-            if ends:
-                with self._lock:
-                    room = self.max_queued - len(self._queue)
-                    if len(ends) > room:
-                        ends = ends[: max(room, 0)]
-                        self._lost = True
-                    self._queue += ends
+                self._queue += ends
+        return True

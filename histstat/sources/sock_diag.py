@@ -377,7 +377,14 @@ _PROTOCOLS = {
     (socket.AF_INET, socket.IPPROTO_UDP): "udp",
     (socket.AF_INET6, socket.IPPROTO_UDP): "udp6",
 }
-_UNSPECIFIED = {socket.AF_INET: bytes(4), socket.AF_INET6: bytes(16)}
+_UNSPECIFIED: dict[int, bytes] = {socket.AF_INET: bytes(4), socket.AF_INET6: bytes(16)}
+# A TCP end as Linux builds it (inet_diag_handler_get_info): the message above, then
+# INET_DIAG_PROTOCOL (a u8, padded to 8 bytes), then INET_DIAG_INFO (a whole tcp_info,
+# with no padding attribute before it where unaligned access is cheap): the byte
+# counters at fixed places. Anything else takes the walk through the attributes.
+_DESTROY_TCP = struct.Struct("=IH10xB3x2s2s16s16s4xQ20xHHB3xHH120xQQ64xQQ")
+_DESTROY_PROTOCOL_AT = _DIAG_MESSAGE_END + 8  # where INET_DIAG_INFO starts
+_FULL_TCP_INFO = 4 + _BYTES_RETRANS_AT + 8  # its length with every counter
 _ADDRESS_CACHE_SIZE = 4096  # decoded addresses the reader keeps; then it starts over
 
 
@@ -432,18 +439,72 @@ def _parse_destroy(
     addresses: dict[bytes, str],
     netns: int | None,
 ) -> End | None:
+    if stop - start >= _DESTROY_TCP.size:
+        # A TCP end as Linux sends it: one unpack, no walk of the attributes.
+        (
+            _,
+            kind,
+            family,
+            sport,
+            dport,
+            src,
+            dst,
+            cookie,
+            protocol_length,
+            protocol_type,
+            protocol,
+            info_length,
+            info_type,
+            acked,
+            received_bytes,
+            sent,
+            retrans,
+        ) = _DESTROY_TCP.unpack_from(data, start)
+        if (
+            protocol_length == 5
+            and protocol_type & _ATTRIBUTE_TYPE == _INET_DIAG_PROTOCOL
+            and info_type & _ATTRIBUTE_TYPE == INET_DIAG_INFO
+            and info_length >= _FULL_TCP_INFO
+            and start + _DESTROY_PROTOCOL_AT + info_length <= stop
+            and kind == SOCK_DIAG_BY_FAMILY
+        ):
+            proto = _PROTOCOLS.get((family, protocol))
+            if proto is None:
+                return None
+            full = _new(TcpCounters, (acked, received_bytes, sent, retrans))
+            return _end(
+                proto, family, sport, dport, src, dst, cookie, full, received, addresses, netns
+            )
     if stop - start < _DIAG_MESSAGE_END:
         return None
     kind, family, sport, dport, src, dst, cookie = _DESTROY_MESSAGE.unpack_from(data, start)[1:]
     if kind != SOCK_DIAG_BY_FAMILY or family not in _UNSPECIFIED:
         return None
     found = attributes(data, start + _DIAG_MESSAGE_END, stop)
-    protocol = found.get(_INET_DIAG_PROTOCOL)
-    if protocol is None or len(protocol) < 1:
+    protocol_value = found.get(_INET_DIAG_PROTOCOL)
+    if protocol_value is None or len(protocol_value) < 1:
         return None
-    proto = _PROTOCOLS.get((family, protocol[0]))
+    proto = _PROTOCOLS.get((family, protocol_value[0]))
     if proto is None:
         return None
+    info = found.get(INET_DIAG_INFO)
+    counters = None if info is None else tcp_counters(info)
+    return _end(proto, family, sport, dport, src, dst, cookie, counters, received, addresses, netns)
+
+
+def _end(
+    proto: str,
+    family: int,
+    sport: bytes,
+    dport: bytes,
+    src: bytes,
+    dst: bytes,
+    cookie: int,
+    counters: TcpCounters | None,
+    received: float,
+    addresses: dict[bytes, str],
+    netns: int | None,
+) -> End | None:
     lport = int.from_bytes(sport, "big")
     if not lport:
         return None  # closed before it had a port: no dump could have shown it
@@ -454,8 +515,6 @@ def _parse_destroy(
     laddr: str | None = addresses.get(local) or _decode(addresses, family, local)
     raddr: str | None = addresses.get(remote) or _decode(addresses, family, remote)
     rport = int.from_bytes(dport, "big") or None
-    info = found.get(INET_DIAG_INFO)
-    counters = None if info is None else tcp_counters(info)
     if rport is None:
         if remote == unspecified:
             raddr = None  # never connected: no remote end, as a dump shows it
@@ -465,4 +524,5 @@ def _parse_destroy(
             counters = None
             if local == unspecified:
                 laddr = None
-    return End(proto, laddr, lport, raddr, rport, cookie, received, counters, netns)
+    # tuple.__new__: the NamedTuple without its slower Python-level __new__.
+    return _new(End, (proto, laddr, lport, raddr, rport, cookie, received, counters, netns))
