@@ -25,7 +25,7 @@ owners lookup, Connections, as a poll takes it), the same source's snapshot befo
 idle namespaces were started.
 
 The dumps use the Linux source's ``SockDiag`` on sockets made inside each namespace (its
-``sock`` seam): tcp, tcp6, udp and udp6, as a poll does.
+``sock`` seam): tcp and tcp6 from one walk, then udp and udp6, as a poll does.
 """
 
 from __future__ import annotations
@@ -147,9 +147,12 @@ def wait_for_namespaces(helpers: list[subprocess.Popen], own: int) -> None:
 
 
 def dump_all(diag: SockDiag) -> int:
-    rows = 0
+    """The four tables as a poll reads them: both TCP ones from one walk, then UDP."""
+    both = {socket.AF_INET: ("tcp", {}), socket.AF_INET6: ("tcp6", {})}
+    rows = sum(len(found) for found in diag.dump_tcp(both, _TCP_STATES).values())
     for proto, family, protocol, stateful in _TABLES:
-        rows += len(diag.dump(proto, family, protocol, _TCP_STATES if stateful else {}, {}))
+        if not stateful:
+            rows += len(diag.dump(proto, family, protocol, {}, {}))
     return rows
 
 
