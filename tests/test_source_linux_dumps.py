@@ -261,7 +261,7 @@ def test_a_failed_walk_reads_both_tcp_files_for_that_poll_only():
 def test_the_kernel_answers_one_walk_with_the_rows_of_both_family_dumps():
     """On this kernel: the rows of one walk are those of the two family dumps, for a
     loopback connection of each family (the machine's other sockets may change between
-    the dumps, so only this test's own are compared)."""
+    the dumps, so only this test's own are compared, by their whole 4-tuple)."""
     with socket.socket() as server4, socket.socket(socket.AF_INET6) as server6:
         server4.bind(("127.0.0.1", 0))
         server6.bind(("::1", 0))
@@ -269,8 +269,14 @@ def test_the_kernel_answers_one_walk_with_the_rows_of_both_family_dumps():
         server6.listen()
         client4 = socket.create_connection(server4.getsockname()[:2])
         client6 = socket.create_connection(server6.getsockname()[:2])
-        ports = {server4.getsockname()[1], server6.getsockname()[1]}
-        ports |= {client4.getsockname()[1], client6.getsockname()[1]}
+        ours = {}
+        for proto, server, client in (("tcp", server4, client4), ("tcp6", server6, client6)):
+            (host, port), (_, near) = server.getsockname()[:2], client.getsockname()[:2]
+            ours[proto] = {
+                (host, port, None, None),
+                (host, near, host, port),
+                (host, port, host, near),
+            }
         try:
             diag = SockDiag()
             try:
@@ -288,6 +294,6 @@ def test_the_kernel_answers_one_walk_with_the_rows_of_both_family_dumps():
             client6.close()
     assert diag.one_walk, "this kernel refused TCPDIAG_GETSOCK"
     for proto in ("tcp", "tcp6"):
-        mine = {row for row in walked[proto] if row[2] in ports}
-        assert mine == {row for row in alone[proto] if row[2] in ports}
-        assert len(mine) == 3  # the listener and both ends
+        mine = {row for row in walked[proto] if row[1:5] in ours[proto]}
+        assert mine == {row for row in alone[proto] if row[1:5] in ours[proto]}
+        assert {row[1:5] for row in mine} == ours[proto]  # the listener and both ends
