@@ -297,6 +297,7 @@ class SockDiag:
         buffer = self._buffer
         unpack = _DIAG_ANSWER.unpack_from
         info_counters = _info_counters
+        family_now, table = -1, None  # the family of the latest answer, and its table
         while True:
             size = sock.recv_into(buffer, _RECEIVE_SIZE)
             offset = 0
@@ -310,9 +311,12 @@ class SockDiag:
                     raise OSError("malformed netlink message")
                 if message_seq == seq:
                     if answer == kind and length >= _DIAG_ANSWER.size:
-                        table = tables.get(answer_family)
+                        if answer_family != family_now:  # rare: the table changes
+                            family_now = answer_family
+                            table = tables.get(answer_family)
+                            if table is not None:
+                                proto, endpoints, rows = table
                         if table is not None:
-                            proto, endpoints, rows = table
                             try:
                                 ends = endpoints[sockid]
                             except KeyError:
