@@ -69,6 +69,7 @@ class FakeKernel:
         self.refuse = refuse
         self.done_error = done_error
         self.fail: OSError | None = None
+        self.stray_family: int | None = None
         self.requests: list[tuple[int, int, int, int, int]] = []
         self.pending: list[bytes] = []
         self.closed = False
@@ -105,6 +106,10 @@ class FakeKernel:
             and (state == 7) == udp
             and states & (1 << state)
         ]
+        if self.stray_family is not None:  # second, an answer of a family not asked for
+            stray = bytearray(answer(kind, seq, socket.AF_INET, 1, 40999, 80, 99))
+            stray[HEADER.size] = self.stray_family
+            self.pending.insert(1, bytes(stray))
         self.pending.append(done(seq))
         return len(data)
 
@@ -167,10 +172,14 @@ def test_one_walk_answers_both_families_connections_then_listeners():
 
 
 def test_a_family_not_asked_for_is_left_out_of_one_walk():
-    diag = SockDiag(sock=FakeKernel())
+    kernel = FakeKernel()
+    kernel.stray_family = socket.AF_PACKET
+    diag = SockDiag(sock=kernel)
     found = diag.dump_tcp({socket.AF_INET6: ("tcp6", {})}, _TCP_STATES)
     assert list(found) == ["tcp6"]
     assert {row[2] for row in found["tcp6"]} == {40001, 443}
+    both = diag.dump_tcp({2: ("tcp", {}), 10: ("tcp6", {})}, _TCP_STATES)
+    assert {row[2] for row in both["tcp"]} == {40000, 80}
 
 
 def test_a_refused_compat_request_is_remembered_and_the_socket_kept():
