@@ -6,7 +6,7 @@ import datetime
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from histstat.output.community_id import community_id
@@ -345,6 +345,8 @@ addresses = st.one_of(ipv4, ipv6, st.just("::ffff:10.0.0.1"), st.just("fe80::1%e
     received=st.none() | st.integers(0, 2**63),
     text=maybe_text,
 )
+@example(event="open", proto="tcp", laddr="127.0.0.1", remote=None, direction=None,
+         duration=None, from_start=None, sent=None, received=None, text="LISTEN")  # fmt: skip
 def test_any_row_makes_a_document_of_ecs_fields_and_types(
     event, proto, laddr, remote, direction, duration, from_start, sent, received, text
 ):
@@ -355,6 +357,8 @@ def test_any_row_makes_a_document_of_ecs_fields_and_types(
                    user=text, rhost=text, status=text)  # fmt: skip
     doc = document(row)
     assert problems(doc) == []
-    assert ("server" in doc) == (direction == "listen")
+    # A listener is told by its direction, or by its LISTEN state (a row whose
+    # direction is unknown).
+    assert ("server" in doc) == (direction == "listen" or text == "LISTEN")
     if "duration" in doc["event"]:
         assert event == "close"
