@@ -210,3 +210,47 @@ def test_a_source_reads_only_the_protocols_asked_for(kind):
                 source.close()
             assert {conn.proto for conn in snapshot} <= {asked}
             assert any(conn.lport == ports[asked] for conn in snapshot)
+
+
+class Reads:
+    """A fake psutil.net_connections: one list of entries per call, the last repeated."""
+
+    def __init__(self, *calls) -> None:
+        self.calls = list(calls)
+        self.count = 0
+
+    def __call__(self, kind):
+        self.count += 1
+        return self.calls.pop(0) if len(self.calls) > 1 else self.calls[0]
+
+
+def test_a_socket_first_listed_without_its_process_is_looked_up_once_more():
+    """psutil reads the descriptors before the tables: a socket opened in between is
+    listed without its process. The second read finds it; the rest of the first stands."""
+    listener = sconn(5, ("127.0.0.1", 80), status="LISTEN")
+    client = sconn(None, ("127.0.0.1", 4000), ("127.0.0.1", 80))
+    time_wait = sconn(None, ("127.0.0.1", 4001), ("127.0.0.1", 80), status="TIME_WAIT")
+    reads = Reads([listener, client, time_wait], [listener, client._replace(pid=7)])
+    source = PsutilSource(read=reads)
+    snapshot = source.snapshot()
+    assert reads.count == 2
+    by_port = {conn.lport: conn for conn in snapshot}
+    assert (by_port[4000].pid, by_port[4000].owners) == (7, (7,))
+    assert by_port[4001].pid is None and by_port[4001].status == "TIME_WAIT"
+    assert by_port[80].pid == 5 and len(snapshot) == 3
+
+
+def test_a_socket_that_stays_without_a_process_costs_one_second_read_only():
+    """A socket of a process psutil cannot read (another user's) is looked up again the
+    first time it is listed, not at every poll; an orphaned state never is."""
+    hidden = sconn(None, ("127.0.0.1", 4000), ("127.0.0.1", 80))
+    orphan = sconn(None, ("127.0.0.1", 4001), ("127.0.0.1", 80), status="FIN_WAIT2")
+    reads = Reads([hidden, orphan])
+    source = PsutilSource(read=reads)
+    first = source.snapshot()
+    assert reads.count == 2 and {conn.pid for conn in first} == {None}
+    source.snapshot()
+    assert reads.count == 3
+    reads.calls = [[orphan]]
+    source.snapshot()
+    assert reads.count == 4

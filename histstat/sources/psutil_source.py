@@ -152,23 +152,65 @@ _KINDS = {
 }  # fmt: skip
 
 
+# States in which a socket is held by a process: one listed in them without a process
+# may have been opened while psutil read the descriptors. (UDP has no state.)
+_HELD_STATES = frozenset(
+    (None, psutil.CONN_ESTABLISHED, psutil.CONN_SYN_SENT, psutil.CONN_LISTEN,
+     psutil.CONN_CLOSE_WAIT)
+)  # fmt: skip
+
+
+def _without_owner(conn: Connection) -> Connection:
+    return conn._replace(pid=None, owners=())
+
+
 class PsutilSource:
     """The portable source: ``psutil.net_connections``, of the protocols asked for. It
     reads histstat's own network namespace alone (on Linux each Connection's ``netns``
-    says which; containers in other namespaces need the Linux source)."""
+    says which; containers in other namespaces need the Linux source).
+
+    psutil reads every process's descriptors before the socket tables, so a socket
+    opened between the two reads is listed without its process. A socket listed so
+    for the first time, in a state a process holds, is looked up once more in the same
+    snapshot (one more ``net_connections``, whose descriptor read comes after the
+    first table read), rather than shown without its process."""
 
     name = "psutil"
 
-    def __init__(self, protos: frozenset[str] | None = None) -> None:
+    def __init__(
+        self,
+        protos: frozenset[str] | None = None,
+        read: Callable[[str], Iterable[Any]] = lambda kind: psutil.net_connections(kind=kind),
+    ) -> None:
         self._kind = _KINDS.get(frozenset(protos), "inet") if protos else "inet"
+        self._read = read
         self.netns = own_namespace()
+        self._ownerless: frozenset[Connection] = frozenset()  # the last snapshot's
 
-    def snapshot(self, counters: bool = False) -> frozenset[Connection]:
+    def _connections(self) -> frozenset[Connection]:
         try:
-            entries = psutil.net_connections(kind=self._kind)
+            entries = self._read(self._kind)
         except psutil.AccessDenied as exc:
             raise SourceAccessDenied(str(exc)) from exc
         return connections_from_psutil(entries, netns=self.netns)
+
+    def snapshot(self, counters: bool = False) -> frozenset[Connection]:
+        conns = self._connections()
+        ownerless = frozenset(c for c in conns if c.pid is None and c.status in _HELD_STATES)
+        # Those ownerless in the last snapshot too are not asked again: a socket of a
+        # process psutil cannot read would cost a second read at every poll.
+        new = ownerless - self._ownerless
+        self._ownerless = ownerless
+        if not new:
+            return conns
+        found: dict[Connection, list[Connection]] = {}
+        for conn in self._connections():
+            if conn.pid is not None:
+                found.setdefault(_without_owner(conn), []).append(conn)
+        owned = [owner for conn in new for owner in found.get(conn, ())]
+        if not owned:
+            return conns
+        return (conns - frozenset(c for c in new if c in found)) | frozenset(owned)
 
     def watches_ends(self) -> bool:
         return False
