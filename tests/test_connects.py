@@ -22,6 +22,7 @@ from histstat.connects import (
     normal_address,
     read_connecting_process,
 )
+from histstat.filters import RowFilter
 from histstat.poller import Poller
 from histstat.records import ProcessFacts
 from histstat.sources.base import NO_ENDS
@@ -401,6 +402,54 @@ def test_a_zombie_keeps_the_command_line_read_at_its_connect():
     assert (row.pid, row.command, row.parent, row.attribution) == (
         20, "read at the connect", "init", "connect",
     )  # fmt: skip
+
+
+class HashingCache(Cache):
+    """The story tests' cache that says which processes were asked for and hashed."""
+
+    def __init__(self, started=0.0):
+        super().__init__()
+        self.started = started
+        self.hashed = []
+
+    def created(self, pid):
+        return self.started
+
+    def hashes(self, pid, facts):
+        self.hashed.append(pid)
+        return None
+
+
+def test_a_connects_story_the_filters_drop_costs_no_process_lookup():
+    remainder = CLIENT._replace(status="TIME_WAIT", pid=None, cookie=None)
+    alive = Process(20, 0.0, ProcessFacts(name="beacon", command="read at the connect"))
+    watcher = Watcher([whole_connect(remainder, alive)])
+    cache = HashingCache()
+    source = EventSource(({remainder}, NO_ENDS), ({remainder._replace(status="CLOSE")}, NO_ENDS))
+    poller = Poller(source, ConnectionTracker(), cache, RowFilter(pids=frozenset({99})),
+                    connects=watcher)  # fmt: skip
+    assert rows_of(poller) == [] and rows_of(poller) == []
+    assert (cache.looked_up, cache.hashed) == ([], [])
+    kept = HashingCache()
+    source = EventSource(({remainder}, NO_ENDS))
+    poller = Poller(source, ConnectionTracker(), kept, RowFilter(pids=frozenset({20})),
+                    connects=watcher)  # fmt: skip
+    (row,) = rows_of(poller)
+    assert (row.pid, row.command, row.attribution) == (20, "command of 20", "connect")
+    assert (kept.looked_up, kept.hashed) == ([20], [20])
+
+
+def test_a_connecting_process_whose_pid_is_another_process_now_keeps_what_its_connect_read():
+    """The pid lives with another start than the connect's: the new process is neither
+    read nor hashed, and the row has the facts read at the connect."""
+    remainder = CLIENT._replace(status="TIME_WAIT", pid=None, cookie=None)
+    read = Process(20, 5.0, ProcessFacts(name="beacon", command="read at the connect"))
+    cache = HashingCache(started=9.0)
+    source = EventSource(({remainder}, NO_ENDS))
+    watcher = Watcher([whole_connect(remainder, read)])
+    (row,) = rows_of(Poller(source, ConnectionTracker(), cache, connects=watcher))
+    assert (row.pid, row.command, row.attribution) == (20, "read at the connect", "connect")
+    assert (cache.looked_up, cache.hashed) == ([], [])
 
 
 def test_a_failed_connect_is_an_open_and_a_close_row_in_syn_sent():
