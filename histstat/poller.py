@@ -371,13 +371,15 @@ class Poller:
         if story.end_wall is not None and story.life_unseen:
             seen = _wall_time(story.end_wall)
         rows: StoryRows = story.rows
+        if not self._filter.keeps_socket(conn):
+            return None  # decided on socket fields: no owner searched, no process read
         if rows.owner is None and conn.pid is None and self._connects is not None:
             self._owner_from_connect(story, rows)
         if rows.owner is None and conn.pid is None:
             self._owner_from_listener(conn, rows)
         shown = self._with_owner(conn, rows)
-        if not self._filter.keeps_connection(shown):
-            return None  # decided on socket fields: no process lookup spent on it
+        if not self._filter.keeps_owner(shown):
+            return None  # decided on the owner's pid: no process lookup spent on it
         owner = rows.owner
         if owner is not None:
             owner = self._owner_facts(owner, rows)

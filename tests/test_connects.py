@@ -22,7 +22,7 @@ from histstat.connects import (
     normal_address,
     read_connecting_process,
 )
-from histstat.filters import RowFilter
+from histstat.filters import RowFilter, parse_ports
 from histstat.poller import Poller
 from histstat.records import ProcessFacts
 from histstat.sources.base import NO_ENDS
@@ -437,6 +437,27 @@ def test_a_connects_story_the_filters_drop_costs_no_process_lookup():
     (row,) = rows_of(poller)
     assert (row.pid, row.command, row.attribution) == (20, "command of 20", "connect")
     assert (kept.looked_up, kept.hashed) == ([20], [20])
+
+
+def test_a_story_its_socket_fields_drop_is_not_searched_for_an_owner():
+    class AskedWatcher(Watcher):
+        asked: list = []
+
+        def connect_of(self, key, alone=True):
+            self.asked.append(key)
+            return super().connect_of(key, alone)
+
+    remainder = CLIENT._replace(status="TIME_WAIT", pid=None, cookie=None)
+    alive = Process(20, 0.0, ProcessFacts(name="beacon"))
+    for ports, asked in (("1-7999", 0), ("8000", 1)):
+        watcher = AskedWatcher([whole_connect(remainder, alive)])
+        watcher.asked = []
+        cache = HashingCache()
+        source = EventSource(({remainder}, NO_ENDS))
+        poller = Poller(source, ConnectionTracker(), cache, RowFilter(ports=parse_ports(ports)),
+                        connects=watcher)  # fmt: skip
+        assert len(rows_of(poller)) == asked
+        assert (len(watcher.asked), cache.looked_up) == (asked, [20] * asked)
 
 
 def test_a_connecting_process_whose_pid_is_another_process_now_keeps_what_its_connect_read():
