@@ -160,7 +160,11 @@ def _in_networks(text: str | None, networks: tuple[Network, ...]) -> bool:
 
 
 def _in_ranges(port: int | None, ranges: tuple[PortRange, ...]) -> bool:
-    return port is not None and any(first <= port <= last for first, last in ranges)
+    if port is not None:
+        for first, last in ranges:  # a loop, not any(): this runs for every socket's change
+            if first <= port <= last:
+                return True
+    return False
 
 
 @dataclass(frozen=True)

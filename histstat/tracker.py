@@ -305,7 +305,11 @@ class ConnectionTracker:
         records = self._records
         left: dict[Story, None] = {}  # stories that lost a record: gone, unless matched
         holders = self._holders
-        for record in self._current - snapshot:
+        current = self._current
+        # One pass over the table (the records of both snapshots compared once), then the
+        # few that changed are sorted out: what left, what came.
+        changed = snapshot ^ current
+        for record in [record for record in changed if record in current]:
             for pid in _holders_of(record):
                 if holders[pid] == 1:
                     del holders[pid]
@@ -319,7 +323,7 @@ class ConnectionTracker:
         for story in left:
             if story.conn.raddr is None:
                 unconnected_left.setdefault(_address_key(story.key), []).append(story)
-        came = snapshot - self._current
+        came = [record for record in changed if record not in current]
         for record in came:
             for pid in _holders_of(record):
                 holders[pid] = holders.get(pid, 0) + 1
@@ -400,7 +404,7 @@ class ConnectionTracker:
         self._awaiting[story] = None
 
     @staticmethod
-    def _merged(records: frozenset[Connection]) -> list[list[Connection]]:
+    def _merged(records: list[Connection]) -> list[list[Connection]]:
         """The records grouped by socket, the group's record first: a source that lists
         a shared connected socket once per holder gives one record, of the lowest pid,
         with every holder in ``owners``."""
