@@ -320,6 +320,10 @@ class ProcessCache:
         self._entries: dict[int, list[Any]] = {}
         # pid → (its start time, its name), for parents that own no socket
         self._parent_names: dict[int, tuple[float, str | None]] = {}
+        # Pids whose start was read since the poll began (``retain`` ends a poll): the
+        # kernel hands a pid out again only after its whole range, never within a poll,
+        # and a poll's rows are often many of one process.
+        self._checked: set[int] = set()
 
     def lookup(self, pid: int | None) -> ProcessFacts:
         """The facts of ``pid``'s process; unknown ones if it is gone."""
@@ -341,6 +345,9 @@ class ProcessCache:
     ) -> tuple[float | None, ProcessFacts | None]:
         """See ``start_and_facts``; ``hidden_start``: a process that hides its start is
         read all the same (not cached)."""
+        cached = self._entries.get(pid)
+        if cached is not None and pid in self._checked:
+            return self._cached(pid, cached, accept)
         ticks = None
         if self._ticks is not None:
             # The cached facts are still the process's when its start is: one small
@@ -348,8 +355,8 @@ class ProcessCache:
             ticks = self._ticks(pid)
             if ticks is None:
                 return None, UNKNOWN_PROCESS
-            cached = self._entries.get(pid)
             if cached is not None and cached[4] == ticks:
+                self._checked.add(pid)
                 return self._cached(pid, cached, accept)
         try:
             proc = self._process(pid)
@@ -360,8 +367,8 @@ class ProcessCache:
             created = _field(proc.create_time)
             if created is None and not hidden_start:
                 return None, UNKNOWN_PROCESS
-            cached = self._entries.get(pid)
             if cached is not None and created is not None and cached[0] == created:
+                self._checked.add(pid)
                 return self._cached(pid, cached, accept)
             if created is not None and accept is not None and not accept(created):
                 return created, None
@@ -372,6 +379,8 @@ class ProcessCache:
         if created is not None:
             if ticks is not None and self._ticks is not None and self._ticks(pid) != ticks:
                 ticks = None  # the pid changed hands while it was read: no quick check
+            else:
+                self._checked.add(pid)
             self._entries[pid] = [created, facts, None, self._settled(created), ticks]
         return created, facts
 
@@ -442,7 +451,9 @@ class ProcessCache:
         return future
 
     def retain(self, live_pids: set[int]) -> None:
-        """Forget processes that own no socket any more."""
+        """Forget processes that own no socket any more; the poll ends: every process's
+        start is read again at its next lookup."""
+        self._checked.clear()
         for pid in [pid for pid in self._entries if pid not in live_pids]:
             del self._entries[pid]
         parents = {entry[1].ppid for entry in self._entries.values()}
