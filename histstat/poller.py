@@ -305,8 +305,11 @@ class Poller:
         its pid now, its facts once the row passes the filters (``_owner_facts``)."""
         assert self._connects is not None
         # The key has the namespace; a connect whose namespace is unknown is given to
-        # it only where no other namespace may own it (ConnectJoiner.connect_of).
-        connect = story.connect or self._connects.connect_of(story.key)
+        # it only where no other namespace may own it (ConnectJoiner.connect_of): no
+        # other connection of the 5-tuple in another namespace is known either.
+        connect = story.connect or self._connects.connect_of(
+            story.key, alone=not self._tracker.shares_address(story)
+        )
         if connect is None or connect.process is None:
             return
         pid = connect.process.pid

@@ -635,6 +635,13 @@ class ConnectionTracker:
         other holders a row lists (so their facts stay cached, not read again per row)."""
         return set(self._holders)
 
+    def shares_address(self, story: Story) -> bool:
+        """Whether another story held or remembered has ``story``'s 5-tuple in another
+        network namespace: a connect whose namespace is unknown may be that one's."""
+        if len(self._namespaces) < 2:
+            return False
+        return any(found is not story for found in self._in_any_namespace(story.key))
+
     def remembered(self) -> int:
         """Ended stories kept in memory (bounded by MAX_ENDED)."""
         return len(self._ended)

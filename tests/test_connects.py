@@ -24,7 +24,7 @@ from histstat.connects import (
 )
 from histstat.filters import RowFilter, parse_ports
 from histstat.poller import Poller
-from histstat.records import ProcessFacts
+from histstat.records import Connection, ProcessFacts
 from histstat.sources.base import NO_ENDS
 from histstat.sources.namespaces import namespace_inode
 from histstat.sources.trace_lines import ConnectEvent
@@ -458,6 +458,40 @@ def test_a_story_its_socket_fields_drop_is_not_searched_for_an_owner():
                         connects=watcher)  # fmt: skip
         assert len(rows_of(poller)) == asked
         assert (len(watcher.asked), cache.looked_up) == (asked, [20] * asked)
+
+
+class JoinerWatcher(Watcher):
+    """The poller's view of a real ConnectJoiner."""
+
+    def __init__(self, joiner):
+        super().__init__()
+        self.joiner = joiner
+
+    def connect_of(self, key, alone=True):
+        return self.joiner.connect_of(key, alone)
+
+
+def test_a_connect_of_unknown_namespace_goes_to_neither_of_two_namespaces_sharing_its_tuple():
+    """Two connections of one 5-tuple in two namespaces, and one connect whose namespace
+    went unread: the poller tells the joiner that the first to ask is not alone."""
+    joiner = ConnectJoiner(own_netns=NETNS)
+    joined(joiner, process(7, netns=None))
+    proto, laddr, lport, raddr, rport = ADDRESS
+    here = Connection(proto, laddr, lport, raddr, rport, "TIME_WAIT", None, netns=NETNS)
+    there = here._replace(netns=OTHER_NETNS)
+    source = EventSource(({here, there}, NO_ENDS))
+    poller = Poller(source, ConnectionTracker(), HashingCache(), connects=JoinerWatcher(joiner))
+    rows = rows_of(poller)
+    assert [(row.netns, row.pid, row.attribution) for row in rows] == [
+        (NETNS, None, None), (OTHER_NETNS, None, None),
+    ]  # fmt: skip
+    assert joiner.ambiguous_namespace == 1
+    joiner = ConnectJoiner(own_netns=NETNS)
+    joined(joiner, process(7, netns=None))
+    alone = EventSource(({there}, NO_ENDS))
+    poller = Poller(alone, ConnectionTracker(), HashingCache(), connects=JoinerWatcher(joiner))
+    (row,) = rows_of(poller)  # alone in its 5-tuple: it is that connection's
+    assert (row.pid, row.attribution) == (7, "connect")
 
 
 def test_a_connecting_process_whose_pid_is_another_process_now_keeps_what_its_connect_read():
