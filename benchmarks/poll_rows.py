@@ -67,8 +67,22 @@ def measure(polls: int, others: int) -> list[float]:
     class Source:
         def __init__(self) -> None:
             self.now = start
+            self.table: frozenset = frozenset()
+            self.gone: Ends = Ends([])
+
+        def prepare(self, now: float) -> None:
+            """The table and the ends of the poll at ``now``, made before it is timed."""
+            self.now = now
+            self.table = self._table()
+            self.gone = self._ends()
 
         def snapshot(self, counters: bool = False) -> frozenset:
+            return self.table
+
+        def ends(self) -> Ends:
+            return self.gone
+
+        def _table(self) -> frozenset:
             records = [
                 Connection("tcp", "127.0.0.1", PORT, None, None, "LISTEN", pid, 1, netns=NETNS)
             ]
@@ -108,7 +122,7 @@ def measure(polls: int, others: int) -> list[float]:
         def watches_ends(self) -> bool:
             return True
 
-        def ends(self) -> Ends:
+        def _ends(self) -> Ends:
             found = []
             for k in range(CONNECTIONS):
                 ended = connect_time(k) + 0.05
@@ -189,7 +203,7 @@ def measure(polls: int, others: int) -> list[float]:
     spent = []
     rows = 0
     for n in range(polls):
-        source.now = start + n
+        source.prepare(start + n)
         began = time.thread_time()
         for pending in poller.poll():
             format_json_row(pending.resolved(), fields)
