@@ -15,8 +15,8 @@ event readers stood in for: every poll, the listener, each connection's client e
 TIME_WAIT (no owner: its connect event names this process) for 60 s, and each server end
 as a destroy event (its owner: the listener's); plus ``--others`` sockets of other ports
 (the rest of a host), 1% of them replaced each poll, that --port filters out. Records are
-made anew each poll, as the Linux source makes them. The processes are this one, read
-through the real process cache (/proc), as histstat reads them.
+made anew each poll, as the Linux source makes them. The processes are two children (the
+server, the client), read through the real process cache (/proc), as histstat reads them.
 
 It prints the thread CPU (time.thread_time) per poll of Poller.poll plus formatting every
 row as NDJSON, the median of each turn's polls, and the ratio of the medians.
@@ -40,6 +40,23 @@ NETNS = 4026531840
 
 def measure(polls: int, others: int) -> list[float]:
     """The CPU seconds of each poll (and its rows' JSON), in this process's histstat."""
+    # The server (the listener's owner, and the other sockets') and the client (the
+    # connects'): other processes, whose /proc files histstat reads as it would theirs.
+    server, client = (
+        subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                         stdin=subprocess.PIPE)
+        for _ in range(2)
+    )  # fmt: skip
+    try:
+        return _measure(polls, others, server.pid, client.pid)
+    finally:
+        for child in (server, client):
+            assert child.stdin is not None
+            child.stdin.close()
+            child.wait()
+
+
+def _measure(polls: int, others: int, pid: int, client_pid: int) -> list[float]:
     import psutil
 
     from histstat.connects import Connect, Process
@@ -51,13 +68,11 @@ def measure(polls: int, others: int) -> list[float]:
     from histstat.sources.base import End, Ends
     from histstat.tracker import ConnectionTracker
 
-    pid = os.getpid()
-    me = psutil.Process(pid)
-    created = me.create_time()
+    created = psutil.Process(client_pid).create_time()
     # As old as the workload's client is at its first connect: the process cache reads a
     # younger process's container again at each lookup (containers.SETTLE_SECONDS).
     time.sleep(max(0.0, created + 2.5 - time.time()))
-    facts = ProcessCache().lookup(pid)
+    facts = ProcessCache().lookup(client_pid)
     start = time.time() + 1.0  # the first connect, after the first poll
     fields = json_fields(False)
 
@@ -165,7 +180,7 @@ def measure(polls: int, others: int) -> list[float]:
         def close(self) -> None:
             pass
 
-    process = Process(pid, created, facts, NETNS)
+    process = Process(client_pid, created, facts, NETNS)
     connects = {
         ("tcp", "127.0.0.1", client_port(k), "127.0.0.1", PORT): Connect(
             "tcp",
