@@ -289,7 +289,9 @@ class ProcessCache:
     the process is younger than SETTLE_SECONDS (a runtime forks, then moves the child
     into the container's cgroup), and once after. Entries for pids that no longer own a
     socket are dropped by ``retain``, and parent names with them, which keeps the cache
-    as small as the socket table on a machine that runs for weeks.
+    as small as the socket table on a machine that runs for weeks. ``retain`` also ends
+    a poll: a process's start, which tells a reused pid, is read once a poll (on Linux
+    from /proc/<pid>/stat alone while its facts are cached).
     """
 
     def __init__(
