@@ -16,6 +16,7 @@ import psutil
 
 from histstat.containers import SETTLE_SECONDS, read_container_id
 from histstat.hashing import ExecutableHasher, Hashes
+from histstat.procfs import read_stat
 from histstat.records import UNKNOWN_PROCESS, ProcessFacts
 from histstat.shortage import note_shortage
 
@@ -240,6 +241,13 @@ PROCESS_NAME = read_linux_process_name if _ON_LINUX else read_process_name
 PROCESS_CONTAINER: Callable[[int], str | None] | None = read_container_id if _ON_LINUX else None
 
 
+def _start_ticks(pid: int) -> int | None:
+    """The process's start in clock ticks since boot, from one read of /proc/<pid>/stat;
+    None when it is gone."""
+    stat = read_stat(pid)
+    return None if stat is None else stat.start_time
+
+
 def start_time(created: float | None) -> datetime.datetime | None:
     """A process's start (epoch seconds) as local time with its UTC offset, like the
     rows' timestamps."""
@@ -281,7 +289,9 @@ class ProcessCache:
     the process is younger than SETTLE_SECONDS (a runtime forks, then moves the child
     into the container's cgroup), and once after. Entries for pids that no longer own a
     socket are dropped by ``retain``, and parent names with them, which keeps the cache
-    as small as the socket table on a machine that runs for weeks.
+    as small as the socket table on a machine that runs for weeks. ``retain`` also ends
+    a poll: a process's start, which tells a reused pid, is read once a poll (on Linux
+    from /proc/<pid>/stat alone while its facts are cached).
     """
 
     def __init__(
@@ -293,6 +303,7 @@ class ProcessCache:
         read_name: Callable[[psutil.Process], str | None] = PROCESS_NAME,
         read_container: Callable[[int], str | None] | None = PROCESS_CONTAINER,
         clock: Callable[[], float] = time.time,
+        start_ticks: Callable[[int], int | None] | None = None,
     ) -> None:
         self._hasher = hasher
         self._process = process
@@ -301,34 +312,89 @@ class ProcessCache:
         self._read_name = read_name
         self._read_container = read_container
         self._clock = clock
+        # A quick check of a cached process's start (clock ticks since boot; None: none,
+        # psutil's is used): /proc's, on Linux where psutil is not stood in for.
+        if start_ticks is None and _ON_LINUX and process is psutil.Process:
+            start_ticks = _start_ticks
+        self._ticks = start_ticks
         # pid → [its start time, its facts, its hashes (a future) once asked for,
-        # whether its container is settled]
+        # whether its container is settled, its start in clock ticks (None: unknown)]
         self._entries: dict[int, list[Any]] = {}
         # pid → (its start time, its name), for parents that own no socket
         self._parent_names: dict[int, tuple[float, str | None]] = {}
+        # Pids whose start was read since the poll began (``retain`` ends a poll): the
+        # kernel hands a pid out again only after its whole range, never within a poll,
+        # and a poll's rows are often many of one process.
+        self._checked: set[int] = set()
 
     def lookup(self, pid: int | None) -> ProcessFacts:
         """The facts of ``pid``'s process; unknown ones if it is gone."""
         if pid is None:
             return UNKNOWN_PROCESS
+        return self._start_and_facts(pid, None, True)[1] or UNKNOWN_PROCESS
+
+    def start_and_facts(
+        self, pid: int, accept: Callable[[float], bool] | None = None
+    ) -> tuple[float | None, ProcessFacts | None]:
+        """(the start of ``pid``'s process in epoch seconds, its facts), from one look at
+        the process: (None, unknown facts) when it is gone or hides its start, and (its
+        start, None) when ``accept`` refuses that start (another process took the pid):
+        its facts are not read then."""
+        return self._start_and_facts(pid, accept, False)
+
+    def _start_and_facts(
+        self, pid: int, accept: Callable[[float], bool] | None, hidden_start: bool
+    ) -> tuple[float | None, ProcessFacts | None]:
+        """See ``start_and_facts``; ``hidden_start``: a process that hides its start is
+        read all the same (not cached)."""
+        cached = self._entries.get(pid)
+        if cached is not None and pid in self._checked:
+            return self._cached(pid, cached, accept)
+        ticks = None
+        if self._ticks is not None:
+            # The cached facts are still the process's when its start is: one small
+            # read, where psutil reads /proc/<pid>/stat and /proc/stat twice.
+            ticks = self._ticks(pid)
+            if ticks is None:
+                return None, UNKNOWN_PROCESS
+            if cached is not None and cached[4] == ticks:
+                self._checked.add(pid)
+                return self._cached(pid, cached, accept)
         try:
             proc = self._process(pid)
         except _PROCESS_GONE_OR_HIDDEN as exc:
             note_shortage(exc)
-            return UNKNOWN_PROCESS
-        created = _field(proc.create_time)
-        cached = self._entries.get(pid)
-        if cached is not None and created is not None and cached[0] == created:
-            if not cached[3]:
-                self._settle_container(pid, cached)
-            return cached[1]
-        facts = self._read(proc, self._command_limit)
+            return None, UNKNOWN_PROCESS
+        with proc.oneshot():  # /proc/<pid>/stat and status read once for all the facts
+            created = _field(proc.create_time)
+            if created is None and not hidden_start:
+                return None, UNKNOWN_PROCESS
+            if cached is not None and created is not None and cached[0] == created:
+                self._checked.add(pid)
+                return self._cached(pid, cached, accept)
+            if created is not None and accept is not None and not accept(created):
+                return created, None
+            facts = self._read(proc, self._command_limit)
         facts = facts._replace(
             started=start_time(created), parent=self._parent_name(facts.ppid, created)
         )
         if created is not None:
-            self._entries[pid] = [created, facts, None, self._settled(created)]
-        return facts
+            if ticks is not None and self._ticks is not None and self._ticks(pid) != ticks:
+                ticks = None  # the pid changed hands while it was read: no quick check
+            else:
+                self._checked.add(pid)
+            self._entries[pid] = [created, facts, None, self._settled(created), ticks]
+        return created, facts
+
+    def _cached(
+        self, pid: int, cached: list[Any], accept: Callable[[float], bool] | None
+    ) -> tuple[float, ProcessFacts | None]:
+        created = cached[0]
+        if accept is not None and not accept(created):
+            return created, None
+        if not cached[3]:
+            self._settle_container(pid, cached)
+        return created, cached[1]
 
     def _settled(self, created: float) -> bool:
         """Whether a process started at ``created`` is old enough for its container to
@@ -386,16 +452,10 @@ class ProcessCache:
             cached[2] = future
         return future
 
-    def created(self, pid: int) -> float | None:
-        """The process's start (epoch seconds), None when it is gone or hidden."""
-        try:
-            return self._process(pid).create_time()
-        except _PROCESS_GONE_OR_HIDDEN as exc:
-            note_shortage(exc)
-            return None
-
     def retain(self, live_pids: set[int]) -> None:
-        """Forget processes that own no socket any more."""
+        """Forget processes that own no socket any more; the poll ends: every process's
+        start is read again at its next lookup."""
+        self._checked.clear()
         for pid in [pid for pid in self._entries if pid not in live_pids]:
             del self._entries[pid]
         parents = {entry[1].ppid for entry in self._entries.values()}

@@ -160,7 +160,11 @@ def _in_networks(text: str | None, networks: tuple[Network, ...]) -> bool:
 
 
 def _in_ranges(port: int | None, ranges: tuple[PortRange, ...]) -> bool:
-    return port is not None and any(first <= port <= last for first, last in ranges)
+    if port is not None:
+        for first, last in ranges:  # a loop, not any(): this runs for every socket's change
+            if first <= port <= last:
+                return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,11 @@ class RowFilter:
         return self.names is not None or self.users is not None or self.containers is not None
 
     def keeps_connection(self, conn: Connection) -> bool:
+        return self.keeps_socket(conn) and self.keeps_owner(conn)
+
+    def keeps_socket(self, conn: Connection) -> bool:
+        """``keeps_connection`` but for the pids: what the socket's own fields decide, so
+        a socket dropped here needs no search for its owner either."""
         status = conn.status or psutil.CONN_NONE
         return (
             (self.protos is None or conn.proto in self.protos)
@@ -210,13 +219,14 @@ class RowFilter:
             and (self.rports is None or _in_ranges(conn.rport, self.rports))
             and (self.laddrs is None or _in_networks(conn.laddr, self.laddrs))
             and (self.raddrs is None or _in_networks(conn.raddr, self.raddrs))
-            and (
-                self.pids is None or conn.pid in self.pids or not self.pids.isdisjoint(conn.owners)
-            )
             and (self.statuses is None or status in self.statuses)
             and status not in self.excluded_statuses
             and (self.namespaces is None or conn.netns in self.namespaces)
         )
+
+    def keeps_owner(self, conn: Connection) -> bool:
+        """``keeps_connection``'s condition on the pids (the holder, or any of them)."""
+        return self.pids is None or conn.pid in self.pids or not self.pids.isdisjoint(conn.owners)
 
     def keeps_process(self, facts: ProcessFacts) -> bool:
         return (

@@ -27,7 +27,7 @@ from histstat.sources.base import NO_ENDS
 from histstat.tracker import Change, ConnectionTracker, Story, payload_bytes
 
 if TYPE_CHECKING:  # optional stages, imported by the runner only when asked for
-    from histstat.connects import Connect, ConnectWatcher
+    from histstat.connects import Connect, ConnectWatcher, Process
     from histstat.geoip import GeoIP
     from histstat.resolve import ReverseResolver
     from histstat.sources import Source
@@ -302,38 +302,53 @@ class Poller:
 
     def _owner_from_connect(self, story: Story, rows: StoryRows) -> None:
         """The process the kernel's connect event gave, for a story no poll saw owned:
-        its facts from the cache while that process (pid and start time) lives, else as
-        read at the connect; a process gone by then keeps its pid and name alone."""
+        its pid now, its facts once the row passes the filters (``_owner_facts``)."""
         assert self._connects is not None
         # The key has the namespace; a connect whose namespace is unknown is given to
-        # it only where no other namespace may own it (ConnectJoiner.connect_of).
-        connect = story.connect or self._connects.connect_of(story.key)
+        # it only where no other namespace may own it (ConnectJoiner.connect_of): no
+        # other connection of the 5-tuple in another namespace is known either.
+        connect = story.connect or self._connects.connect_of(
+            story.key, alone=not self._tracker.shares_address(story)
+        )
         if connect is None or connect.process is None:
             return
-        process = connect.process
-        facts = process.facts
-        alive = process.created is not None and self._processes.created(process.pid) == (
-            process.created
-        )
-        if alive:
-            cached = self._processes.lookup(process.pid)
-            if cached.command or not facts.command:
-                facts = cached
-            else:  # a zombie (exited, not yet reaped): its command line went with it
-                facts = _filled(facts, cached)
+        pid = connect.process.pid
         rows.connect = connect
-        rows.hashable = alive
-        rows.owner = Owner(process.pid, facts, None, connect.time, (process.pid,))
+        rows.owner = Owner(pid, None, None, connect.time, (pid,))
 
-    def _owner_facts(self, owner: Owner) -> Owner | None:
+    def _owner_facts(self, owner: Owner, rows: StoryRows) -> Owner | None:
         """The owner with its facts read; None when its pid is another process now."""
         if owner.facts is not None:
             return owner
-        created = self._processes.created(owner.pid)
-        if created is not None and created > owner.seen + 1.0:
+        connect = rows.connect
+        if connect is not None and connect.process is not None:
+            return self._connect_owner_facts(owner, connect.process, rows)
+        seen = owner.seen
+        created, facts = self._processes.start_and_facts(
+            owner.pid, lambda created: created <= seen + 1.0
+        )
+        if facts is None:
             return None  # that pid is another process now: never a wrong owner
-        facts = self._processes.lookup(owner.pid) if created is not None else None
-        return owner._replace(facts=facts or ProcessFacts())  # exited: the pid alone is known
+        return owner._replace(facts=facts)  # exited: the pid alone is known (no facts)
+
+    def _connect_owner_facts(self, owner: Owner, process: Process, rows: StoryRows) -> Owner:
+        """The connecting process's facts: from the cache while that process (pid and
+        start time) lives, else as read at the connect; a process gone by then keeps its
+        pid and name alone. Its executable is hashed only while it lives."""
+        facts = process.facts
+        alive = False
+        if process.created is not None:
+            created, cached = self._processes.start_and_facts(
+                process.pid, lambda created: created == process.created
+            )
+            alive = cached is not None and created == process.created
+            if cached is not None and alive:
+                if cached.command or not facts.command:
+                    facts = cached
+                else:  # a zombie (exited, not yet reaped): its command line went with it
+                    facts = _filled(facts, cached)
+        rows.hashable = alive
+        return owner._replace(facts=facts)
 
     def _socket_user(self, conn: Connection) -> str | None:
         """The user the kernel names as the socket's owner, where the source knows it:
@@ -359,16 +374,18 @@ class Poller:
         if story.end_wall is not None and story.life_unseen:
             seen = _wall_time(story.end_wall)
         rows: StoryRows = story.rows
+        if not self._filter.keeps_socket(conn):
+            return None  # decided on socket fields: no owner searched, no process read
         if rows.owner is None and conn.pid is None and self._connects is not None:
             self._owner_from_connect(story, rows)
         if rows.owner is None and conn.pid is None:
             self._owner_from_listener(conn, rows)
         shown = self._with_owner(conn, rows)
-        if not self._filter.keeps_connection(shown):
-            return None  # decided on socket fields: no process lookup spent on it
+        if not self._filter.keeps_owner(shown):
+            return None  # decided on the owner's pid: no process lookup spent on it
         owner = rows.owner
         if owner is not None:
-            owner = self._owner_facts(owner)
+            owner = self._owner_facts(owner, rows)
             if owner is None:  # its pid was reused: the story has no known owner
                 rows.owner = None
                 shown = conn
@@ -425,7 +442,7 @@ class Poller:
         fills = opened.fills
         owner = rows.owner
         if row.pid is None and owner is not None:  # an owner found since the open row
-            found = self._owner_facts(owner)
+            found = self._owner_facts(owner, rows)
             if found is not None and found.facts is not None:
                 facts = found.facts
                 if found.hashes is None:

@@ -47,6 +47,17 @@ def identity_key(conn: Connection | End) -> Identity:
     return key
 
 
+def _holders_of(conn: Connection) -> tuple[int, ...] | set[int]:
+    """The pids a record names that live_pids keeps: its holder, and every holder a row
+    lists (MAX_OWNERS) when the socket is shared."""
+    if len(conn.owners) > 1:
+        pids = set(conn.owners[:MAX_OWNERS])
+        if conn.pid is not None:
+            pids.add(conn.pid)
+        return pids
+    return () if conn.pid is None else (conn.pid,)
+
+
 def _address_key(key: Identity) -> Identity:
     """An identity without its owner's pid: the address, port and namespace."""
     return key[:6]
@@ -99,10 +110,12 @@ class Story:
         "key", "cookie", "conn", "first_seen", "from_start", "peer_fin_seen", "our_fin_seen",
         "ended", "end_time", "end_wall", "exact_end", "end_counters", "last_conn",
         "pending_end", "rows", "held", "freed_whole", "life_unseen", "connect", "end_cookie",
+        "order",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, now: float, from_start: bool) -> None:
         self.key = identity_key(conn)
+        self.order: tuple[Any, ...] | None = None  # its place among a poll's (_order)
         self.cookie = _cookie(conn)
         self.conn = conn  # the latest record the table gave (or the end event's)
         self.first_seen = now  # monotonic
@@ -186,10 +199,21 @@ def payload_bytes(
 
 def _order(change: Change) -> tuple[Any, ...]:
     """Where a change goes among those of one poll: by socket (its identity, unknown
-    parts as "" and -1), so a story's own changes keep their order (a stable sort)."""
-    return tuple("" if part is None else part for part in change.story.key[:4]) + tuple(
-        -1 if part is None else part for part in change.story.key[4:]
-    )
+    parts as "" and -1), so a story's own changes keep their order (a stable sort).
+    Made once per story (and again when its key changes), not once per change."""
+    story = change.story
+    order = story.order
+    if order is None:
+        key = story.key
+        proto, laddr, lport, raddr = key[:4]
+        order = story.order = (
+            "" if proto is None else proto,
+            "" if laddr is None else laddr,
+            "" if lport is None else lport,
+            "" if raddr is None else raddr,
+            *[-1 if part is None else part for part in key[4:]],
+        )
+    return order
 
 
 def _by_end(change: Change) -> tuple[Any, ...]:
@@ -232,6 +256,9 @@ class ConnectionTracker:
         self._max_ended = max_ended
         self._first_poll: float | None = None
         self._current: frozenset[Connection] = frozenset()
+        # pid → how many of the latest snapshot's records name it (live_pids), kept as the
+        # records come and go, not counted again over the whole table at each poll.
+        self._holders: dict[int, int] = {}
 
     def update(
         self,
@@ -277,7 +304,17 @@ class ConnectionTracker:
         after: list[Change] = []  # what the table shows after an end: after any close
         records = self._records
         left: dict[Story, None] = {}  # stories that lost a record: gone, unless matched
-        for record in self._current - snapshot:
+        holders = self._holders
+        current = self._current
+        # One pass over the table (the records of both snapshots compared once), then the
+        # few that changed are sorted out: what left, what came.
+        changed = snapshot ^ current
+        for record in [record for record in changed if record in current]:
+            for pid in _holders_of(record):
+                if holders[pid] == 1:
+                    del holders[pid]
+                else:
+                    holders[pid] -= 1
             went = records.pop(record)
             went.held -= 1
             left[went] = None
@@ -286,7 +323,11 @@ class ConnectionTracker:
         for story in left:
             if story.conn.raddr is None:
                 unconnected_left.setdefault(_address_key(story.key), []).append(story)
-        for group in self._merged(snapshot - self._current):
+        came = [record for record in changed if record not in current]
+        for record in came:
+            for pid in _holders_of(record):
+                holders[pid] = holders.get(pid, 0) + 1
+        for group in self._merged(came):
             conn = group[0]
             found = self._story_of(conn) or self._new_holder_of(conn, unconnected_left)
             if found is None:
@@ -363,7 +404,7 @@ class ConnectionTracker:
         self._awaiting[story] = None
 
     @staticmethod
-    def _merged(records: frozenset[Connection]) -> list[list[Connection]]:
+    def _merged(records: list[Connection]) -> list[list[Connection]]:
         """The records grouped by socket, the group's record first: a source that lists
         a shared connected socket once per holder gives one record, of the lowest pid,
         with every holder in ``owners``."""
@@ -417,6 +458,7 @@ class ConnectionTracker:
             if story.held == 0 and not story.ended and story.conn.status == conn.status:
                 self._let_go(story)
                 story.key = identity_key(conn)
+                story.order = None
                 self._hold(story)
                 return story
         return None
@@ -591,11 +633,14 @@ class ConnectionTracker:
     def live_pids(self) -> set[int]:
         """Pids that hold a socket in the latest snapshot: the likeliest openers and the
         other holders a row lists (so their facts stay cached, not read again per row)."""
-        pids = {conn.pid for conn in self._current if conn.pid is not None}
-        for conn in self._current:
-            if len(conn.owners) > 1:
-                pids.update(conn.owners[:MAX_OWNERS])
-        return pids
+        return set(self._holders)
+
+    def shares_address(self, story: Story) -> bool:
+        """Whether another story held or remembered has ``story``'s 5-tuple in another
+        network namespace: a connect whose namespace is unknown may be that one's."""
+        if len(self._namespaces) < 2:
+            return False
+        return any(found is not story for found in self._in_any_namespace(story.key))
 
     def remembered(self) -> int:
         """Ended stories kept in memory (bounded by MAX_ENDED)."""

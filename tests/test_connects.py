@@ -22,8 +22,9 @@ from histstat.connects import (
     normal_address,
     read_connecting_process,
 )
+from histstat.filters import RowFilter, parse_ports
 from histstat.poller import Poller
-from histstat.records import ProcessFacts
+from histstat.records import Connection, ProcessFacts
 from histstat.sources.base import NO_ENDS
 from histstat.sources.namespaces import namespace_inode
 from histstat.sources.trace_lines import ConnectEvent
@@ -401,6 +402,109 @@ def test_a_zombie_keeps_the_command_line_read_at_its_connect():
     assert (row.pid, row.command, row.parent, row.attribution) == (
         20, "read at the connect", "init", "connect",
     )  # fmt: skip
+
+
+class HashingCache(Cache):
+    """The story tests' cache that says which processes were asked for and hashed."""
+
+    def __init__(self, started=0.0):
+        super().__init__()
+        self.started = started
+        self.hashed = []
+
+    def created(self, pid):
+        return self.started
+
+    def hashes(self, pid, facts):
+        self.hashed.append(pid)
+        return None
+
+
+def test_a_connects_story_the_filters_drop_costs_no_process_lookup():
+    remainder = CLIENT._replace(status="TIME_WAIT", pid=None, cookie=None)
+    alive = Process(20, 0.0, ProcessFacts(name="beacon", command="read at the connect"))
+    watcher = Watcher([whole_connect(remainder, alive)])
+    cache = HashingCache()
+    source = EventSource(({remainder}, NO_ENDS), ({remainder._replace(status="CLOSE")}, NO_ENDS))
+    poller = Poller(source, ConnectionTracker(), cache, RowFilter(pids=frozenset({99})),
+                    connects=watcher)  # fmt: skip
+    assert rows_of(poller) == [] and rows_of(poller) == []
+    assert (cache.looked_up, cache.hashed) == ([], [])
+    kept = HashingCache()
+    source = EventSource(({remainder}, NO_ENDS))
+    poller = Poller(source, ConnectionTracker(), kept, RowFilter(pids=frozenset({20})),
+                    connects=watcher)  # fmt: skip
+    (row,) = rows_of(poller)
+    assert (row.pid, row.command, row.attribution) == (20, "command of 20", "connect")
+    assert (kept.looked_up, kept.hashed) == ([20], [20])
+
+
+def test_a_story_its_socket_fields_drop_is_not_searched_for_an_owner():
+    class AskedWatcher(Watcher):
+        asked: list = []
+
+        def connect_of(self, key, alone=True):
+            self.asked.append(key)
+            return super().connect_of(key, alone)
+
+    remainder = CLIENT._replace(status="TIME_WAIT", pid=None, cookie=None)
+    alive = Process(20, 0.0, ProcessFacts(name="beacon"))
+    for ports, asked in (("1-7999", 0), ("8000", 1)):
+        watcher = AskedWatcher([whole_connect(remainder, alive)])
+        watcher.asked = []
+        cache = HashingCache()
+        source = EventSource(({remainder}, NO_ENDS))
+        poller = Poller(source, ConnectionTracker(), cache, RowFilter(ports=parse_ports(ports)),
+                        connects=watcher)  # fmt: skip
+        assert len(rows_of(poller)) == asked
+        assert (len(watcher.asked), cache.looked_up) == (asked, [20] * asked)
+
+
+class JoinerWatcher(Watcher):
+    """The poller's view of a real ConnectJoiner."""
+
+    def __init__(self, joiner):
+        super().__init__()
+        self.joiner = joiner
+
+    def connect_of(self, key, alone=True):
+        return self.joiner.connect_of(key, alone)
+
+
+def test_a_connect_of_unknown_namespace_goes_to_neither_of_two_namespaces_sharing_its_tuple():
+    """Two connections of one 5-tuple in two namespaces, and one connect whose namespace
+    went unread: the poller tells the joiner that the first to ask is not alone."""
+    joiner = ConnectJoiner(own_netns=NETNS)
+    joined(joiner, process(7, netns=None))
+    proto, laddr, lport, raddr, rport = ADDRESS
+    here = Connection(proto, laddr, lport, raddr, rport, "TIME_WAIT", None, netns=NETNS)
+    there = here._replace(netns=OTHER_NETNS)
+    source = EventSource(({here, there}, NO_ENDS))
+    poller = Poller(source, ConnectionTracker(), HashingCache(), connects=JoinerWatcher(joiner))
+    rows = rows_of(poller)
+    assert [(row.netns, row.pid, row.attribution) for row in rows] == [
+        (NETNS, None, None), (OTHER_NETNS, None, None),
+    ]  # fmt: skip
+    assert joiner.ambiguous_namespace == 1
+    joiner = ConnectJoiner(own_netns=NETNS)
+    joined(joiner, process(7, netns=None))
+    alone = EventSource(({there}, NO_ENDS))
+    poller = Poller(alone, ConnectionTracker(), HashingCache(), connects=JoinerWatcher(joiner))
+    (row,) = rows_of(poller)  # alone in its 5-tuple: it is that connection's
+    assert (row.pid, row.attribution) == (7, "connect")
+
+
+def test_a_connecting_process_whose_pid_is_another_process_now_keeps_what_its_connect_read():
+    """The pid lives with another start than the connect's: the new process is neither
+    read nor hashed, and the row has the facts read at the connect."""
+    remainder = CLIENT._replace(status="TIME_WAIT", pid=None, cookie=None)
+    read = Process(20, 5.0, ProcessFacts(name="beacon", command="read at the connect"))
+    cache = HashingCache(started=9.0)
+    source = EventSource(({remainder}, NO_ENDS))
+    watcher = Watcher([whole_connect(remainder, read)])
+    (row,) = rows_of(Poller(source, ConnectionTracker(), cache, connects=watcher))
+    assert (row.pid, row.command, row.attribution) == (20, "read at the connect", "connect")
+    assert (cache.looked_up, cache.hashed) == ([], [])
 
 
 def test_a_failed_connect_is_an_open_and_a_close_row_in_syn_sent():

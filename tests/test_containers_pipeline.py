@@ -179,7 +179,7 @@ class Watcher:
     def __init__(self, connects):
         self._connects = {connect.key: connect for connect in connects}
 
-    def connect_of(self, key):
+    def connect_of(self, key, alone=True):
         return self._connects.get(key)
 
     def catch_up(self):

@@ -1,5 +1,6 @@
 """The process cache: facts per (pid, create time), unknown fields instead of crashes."""
 
+import contextlib
 import datetime
 import os
 import pwd
@@ -46,6 +47,9 @@ class FakeProcess:
         if method in self._fail:
             raise self._fail[method]
         return value
+
+    def oneshot(self):
+        return contextlib.nullcontext()
 
     def create_time(self):
         return self._answer("create_time", self._created)
@@ -137,6 +141,7 @@ def test_reused_pid_with_another_create_time_is_a_new_process():
     new = FakeProcess(FAKE_PID, created=2000.0, name="new")
     cache = fake_cache(factory(old, new))
     assert cache.lookup(FAKE_PID).name == "old"
+    cache.retain({FAKE_PID})  # a later poll
     assert cache.lookup(FAKE_PID).name == "new"
 
 
@@ -147,6 +152,127 @@ def test_unreadable_create_time_is_never_cached():
     assert cache.lookup(FAKE_PID).name == "first"
     assert cache.lookup(FAKE_PID).name == "second"
     assert len(cache) == 0
+
+
+def test_start_and_facts_of_the_same_process_reads_it_once():
+    FakeProcess.reads = 0
+    cache = fake_cache(factory(FakeProcess(FAKE_PID, created=1000.0)))
+    created, first = cache.start_and_facts(FAKE_PID)
+    assert (created, first.name) == (1000.0, "worker")
+    assert cache.start_and_facts(FAKE_PID, lambda start: start == 1000.0) == (1000.0, first)
+    assert cache.lookup(FAKE_PID) is first
+    assert FakeProcess.reads == 1
+
+
+def test_start_and_facts_refused_for_a_reused_pid_reads_nothing_of_the_new_process():
+    FakeProcess.reads = 0
+    old = FakeProcess(FAKE_PID, created=1000.0, name="old")
+    new = FakeProcess(FAKE_PID, created=2000.0, name="new")
+    cache = fake_cache(factory(old, new))
+    cache.start_and_facts(FAKE_PID)
+    cache.retain({FAKE_PID})  # a later poll
+    assert cache.start_and_facts(FAKE_PID, lambda start: start == 1000.0) == (2000.0, None)
+    assert FakeProcess.reads == 1  # the old process's name only
+    assert cache.lookup(FAKE_PID).name == "new"
+
+
+@pytest.mark.parametrize(
+    "gone",
+    [
+        psutil.NoSuchProcess(FAKE_PID),
+        FakeProcess(FAKE_PID, fail={"create_time": psutil.NoSuchProcess(FAKE_PID)}),
+        FakeProcess(FAKE_PID, fail={"create_time": psutil.AccessDenied()}),
+    ],
+    ids=["gone", "gone-while-read", "start-hidden"],
+)
+def test_start_and_facts_of_a_gone_or_hidden_process_are_unknown(gone):
+    cache = fake_cache(factory(gone))
+    assert cache.start_and_facts(FAKE_PID) == (None, UNKNOWN_PROCESS)
+    assert len(cache) == 0
+
+
+def test_a_cached_process_is_recognised_by_its_start_in_ticks_alone():
+    """Where a quick start check is given (/proc's, on Linux), a cached process is not
+    built again through psutil; another start (the pid reused) reads the new process."""
+    ticks = {FAKE_PID: 100}
+    built = []
+    old = FakeProcess(FAKE_PID, created=1000.0, name="old")
+    new = FakeProcess(FAKE_PID, created=2000.0, name="new")
+
+    def process(pid):
+        built.append(pid)
+        return old if ticks[pid] == 100 else new
+
+    cache = ProcessCache(process=process, read=read_process_facts, read_name=read_process_name,
+                         start_ticks=ticks.get)  # fmt: skip
+    created, facts = cache.start_and_facts(FAKE_PID)
+    assert (created, facts.name, len(built)) == (1000.0, "old", 1)
+    cache.retain({FAKE_PID})  # a later poll
+    assert cache.start_and_facts(FAKE_PID) == (1000.0, facts)
+    assert len(built) == 1
+    ticks[FAKE_PID] = 200
+    cache.retain({FAKE_PID})
+    assert cache.start_and_facts(FAKE_PID, lambda start: start == 1000.0) == (2000.0, None)
+    assert cache.lookup(FAKE_PID).name == "new"
+    cache.retain({FAKE_PID})
+    del ticks[FAKE_PID]  # gone
+    assert cache.start_and_facts(FAKE_PID) == (None, UNKNOWN_PROCESS)
+    assert cache.lookup(FAKE_PID) == UNKNOWN_PROCESS
+
+
+def test_a_processs_start_is_read_once_a_poll():
+    """Within a poll (until ``retain``) a pid's start, once read, is not read again: the
+    kernel gives a pid out again only after its whole range."""
+    reads = []
+    proc = FakeProcess(FAKE_PID, created=1000.0)
+    cache = ProcessCache(process=factory(proc), read=read_process_facts,
+                         read_name=read_process_name,
+                         start_ticks=lambda pid: reads.append(pid) or 100)  # fmt: skip
+    facts = cache.lookup(FAKE_PID)
+    assert len(reads) == 2  # before and after its facts were read
+    assert cache.start_and_facts(FAKE_PID) == (1000.0, facts)
+    assert cache.lookup(FAKE_PID) is facts
+    assert len(reads) == 2
+    cache.retain({FAKE_PID})
+    assert cache.start_and_facts(FAKE_PID) == (1000.0, facts)
+    assert cache.start_and_facts(FAKE_PID, lambda start: start < 1000.0) == (1000.0, None)
+    assert len(reads) == 3
+
+
+def test_a_pid_that_changes_hands_while_read_is_not_checked_by_its_ticks():
+    """The start in ticks read before the facts is kept only when it is still the pid's
+    after them: otherwise the facts may be another process's than those ticks say."""
+    ticks = iter([100, 200, 100])
+    built = []
+    proc = FakeProcess(FAKE_PID, created=1000.0)
+    cache = ProcessCache(process=lambda pid: built.append(pid) or proc, read=read_process_facts,
+                         read_name=read_process_name,
+                         start_ticks=lambda pid: next(ticks))  # fmt: skip
+    cache.start_and_facts(FAKE_PID)  # 100 before the read, 200 after it
+    # Not trusted within the poll either, and 100 again is not taken on trust.
+    assert cache.start_and_facts(FAKE_PID)[0] == 1000.0
+    assert len(built) == 2
+
+
+def test_a_real_process_is_cached_by_its_start_and_gone_once_reaped(sleepers):
+    require_linux()
+    child = sleepers([sys.executable])
+    reads = []
+
+    def read(proc, limit):
+        reads.append(proc.pid)
+        return read_linux_process_facts(proc, limit)
+
+    cache = ProcessCache(read=read)
+    created, facts = cache.start_and_facts(child.pid)
+    assert created == psutil.Process(child.pid).create_time()
+    assert facts is not None and facts.name == psutil.Process(child.pid).name()
+    cache.retain({child.pid})  # a later poll
+    assert cache.start_and_facts(child.pid) == (created, facts)
+    assert reads == [child.pid]
+    end_child(child)
+    cache.retain({child.pid})
+    assert cache.start_and_facts(child.pid) == (None, UNKNOWN_PROCESS)
 
 
 def test_processes_without_sockets_are_forgotten():

@@ -166,3 +166,22 @@ def test_the_container_filter_decides_on_the_process_facts():
     assert not chosen.keeps_process(ProcessFacts(container="my-box2"))
     assert not chosen.keeps_process(ProcessFacts())  # in no container
     assert RowFilter(containers=(ID,)) == RowFilter(containers=(ID,))  # configs compare
+
+
+def test_socket_fields_and_owner_split_what_keeps_connection_decides():
+    """keeps_socket decides on everything but the pids, keeps_owner on the pids alone:
+    the poller asks the first before it searches an ownerless socket's owner."""
+    on_port = RowFilter(ports=parse_ports("8000"))
+    assert [conn for conn in ALL if on_port.keeps_socket(conn)] == [ORPHAN]
+    assert all(on_port.keeps_owner(conn) for conn in ALL)
+    by_pid = RowFilter(pids=parse_pids("100,300"), statuses=parse_statuses("ESTABLISHED,NONE"))
+    assert [conn for conn in ALL if by_pid.keeps_socket(conn)] == [WEB, DNS]
+    assert [conn for conn in ALL if by_pid.keeps_owner(conn)] == [WEB, DNS]
+    assert by_pid.keeps_socket(WEB._replace(pid=None))
+    assert not by_pid.keeps_owner(WEB._replace(pid=None))
+    assert by_pid.keeps_owner(ORPHAN._replace(owners=(7, 300)))
+    for row_filter in (on_port, by_pid, RowFilter(pids=parse_pids("400"), protos={"tcp6"})):
+        for conn in ALL:
+            assert row_filter.keeps_connection(conn) == (
+                row_filter.keeps_socket(conn) and row_filter.keeps_owner(conn)
+            )

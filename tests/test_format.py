@@ -380,6 +380,10 @@ def json_reference(row: Row, fields) -> str:
     obj = {}
     for field in fields:
         value = field_value(row, field)
+        if field == "owners" and value is not None:  # objects, where json.dumps makes lists
+            value = [ref._asdict() for ref in value]
+            for ref in value:
+                ref["name"] = None if ref["name"] is None else json_text(ref["name"])
         obj[field] = json_text(value) if isinstance(value, str) else value
     line = json.dumps(obj, ensure_ascii=False)
 
@@ -505,3 +509,26 @@ def test_hostile_arguments_and_parent_name_stay_one_safe_line(formatter):
         }
     else:
         assert "\\x1b" in line and "\\u202e" in line and "\\xff" in line
+
+
+offsets = st.timedeltas(
+    min_value=-datetime.timedelta(hours=23, minutes=59), max_value=datetime.timedelta(hours=23)
+).map(datetime.timezone)
+moments = st.datetimes(min_value=datetime.datetime(1, 1, 1), timezones=offsets)
+
+
+@given(
+    timestamp=moments,
+    started=st.none() | moments,
+    owners=st.none() | st.lists(
+        st.builds(ProcessRef, st.integers(0, 2**22), st.none() | hostile_text), max_size=3
+    ).map(tuple),
+)  # fmt: skip
+def test_json_times_and_owners_are_what_json_dumps_writes(timestamp, started, owners):
+    """A row's time and date are cut from its timestamp's ISO text: the same as strftime
+    gives, whatever the year or the UTC offset; the rows of a poll share one timestamp."""
+    row = make_row(timestamp=timestamp, started=started, owners=owners)
+    assert format_json_row(row, ALL_FIELDS) == json_reference(row, ALL_FIELDS)
+    later = row._replace(timestamp=timestamp + datetime.timedelta(microseconds=1))
+    for shown in (later, row, row):
+        assert format_json_row(shown, ALL_FIELDS) == json_reference(shown, ALL_FIELDS)

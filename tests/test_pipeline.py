@@ -174,6 +174,12 @@ class CountingCache:
     def created(self, pid):
         return self.started.get(pid, 0.0)  # long ago, unless a test says otherwise
 
+    def start_and_facts(self, pid, accept=None):
+        created = self.created(pid)
+        if accept is not None and not accept(created):
+            return created, None
+        return created, self.lookup(pid)
+
     def retain(self, live):
         self.retained.append(live)
 

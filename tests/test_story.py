@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from histstat.poller import Poller
-from histstat.records import MAX_OWNERS, Connection, ProcessFacts, TcpCounters
+from histstat.records import MAX_OWNERS, UNKNOWN_PROCESS, Connection, ProcessFacts, TcpCounters
 from histstat.sources.base import NO_ENDS, End, Ends
 from histstat.tracker import ConnectionTracker
 
@@ -62,6 +62,14 @@ class Cache:
 
     def created(self, pid):
         return 0.0
+
+    def start_and_facts(self, pid, accept=None):
+        created = self.created(pid)
+        if created is None:
+            return None, UNKNOWN_PROCESS
+        if accept is not None and not accept(created):
+            return created, None
+        return created, self.lookup(pid)
 
     def retain(self, live):
         pass

@@ -1,9 +1,11 @@
 """The tracker: one story per socket from snapshots and end events; the listeners."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from histstat.attribution import ListenerMemory
-from histstat.records import Connection, TcpCounters
+from histstat.records import MAX_OWNERS, Connection, TcpCounters
 from histstat.sources.base import End, Ends
 from histstat.tracker import (
     ConnectionTracker,
@@ -600,3 +602,28 @@ def test_a_failed_connect_without_a_namespace_joins_the_polled_socket_of_any():
                                       failed=[FailedConnect(key)])  # fmt: skip
     assert kinds(poll) == [("open", "SYN_SENT"), ("close", "SYN_SENT")]
     assert poll.changes[0].conn.netns is None
+
+
+def _all_holders(snapshot) -> set:
+    """live_pids the slow way: every record of the snapshot looked at."""
+    pids = {conn.pid for conn in snapshot if conn.pid is not None}
+    for conn in snapshot:
+        if len(conn.owners) > 1:
+            pids.update(conn.owners[:MAX_OWNERS])
+    return pids
+
+
+_RECORDS = [
+    Connection("tcp", "127.0.0.1", 40000 + port, "127.0.0.1", 8000, "ESTABLISHED", pid, port,
+               owners=owners)
+    for port in range(4)
+    for pid, owners in ((None, ()), (5, ()), (6, (6, 5)), (7, (7, *range(100, 120))))
+]  # fmt: skip
+
+
+@given(st.lists(st.sets(st.sampled_from(_RECORDS)), max_size=8))
+def test_live_pids_follow_the_records_as_they_come_and_go(snapshots):
+    tracker = ConnectionTracker()
+    for now, snapshot in enumerate(snapshots):
+        tracker.update(frozenset(snapshot), now=float(now))
+        assert tracker.live_pids() == _all_holders(snapshot)

@@ -363,7 +363,7 @@ def json_value(value: object) -> str:
     hidden characters of every string in it escaped: lists, tuples and objects too. An
     owner (ProcessRef) is an object: {"pid": ..., "name": ...}."""
     if isinstance(value, ProcessRef):
-        return json_value(value._asdict())
+        return '{"pid": ' + json_value(value.pid) + ', "name": ' + json_value(value.name) + "}"
     if isinstance(value, str):
         return _json_string_memo(value)
     if value is None:
@@ -412,14 +412,71 @@ def _json_key(field: str) -> str:
     return key
 
 
+# The latest timestamp written in ISO 8601, with its text: a row's time, date and
+# timestamp are cut from one isoformat (what the strftime of _VALUE_OF gives), and the
+# rows of one poll share their timestamp.
+_last_iso: tuple[datetime.datetime | None, str] = (None, "")
+
+
+def _iso_timestamp(row: Row) -> str:
+    global _last_iso
+    when, text = _last_iso  # one tuple: another thread's update is seen whole
+    if when is not row.timestamp:
+        when = row.timestamp
+        text = when.isoformat(timespec="microseconds")
+        _last_iso = (when, text)
+    return text
+
+
+_JSON_VALUE_OF: dict[str, Callable[[Row], str | None]] = {
+    **_VALUE_OF,
+    "timestamp": _iso_timestamp,
+    "time": lambda row: _iso_timestamp(row)[11:19],  # %H:%M:%S
+    "date": lambda row: _iso_timestamp(row)[2:10],  # %y-%m-%d
+}
+# The fields whose text is made of ASCII digits and punctuation alone (times): quoted
+# as they are, with no escaping to do and nothing worth remembering.
+_PLAIN_JSON_FIELDS = frozenset(_JSON_VALUE_OF)
+_ROW_INDEX = {field: index for index, field in enumerate(Row._fields)}
+
+# A JSON key and its colon, where the value is (the row's index, or the function that
+# makes it), and whether its text is plain: per list of fields, made once.
+_JsonPlan = tuple[tuple[str, int, Callable[[Row], object] | None, bool], ...]
+_JSON_PLANS: dict[tuple[str, ...], _JsonPlan] = {}
+
+
+def _json_plan(fields: Sequence[str]) -> _JsonPlan:
+    key = fields if type(fields) is tuple else tuple(fields)
+    plan = _JSON_PLANS.get(key)
+    if plan is None:
+        plan = _JSON_PLANS[key] = tuple(
+            (_json_key(field), _ROW_INDEX.get(field, -1),
+             _JSON_VALUE_OF.get(field) or (None if field in _ROW_INDEX else _attribute(field)),
+             field in _PLAIN_JSON_FIELDS)
+            for field in key
+        )  # fmt: skip
+    return plan
+
+
+def _attribute(field: str) -> Callable[[Row], object]:
+    return lambda row: getattr(row, field)  # as field_value: an unknown field raises
+
+
 def format_json_row(row: Row, fields: Sequence[str]) -> str:
     """One NDJSON object: real types, null for unknown, no raw control character.
 
     Built value by value, so that a process's name and command, repeated on each of its
     rows, are encoded once (``_json_string_memo``); the line is what json.dumps would
     write, with hidden characters escaped."""
-    return (
-        "{"
-        + ", ".join(_json_key(field) + json_value(field_value(row, field)) for field in fields)
-        + "}"
-    )
+    parts = []
+    for key, index, read, plain in _json_plan(fields):
+        value = row[index] if read is None else read(row)
+        if value is None:
+            parts.append(key + "null")
+        elif type(value) is str:
+            parts.append(key + ('"' + value + '"' if plain else _json_string_memo(value)))
+        elif type(value) is int:
+            parts.append(key + int.__repr__(value))
+        else:
+            parts.append(key + json_value(value))
+    return "{" + ", ".join(parts) + "}"
