@@ -92,7 +92,9 @@ def refused(args, *words) -> str:
     err = done.stderr.decode("utf-8", "replace")
     assert done.returncode == 1, (done.returncode, err)
     assert done.stdout == b"", done.stdout
-    (line,) = err.splitlines()
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    (line,) = lines
     assert line.startswith("histstat: "), line
     for word in words:
         assert word in line, (word, line)
