@@ -482,12 +482,8 @@ class ConnectWatcher:
                     # Read before any poll(): text the kernel formatted for a read cut
                     # short waits in the reader, and poll() does not report it.
                     events = self._reader.read()
-                    for event in events:
-                        try:
-                            self._handle(event)
-                        except (OSError, ValueError) as exc:  # this event alone is lost
-                            self.unhandled += 1
-                            self.unhandled_error = str(exc)
+                    if events:
+                        self._handle(events)
                 finally:
                     with self._state:
                         self._busy = False
@@ -544,15 +540,39 @@ class ConnectWatcher:
                     return
                 self._state.wait_for(self._cycle_after(self._cycles), remaining)
 
-    def _handle(self, event: ConnectEvent) -> None:
-        if event.oldstate == "CLOSE" and event.newstate == "SYN_SENT":
-            process = self._read_process(event, self._command_limit, self._known)
-            process = self._recent.fill(process, event.time)
-            with self._lock:
-                self._joiner.connected(event, process)
-        elif event.oldstate == "SYN_SENT" and event.newstate in ("ESTABLISHED", "CLOSE"):
-            with self._lock:
-                self._joiner.finished(event)
+    def _handle(self, events: list[ConnectEvent]) -> None:
+        """Join a read's events, in order: each connect's process is read first (at once:
+        it may exit any moment), then all are joined under one taking of the lock. An
+        event whose handling fails is lost alone, and counted."""
+        joins: list[tuple[ConnectEvent, Process | None]] = []
+        for event in events:
+            oldstate = event.oldstate
+            if oldstate == "CLOSE":
+                if event.newstate != "SYN_SENT":
+                    continue
+                try:
+                    process = self._read_process(event, self._command_limit, self._known)
+                    joins.append((event, self._recent.fill(process, event.time)))
+                except (OSError, ValueError) as exc:
+                    self._unhandled(exc)
+            elif oldstate == "SYN_SENT" and event.newstate in ("ESTABLISHED", "CLOSE"):
+                joins.append((event, None))  # an outcome
+        if not joins:
+            return
+        joiner = self._joiner
+        with self._lock:
+            for event, joining in joins:
+                try:
+                    if joining is None:
+                        joiner.finished(event)
+                    else:
+                        joiner.connected(event, joining)
+                except (OSError, ValueError) as exc:
+                    self._unhandled(exc)
+
+    def _unhandled(self, exc: Exception) -> None:
+        self.unhandled += 1
+        self.unhandled_error = str(exc)
 
     def connect_of(self, key: tuple[Any, ...], alone: bool = True) -> Connect | None:
         """See ConnectJoiner.connect_of."""
