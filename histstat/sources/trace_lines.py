@@ -67,10 +67,6 @@ _FIELDS = re.compile(
     rb"saddrv6=(?P<saddr6>[0-9a-f:.]+) daddrv6=(?P<daddr6>[0-9a-f:.]+) "
     rb"oldstate=TCP_(?P<old>[A-Z0-9_]+) newstate=TCP_(?P<new>[A-Z0-9_]+)"
 )
-# The whole line at once: the context, the marker, the fields. The fields cannot hold
-# the marker (digits, addresses, upper-case states), so this matches exactly the lines
-# that parse_line takes, split at the same (last) marker, with the same groups.
-_LINE = re.compile(_CONTEXT.pattern + EVENT_MARKER + _FIELDS.pattern, re.DOTALL)
 _STATE_NAMES = {name.encode(): name for name in TCP_STATE_NAMES}
 
 
@@ -208,14 +204,18 @@ class ConnectLineParser:
         states = _STATE_NAMES
         names = self._names
         for line in lines:
-            match = None if self._pieces else _LINE.fullmatch(line)
-            if match is None:  # a piece of a name, or its line: the careful way
+            # As parse_line: split at the last marker (one regex over the whole line
+            # would backtrack its greedy name over the fields: twice the time).
+            head, marker, tail = line.rpartition(EVENT_MARKER)
+            fields = _FIELDS.fullmatch(tail) if marker and not self._pieces else None
+            context = _CONTEXT.fullmatch(head) if fields is not None else None
+            if context is None:  # no event, a piece of a name, or its line: the careful way
                 event = self.parse(line, wall_offset)
                 if event is not None:
                     events.append(event)
                 continue
-            (name, tid, tgid_text, secs, usecs, family_text, sport, dport,
-             saddr, daddr, saddr6, daddr6, old, new) = match.groups()  # fmt: skip
+            name, tid, tgid_text, secs, usecs = context.groups()
+            family_text, sport, dport, saddr, daddr, saddr6, daddr6, old, new = fields.groups()
             oldstate = states.get(old)
             newstate = states.get(new)
             if oldstate is None or newstate is None:
