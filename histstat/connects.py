@@ -427,7 +427,7 @@ class ConnectJoiner:
             started = pending.event.time
             process = pending.process
             netns = process.netns
-            if pending.event.sport == 0:
+            if pending.event.sport == 0 and queue:
                 rivals = [other.process for other in queue if other.event.sport == 0]
                 if any(_who(other) != _who(process) for other in rivals):
                     self.ambiguous += 1
@@ -564,7 +564,8 @@ class ConnectWatcher:
         self._lock = threading.Lock()
         self._stop = False
         # The thread's cycle (a read and its events handled), for catch_up.
-        self._state = threading.Condition(threading.Lock())
+        self._state_lock = threading.Lock()  # the thread takes it bare: no Python frame
+        self._state = threading.Condition(self._state_lock)
         self._cycles = 0
         self._busy = False  # reading, or handling what a read gave
         self._catching_up = 0  # callers of catch_up waiting for a cycle
@@ -593,7 +594,7 @@ class ConnectWatcher:
             sleep = NO_PIPE_WAIT * 1000
         try:
             while not self._stop:
-                with self._state:
+                with self._state_lock:
                     self._busy = True
                 try:
                     # Read before any poll(): text the kernel formatted for a read cut
@@ -602,7 +603,7 @@ class ConnectWatcher:
                     if events:
                         self._handle(events)
                 finally:
-                    with self._state:
+                    with self._state_lock:
                         self._busy = False
                         self._cycles += 1
                         if self._catching_up:  # a poll waits (notify_all costs, cold)
@@ -610,7 +611,7 @@ class ConnectWatcher:
                 if self._stop:
                     break
                 woken = pausing.poll(BATCH_PAUSE * 1000) if events else waiting.poll(sleep)
-                if self._wake_read >= 0 and any(fd == self._wake_read for fd, _ in woken):
+                if woken and any(fd == self._wake_read for fd, _ in woken):
                     self._drain_wake()
         except (OSError, ValueError) as exc:  # the reader closed under us, or tracefs went
             if not self._stop:
