@@ -257,12 +257,13 @@ class KnownProcesses:
         process = None
         try:
             if not poller.poll(0):
-                process = self.get(pid, ticks)
+                process = self._processes.get((pid, ticks))
         except (OSError, ValueError):
             pass
         if process is None:  # it exited, or was forgotten: its pid may be another's
             self._unwatch(pid)
         else:
+            self._processes.move_to_end((pid, ticks))
             self._watched.move_to_end(pid)
         return process
 
@@ -408,6 +409,7 @@ class ConnectJoiner:
             for index, pending in enumerate(queue):
                 if pending.event.sport in (0, event.sport) and (
                     pending.event.saddr in _UNSPECIFIED
+                    or pending.event.saddr == event.saddr  # then their normal forms are too
                     or normal_address(family, pending.event.saddr) == saddr
                 ):
                     chosen = index
@@ -455,11 +457,12 @@ class ConnectJoiner:
         return connect
 
     def _remember(self, connect: Connect) -> None:
-        key = connect.key
+        address: Address = connect[:5]  # connect.address, without a property's frame
+        key: ConnectKey = (*address, connect.netns)
         if key in self._connects:
             self._forget(key)  # the 5-tuple was used again: the older connect goes
         self._connects[key] = connect
-        self._namespaces.setdefault(connect.address, {})[connect.netns] = None
+        self._namespaces.setdefault(address, {})[connect.netns] = None
         while len(self._connects) > MAX_CONNECTS:
             self._forget(next(iter(self._connects)))
 

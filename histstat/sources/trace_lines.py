@@ -209,8 +209,8 @@ class ConnectLineParser:
             head, marker, tail = line.rpartition(EVENT_MARKER)
             fields = _FIELDS.fullmatch(tail) if marker and not self._pieces else None
             context = _CONTEXT.fullmatch(head) if fields is not None else None
-            if context is None:  # no event, a piece of a name, or its line: the careful way
-                event = self.parse(line, wall_offset)
+            if fields is None or context is None:  # no event, a name's piece or its line:
+                event = self.parse(line, wall_offset)  # the careful way
                 if event is not None:
                     events.append(event)
                 continue
