@@ -237,7 +237,9 @@ class KnownProcesses:
     (Linux 5.3 and later): while it is not readable the process has not exited, so its
     pid names it still, and a connect of that pid needs no /proc read at all (a read of
     /proc/<pid>/stat costs about 50 µs on the reader's cold caches, a poll() of the
-    pidfd a few). ``close`` closes them."""
+    pidfd a few). A pidfd is let go as soon as its process exits: ``exits_fileno`` is
+    readable then (the reader thread sleeps on it too), and ``release_exited`` closes
+    what exited. ``close`` closes them all."""
 
     def __init__(self, limit: int = 1024, watched: int = MAX_WATCHED) -> None:
         self._limit = limit
@@ -245,7 +247,31 @@ class KnownProcesses:
         self._watched_limit = watched
         # pid → (its pidfd, a poll object on it, its start time)
         self._watched: OrderedDict[int, tuple[int, Any, int]] = OrderedDict()
-        self._pidfd_ceiling = _pidfd_ceiling() if watched else 0
+        self._exits: Any = None  # an epoll of the pidfds held: readable when one exited
+        self._pids: dict[int, int] = {}  # pidfd → pid
+        if watched and _pidfd_open is not None:
+            try:
+                self._exits = select.epoll()
+            except (OSError, AttributeError):  # no descriptor to spare: no watching
+                pass
+        self._pidfd_ceiling = _pidfd_ceiling() if self._exits is not None else 0
+
+    def exits_fileno(self) -> int | None:
+        """A descriptor readable when a watched process exited (None: none watched)."""
+        return None if self._exits is None else self._exits.fileno()
+
+    def release_exited(self) -> None:
+        """Close the pidfds of the watched processes that exited."""
+        if not self._pids:
+            return
+        try:
+            exited = self._exits.poll(0)
+        except OSError:
+            return
+        for pidfd, _ in exited:
+            pid = self._pids.get(pidfd)
+            if pid is not None:
+                self._unwatch(pid)
 
     def running(self, pid: int) -> Process | None:
         """The known process watched under ``pid``, if its pidfd says it has not exited;
@@ -289,7 +315,13 @@ class KnownProcesses:
             return
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
+        try:
+            self._exits.register(pidfd, select.EPOLLIN)
+        except (OSError, AttributeError):  # then it could not be let go at its exit
+            os.close(pidfd)
+            return
         self._watched[pid] = (pidfd, poller, ticks)
+        self._pids[pidfd] = pid
         while len(self._watched) > self._watched_limit:
             self._unwatch(next(iter(self._watched)))
 
@@ -301,12 +333,22 @@ class KnownProcesses:
     def _unwatch(self, pid: int) -> None:
         watch = self._watched.pop(pid, None)
         if watch is not None:
-            os.close(watch[0])
+            pidfd = watch[0]
+            del self._pids[pidfd]
+            try:
+                self._exits.unregister(pidfd)
+            except OSError:
+                pass
+            os.close(pidfd)
 
     def close(self) -> None:
-        """Close every pidfd held."""
+        """Close every pidfd held, and the epoll of their exits."""
         while self._watched:
             self._unwatch(next(iter(self._watched)))
+        if self._exits is not None:
+            self._exits.close()
+            self._exits = None
+            self._pidfd_ceiling = 0
 
     def get(self, pid: int, ticks: int) -> Process | None:
         process = self._processes.get((pid, ticks))
@@ -595,6 +637,9 @@ class ConnectWatcher:
             pausing.register(self._wake_read, select.POLLIN)
         else:
             sleep = NO_PIPE_WAIT * 1000
+        exits = self._known.exits_fileno()
+        if exits is not None:  # a watched process exited: its pidfd is let go at once
+            waiting.register(exits, select.POLLIN)
         try:
             while not self._stop:
                 with self._state_lock:
@@ -613,7 +658,11 @@ class ConnectWatcher:
                             self._state.notify_all()
                 if self._stop:
                     break
-                woken = pausing.poll(BATCH_PAUSE * 1000) if events else waiting.poll(sleep)
+                if events:
+                    woken = pausing.poll(BATCH_PAUSE * 1000)
+                else:
+                    self._known.release_exited()  # else an exit would end the sleep at once
+                    woken = waiting.poll(sleep)
                 if woken and any(fd == self._wake_read for fd, _ in woken):
                     self._drain_wake()
         except (OSError, ValueError) as exc:  # the reader closed under us, or tracefs went

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -291,11 +292,35 @@ def test_known_processes_watch_a_few_and_close_their_pidfds():
         assert ticks is not None
         known.add(pid, ticks, Process(pid, 1.0, ProcessFacts(name=str(pid))))
         known.watch(pid, ticks, known.open_pidfd(pid))
-    assert open_descriptors() == held + 2  # the first one watched was let go
+    assert open_descriptors() == held + 3  # the epoll of exits, and two: the first went
     assert known.running(pids[0]) is None
     assert [known.running(pid).pid for pid in pids[1:]] == pids[1:]  # type: ignore[union-attr]
     known.close()
     assert open_descriptors() == held
+
+
+def test_a_watched_process_that_exits_is_let_go_without_another_connect():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    known = KnownProcesses()
+    try:
+        ticks = wait_for(lambda: process_start_time(child.pid), describe="the child's stat")
+        held = open_descriptors()
+        known.add(child.pid, ticks, Process(child.pid, 1.0, ProcessFacts(name="child")))
+        known.watch(child.pid, ticks, known.open_pidfd(child.pid))
+        assert open_descriptors() == held + 1
+        exits = select.poll()
+        exits.register(known.exits_fileno(), select.POLLIN)
+        known.release_exited()
+        assert open_descriptors() == held + 1 and exits.poll(0) == []  # it lives
+        child.kill()
+        child.wait()
+        wait_for(lambda: exits.poll(100), describe="the exit told")  # wakes the thread
+        known.release_exited()
+        assert open_descriptors() == held and exits.poll(0) == []
+    finally:
+        child.kill()
+        child.wait()
+        known.close()
 
 
 def test_no_pidfd_is_held_when_descriptors_are_scarce(monkeypatch):
