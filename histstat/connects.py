@@ -247,17 +247,14 @@ class KnownProcesses:
         self._watched_limit = watched
         # pid → (its pidfd, a poll object on it, its start time)
         self._watched: OrderedDict[int, tuple[int, Any, int]] = OrderedDict()
-        self._exits: Any = None  # an epoll of the pidfds held: readable when one exited
+        # An epoll of the pidfds held, readable when one exited; only while any is held.
+        self._exits: Any = None
         self._pids: dict[int, int] = {}  # pidfd → pid
-        if watched and _pidfd_open is not None:
-            try:
-                self._exits = select.epoll()
-            except (OSError, AttributeError):  # no descriptor to spare: no watching
-                pass
-        self._pidfd_ceiling = _pidfd_ceiling() if self._exits is not None else 0
+        self._pidfd_ceiling = _pidfd_ceiling() if watched else 0
 
     def exits_fileno(self) -> int | None:
-        """A descriptor readable when a watched process exited (None: none watched)."""
+        """A descriptor readable when a watched process exited (None: none watched); it
+        is closed once no process is watched, and may be another one after."""
         return None if self._exits is None else self._exits.fileno()
 
     def release_exited(self) -> None:
@@ -316,8 +313,10 @@ class KnownProcesses:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         try:
+            if self._exits is None:
+                self._exits = select.epoll()
             self._exits.register(pidfd, select.EPOLLIN)
-        except (OSError, AttributeError):  # then it could not be let go at its exit
+        except OSError:  # then it could not be let go at its exit
             os.close(pidfd)
             return
         self._watched[pid] = (pidfd, poller, ticks)
@@ -340,15 +339,15 @@ class KnownProcesses:
             except OSError:
                 pass
             os.close(pidfd)
+            if not self._watched:  # no descriptor is kept for nothing to watch
+                self._exits.close()
+                self._exits = None
 
     def close(self) -> None:
         """Close every pidfd held, and the epoll of their exits."""
         while self._watched:
             self._unwatch(next(iter(self._watched)))
-        if self._exits is not None:
-            self._exits.close()
-            self._exits = None
-            self._pidfd_ceiling = 0
+        self._pidfd_ceiling = 0
 
     def get(self, pid: int, ticks: int) -> Process | None:
         process = self._processes.get((pid, ticks))
@@ -637,9 +636,7 @@ class ConnectWatcher:
             pausing.register(self._wake_read, select.POLLIN)
         else:
             sleep = NO_PIPE_WAIT * 1000
-        exits = self._known.exits_fileno()
-        if exits is not None:  # a watched process exited: its pidfd is let go at once
-            waiting.register(exits, select.POLLIN)
+        exits: int | None = None  # the known processes' exits, as registered in waiting
         try:
             while not self._stop:
                 with self._state_lock:
@@ -661,7 +658,15 @@ class ConnectWatcher:
                 if events:
                     woken = pausing.poll(BATCH_PAUSE * 1000)
                 else:
+                    # A watched process's exit wakes the thread, to let its pidfd go.
                     self._known.release_exited()  # else an exit would end the sleep at once
+                    watching = self._known.exits_fileno()
+                    if watching != exits:
+                        if exits is not None:
+                            waiting.unregister(exits)
+                        if watching is not None:
+                            waiting.register(watching, select.POLLIN)
+                        exits = watching
                     woken = waiting.poll(sleep)
                 if woken and any(fd == self._wake_read for fd, _ in woken):
                     self._drain_wake()
