@@ -4,6 +4,7 @@ loop, joined into whole connects with the connecting process's facts taken at on
 from __future__ import annotations
 
 import os
+import resource
 import select
 import socket
 import threading
@@ -18,6 +19,8 @@ from histstat.records import ProcessFacts
 from histstat.sources.namespaces import namespace_inode
 from histstat.sources.trace_lines import ConnectEvent
 from histstat.sources.tracefs import ConnectEventReader, process_start_time
+
+_pidfd_open = getattr(os, "pidfd_open", None)  # Python 3.9 and later, on Linux
 
 # How long a whole connect is remembered for the poll to find its connection: longer
 # than any interval people use, and than TIME_WAIT, which keeps the 5-tuple from reuse.
@@ -93,12 +96,25 @@ class Connect(NamedTuple):
         return (self.proto, self.laddr, self.lport, self.raddr, self.rport)
 
 
+# Addresses as normal_address gave them lately (the same few addresses come again and
+# again); past this many, they are forgotten at once.
+MAX_NORMAL_ADDRESSES = 4096
+_normal_addresses: dict[tuple[int, str], str] = {}
+
+
 def normal_address(family: int, text: str) -> str:
     """The address as sources print it (inet_ntop), whatever the kernel's spelling."""
+    known = _normal_addresses.get((family, text))
+    if known is not None:
+        return known
     try:
-        return socket.inet_ntop(family, socket.inet_pton(family, text))
+        normal = socket.inet_ntop(family, socket.inet_pton(family, text))
     except (OSError, ValueError):
-        return text
+        normal = text
+    if len(_normal_addresses) >= MAX_NORMAL_ADDRESSES:
+        _normal_addresses.clear()
+    _normal_addresses[(family, text)] = normal
+    return normal
 
 
 def _status_tgid(tid: int) -> int | None:
@@ -124,19 +140,31 @@ def thread_namespace(tid: int) -> int | None:
 
 
 def _known_process(event: ConnectEvent, known: KnownProcesses) -> Process | None:
-    """The connecting process when it was read whole before, found with one small read
-    instead of two: the trace's tgid names it, and its start time (the key of ``known``,
-    with the pid) says it is the same process. A thread other than its main one must be
+    """The connecting process when it was read whole before, found without reading it
+    again: the trace's tgid names it, and either a pidfd held on it says it has not
+    exited (so the pid is still its own), or its start time (the key of ``known``, with
+    the pid) says it is the same process. A thread other than its main one must be
     listed under it, as the tgid is a cache's hint that may name a former holder of the
     thread id. None: not known, or not sure (the caller reads the thread's status)."""
     pid = event.tgid
     if pid is None:
         return None
-    ticks = process_start_time(pid)
-    if ticks is None:
-        return None
-    found = known.get(pid, ticks)
-    if found is None or (event.tid != pid and not os.path.exists(f"/proc/{pid}/task/{event.tid}")):
+    found = known.running(pid)
+    if found is None:
+        # The pidfd first: the start time read after it says whose process it holds
+        # (a pid is not given again while its process has not exited).
+        pidfd = known.open_pidfd(pid)
+        try:
+            ticks = process_start_time(pid)
+            found = None if ticks is None else known.get(pid, ticks)
+        except BaseException:
+            known.discard_pidfd(pidfd)
+            raise
+        if found is None or ticks is None:
+            known.discard_pidfd(pidfd)
+            return None
+        known.watch(pid, ticks, pidfd)
+    if event.tid != pid and not os.path.exists(f"/proc/{pid}/task/{event.tid}"):
         return None
     return found
 
@@ -182,14 +210,144 @@ def read_connecting_process(
     return process
 
 
+# How many of the known processes are watched through a pidfd (see KnownProcesses): a
+# few, as each holds a descriptor; the ones connecting most recently.
+MAX_WATCHED = 16
+
+
+def _pidfd_ceiling() -> int:
+    """The lowest descriptor number a pidfd may not have: half of ulimit -n (at most
+    64 below it), so watching never leaves the rest of histstat short of descriptors
+    (descriptors are given lowest first: a high one says the table is filling)."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 0
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(0, min(soft // 2, soft - 64))
+
+
 class KnownProcesses:
     """The connecting processes read lately, by (pid, start time in clock ticks), so a
     process connecting again and again is read from /proc once (the poll's ProcessCache
-    keeps facts the same way); at most ``limit``, the least recent dropped."""
+    keeps facts the same way); at most ``limit``, the least recent dropped.
 
-    def __init__(self, limit: int = 1024) -> None:
+    The MAX_WATCHED processes that connected last are also watched through a pidfd
+    (Linux 5.3 and later): while it is not readable the process has not exited, so its
+    pid names it still, and a connect of that pid needs no /proc read at all (a read of
+    /proc/<pid>/stat costs about 50 µs on the reader's cold caches, a poll() of the
+    pidfd a few). A pidfd is let go as soon as its process exits: ``exits_fileno`` is
+    readable then (the reader thread sleeps on it too), and ``release_exited`` closes
+    what exited. ``close`` closes them all."""
+
+    def __init__(self, limit: int = 1024, watched: int = MAX_WATCHED) -> None:
         self._limit = limit
         self._processes: OrderedDict[tuple[int, int], Process] = OrderedDict()
+        self._watched_limit = watched
+        # pid → (its pidfd, a poll object on it, its start time)
+        self._watched: OrderedDict[int, tuple[int, Any, int]] = OrderedDict()
+        # An epoll of the pidfds held, readable when one exited; only while any is held.
+        self._exits: Any = None
+        self._pids: dict[int, int] = {}  # pidfd → pid
+        self._pidfd_ceiling = _pidfd_ceiling() if watched else 0
+
+    def exits_fileno(self) -> int | None:
+        """A descriptor readable when a watched process exited (None: none watched); it
+        is closed once no process is watched, and may be another one after."""
+        return None if self._exits is None else self._exits.fileno()
+
+    def release_exited(self) -> None:
+        """Close the pidfds of the watched processes that exited."""
+        if not self._pids:
+            return
+        try:
+            exited = self._exits.poll(0)
+        except OSError:
+            return
+        for pidfd, _ in exited:
+            pid = self._pids.get(pidfd)
+            if pid is not None:
+                self._unwatch(pid)
+
+    def running(self, pid: int) -> Process | None:
+        """The known process watched under ``pid``, if its pidfd says it has not exited;
+        None otherwise (then the caller checks its start time)."""
+        watch = self._watched.get(pid)
+        if watch is None:
+            return None
+        pidfd, poller, ticks = watch
+        process = None
+        try:
+            if not poller.poll(0):
+                process = self._processes.get((pid, ticks))
+        except (OSError, ValueError):
+            pass
+        if process is None:  # it exited, or was forgotten: its pid may be another's
+            self._unwatch(pid)
+        else:
+            self._processes.move_to_end((pid, ticks))
+            self._watched.move_to_end(pid)
+        return process
+
+    def open_pidfd(self, pid: int) -> int:
+        """A pidfd on whatever process holds ``pid`` now, or -1 (none can be had, or
+        descriptors are getting scarce). Whose process it holds is for the caller to
+        say, by the start time it reads after this (see ``watch``)."""
+        if pid in self._watched or not self._pidfd_ceiling or _pidfd_open is None:
+            return -1
+        try:
+            pidfd = _pidfd_open(pid)
+        except OSError:  # gone, no pidfds before Linux 5.3, no descriptor to spare
+            return -1
+        if pidfd >= self._pidfd_ceiling:
+            os.close(pidfd)
+            return -1
+        return pidfd
+
+    def watch(self, pid: int, ticks: int, pidfd: int) -> None:
+        """Watch the known process (``pid``, ``ticks``) through ``pidfd``, opened before
+        ``ticks`` was read (-1: nothing to watch)."""
+        if pidfd < 0:
+            return
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        try:
+            if self._exits is None:
+                self._exits = select.epoll()
+            self._exits.register(pidfd, select.EPOLLIN)
+        except OSError:  # then it could not be let go at its exit
+            os.close(pidfd)
+            return
+        self._watched[pid] = (pidfd, poller, ticks)
+        self._pids[pidfd] = pid
+        while len(self._watched) > self._watched_limit:
+            self._unwatch(next(iter(self._watched)))
+
+    @staticmethod
+    def discard_pidfd(pidfd: int) -> None:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+    def _unwatch(self, pid: int) -> None:
+        watch = self._watched.pop(pid, None)
+        if watch is not None:
+            pidfd = watch[0]
+            del self._pids[pidfd]
+            try:
+                self._exits.unregister(pidfd)
+            except OSError:
+                pass
+            os.close(pidfd)
+            if not self._watched:  # no descriptor is kept for nothing to watch
+                self._exits.close()
+                self._exits = None
+
+    def close(self) -> None:
+        """Close every pidfd held, and the epoll of their exits."""
+        while self._watched:
+            self._unwatch(next(iter(self._watched)))
+        self._pidfd_ceiling = 0
 
     def get(self, pid: int, ticks: int) -> Process | None:
         process = self._processes.get((pid, ticks))
@@ -292,6 +450,7 @@ class ConnectJoiner:
             for index, pending in enumerate(queue):
                 if pending.event.sport in (0, event.sport) and (
                     pending.event.saddr in _UNSPECIFIED
+                    or pending.event.saddr == event.saddr  # then their normal forms are too
                     or normal_address(family, pending.event.saddr) == saddr
                 ):
                     chosen = index
@@ -311,7 +470,7 @@ class ConnectJoiner:
             started = pending.event.time
             process = pending.process
             netns = process.netns
-            if pending.event.sport == 0:
+            if pending.event.sport == 0 and queue:
                 rivals = [other.process for other in queue if other.event.sport == 0]
                 if any(_who(other) != _who(process) for other in rivals):
                     self.ambiguous += 1
@@ -339,11 +498,12 @@ class ConnectJoiner:
         return connect
 
     def _remember(self, connect: Connect) -> None:
-        key = connect.key
+        address: Address = connect[:5]  # connect.address, without a property's frame
+        key: ConnectKey = (*address, connect.netns)
         if key in self._connects:
             self._forget(key)  # the 5-tuple was used again: the older connect goes
         self._connects[key] = connect
-        self._namespaces.setdefault(connect.address, {})[connect.netns] = None
+        self._namespaces.setdefault(address, {})[connect.netns] = None
         while len(self._connects) > MAX_CONNECTS:
             self._forget(next(iter(self._connects)))
 
@@ -448,9 +608,11 @@ class ConnectWatcher:
         self._lock = threading.Lock()
         self._stop = False
         # The thread's cycle (a read and its events handled), for catch_up.
-        self._state = threading.Condition(threading.Lock())
+        self._state_lock = threading.Lock()  # the thread takes it bare: no Python frame
+        self._state = threading.Condition(self._state_lock)
         self._cycles = 0
         self._busy = False  # reading, or handling what a read gave
+        self._catching_up = 0  # callers of catch_up waiting for a cycle
         self._probe = select.poll()  # the poll loop's look at what waits in the kernel
         self._probe.register(reader.fileno(), select.POLLIN)
         try:
@@ -474,29 +636,39 @@ class ConnectWatcher:
             pausing.register(self._wake_read, select.POLLIN)
         else:
             sleep = NO_PIPE_WAIT * 1000
+        exits: int | None = None  # the known processes' exits, as registered in waiting
         try:
             while not self._stop:
-                with self._state:
+                with self._state_lock:
                     self._busy = True
                 try:
                     # Read before any poll(): text the kernel formatted for a read cut
                     # short waits in the reader, and poll() does not report it.
                     events = self._reader.read()
-                    for event in events:
-                        try:
-                            self._handle(event)
-                        except (OSError, ValueError) as exc:  # this event alone is lost
-                            self.unhandled += 1
-                            self.unhandled_error = str(exc)
+                    if events:
+                        self._handle(events)
                 finally:
-                    with self._state:
+                    with self._state_lock:
                         self._busy = False
                         self._cycles += 1
-                        self._state.notify_all()
+                        if self._catching_up:  # a poll waits (notify_all costs, cold)
+                            self._state.notify_all()
                 if self._stop:
                     break
-                woken = pausing.poll(BATCH_PAUSE * 1000) if events else waiting.poll(sleep)
-                if self._wake_read >= 0 and any(fd == self._wake_read for fd, _ in woken):
+                if events:
+                    woken = pausing.poll(BATCH_PAUSE * 1000)
+                else:
+                    # A watched process's exit wakes the thread, to let its pidfd go.
+                    self._known.release_exited()  # else an exit would end the sleep at once
+                    watching = self._known.exits_fileno()
+                    if watching != exits:
+                        if exits is not None:
+                            waiting.unregister(exits)
+                        if watching is not None:
+                            waiting.register(watching, select.POLLIN)
+                        exits = watching
+                    woken = waiting.poll(sleep)
+                if woken and any(fd == self._wake_read for fd, _ in woken):
                     self._drain_wake()
         except (OSError, ValueError) as exc:  # the reader closed under us, or tracefs went
             if not self._stop:
@@ -542,17 +714,45 @@ class ConnectWatcher:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                self._state.wait_for(self._cycle_after(self._cycles), remaining)
+                self._catching_up += 1
+                try:
+                    self._state.wait_for(self._cycle_after(self._cycles), remaining)
+                finally:
+                    self._catching_up -= 1
 
-    def _handle(self, event: ConnectEvent) -> None:
-        if event.oldstate == "CLOSE" and event.newstate == "SYN_SENT":
-            process = self._read_process(event, self._command_limit, self._known)
-            process = self._recent.fill(process, event.time)
-            with self._lock:
-                self._joiner.connected(event, process)
-        elif event.oldstate == "SYN_SENT" and event.newstate in ("ESTABLISHED", "CLOSE"):
-            with self._lock:
-                self._joiner.finished(event)
+    def _handle(self, events: list[ConnectEvent]) -> None:
+        """Join a read's events, in order: each connect's process is read first (at once:
+        it may exit any moment), then all are joined under one taking of the lock. An
+        event whose handling fails is lost alone, and counted."""
+        joins: list[tuple[ConnectEvent, Process | None]] = []
+        for event in events:
+            oldstate = event.oldstate
+            if oldstate == "CLOSE":
+                if event.newstate != "SYN_SENT":
+                    continue
+                try:
+                    process = self._read_process(event, self._command_limit, self._known)
+                    joins.append((event, self._recent.fill(process, event.time)))
+                except (OSError, ValueError) as exc:
+                    self._unhandled(exc)
+            elif oldstate == "SYN_SENT" and event.newstate in ("ESTABLISHED", "CLOSE"):
+                joins.append((event, None))  # an outcome
+        if not joins:
+            return
+        joiner = self._joiner
+        with self._lock:
+            for event, joining in joins:
+                try:
+                    if joining is None:
+                        joiner.finished(event)
+                    else:
+                        joiner.connected(event, joining)
+                except (OSError, ValueError) as exc:
+                    self._unhandled(exc)
+
+    def _unhandled(self, exc: Exception) -> None:
+        self.unhandled += 1
+        self.unhandled_error = str(exc)
 
     def connect_of(self, key: tuple[Any, ...], alone: bool = True) -> Connect | None:
         """See ConnectJoiner.connect_of."""
@@ -592,10 +792,12 @@ class ConnectWatcher:
         self._wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(NO_PIPE_WAIT + 5.0)
-        if not self._thread.is_alive() and self._wake_write >= 0:
-            os.close(self._wake_read)
-            os.close(self._wake_write)
-            self._wake_read = self._wake_write = -1
+        if not self._thread.is_alive():
+            self._known.close()
+            if self._wake_write >= 0:
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+                self._wake_read = self._wake_write = -1
         return self._reader.close()
 
 

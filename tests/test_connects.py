@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
+import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -237,6 +241,108 @@ def test_a_wrong_tgid_hint_never_gives_a_known_process_the_thread_is_not_in():
     stale = this_thread_connects()._replace(tgid=parent)
     read = read_connecting_process(stale, known=known)
     assert read.pid == os.getpid() and read.facts.name != "parent"
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_known_process_connecting_again_is_found_through_its_pidfd_without_proc(
+    monkeypatch,
+):
+    known = KnownProcesses()
+    read = read_connecting_process(this_thread_connects(), known=known)  # read whole
+    again = read_connecting_process(this_thread_connects(), known=known)  # start time
+    assert again == read
+    monkeypatch.setattr("histstat.connects.process_start_time", unreadable)
+    monkeypatch.setattr("histstat.connects._status_tgid", unreadable)
+    assert read_connecting_process(this_thread_connects(), known=known) == read
+    known.close()
+
+
+def unreadable(*_):
+    raise AssertionError("/proc was read")
+
+
+def test_a_watched_process_that_exited_is_no_longer_taken_for_its_pid():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ticks = wait_for(lambda: process_start_time(child.pid), describe="the child's stat")
+        known = KnownProcesses()
+        known.add(child.pid, ticks, Process(child.pid, 1.0, ProcessFacts(name="child")))
+        held = open_descriptors()
+        connects = this_thread_connects()._replace(tid=child.pid, tgid=child.pid)
+        assert read_connecting_process(connects, known=known).facts.name == "child"
+        assert open_descriptors() == held + 2  # its pidfd, and the epoll of exits
+        assert known.running(child.pid) is not None
+    finally:
+        child.kill()
+        child.wait()
+    # Exited (and reaped: its pid free for another): the pidfd says so, and goes.
+    assert known.running(child.pid) is None
+    assert open_descriptors() == held
+    assert read_connecting_process(connects, known=known).created is None  # gone
+
+
+def test_known_processes_watch_a_few_and_close_their_pidfds():
+    held = open_descriptors()
+    known = KnownProcesses(watched=2)
+    pids = [os.getpid(), os.getppid(), 1]
+    for pid in pids:
+        ticks = process_start_time(pid)
+        assert ticks is not None
+        known.add(pid, ticks, Process(pid, 1.0, ProcessFacts(name=str(pid))))
+        known.watch(pid, ticks, known.open_pidfd(pid))
+    assert open_descriptors() == held + 3  # the epoll of exits, and two: the first went
+    assert known.running(pids[0]) is None
+    assert [known.running(pid).pid for pid in pids[1:]] == pids[1:]  # type: ignore[union-attr]
+    known.close()
+    assert open_descriptors() == held
+
+
+def test_a_watched_process_that_exits_is_let_go_without_another_connect():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    known = KnownProcesses()
+    try:
+        ticks = wait_for(lambda: process_start_time(child.pid), describe="the child's stat")
+        held = open_descriptors()
+        known.add(child.pid, ticks, Process(child.pid, 1.0, ProcessFacts(name="child")))
+        known.watch(child.pid, ticks, known.open_pidfd(child.pid))
+        assert open_descriptors() == held + 2  # its pidfd, and the epoll of exits
+        exits = select.poll()
+        exits.register(known.exits_fileno(), select.POLLIN)
+        known.release_exited()
+        assert open_descriptors() == held + 2 and exits.poll(0) == []  # it lives
+        child.kill()
+        child.wait()
+        wait_for(lambda: exits.poll(100), describe="the exit told")  # wakes the thread
+        known.release_exited()
+        assert open_descriptors() == held and known.exits_fileno() is None
+    finally:
+        child.kill()
+        child.wait()
+        known.close()
+
+
+def test_no_pidfd_is_held_when_descriptors_are_scarce(monkeypatch):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (64, hard))
+    assert KnownProcesses().open_pidfd(os.getpid()) == -1
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (4096, hard))
+    roomy = KnownProcesses()
+    pidfd = roomy.open_pidfd(os.getpid())
+    assert pidfd >= 0
+    roomy.discard_pidfd(pidfd)
+
+
+def test_normal_addresses_are_remembered_within_their_bound(monkeypatch):
+    monkeypatch.setattr("histstat.connects.MAX_NORMAL_ADDRESSES", 2)
+    spellings = ["0:0::1", "::1", "0::0:1", "127.0.0.1"]
+    normal = [normal_address(socket.AF_INET6, text) for text in spellings[:3]]
+    assert normal == ["::1"] * 3
+    assert normal_address(socket.AF_INET, "127.0.0.1") == "127.0.0.1"
+    assert normal_address(socket.AF_INET, "::1") == "::1"  # not an IPv4 address: as given
+    assert [normal_address(socket.AF_INET6, text) for text in spellings[:3]] == normal
 
 
 class PipeReader:

@@ -229,3 +229,58 @@ def test_line_splitter_drops_and_counts_overlong_lines_without_holding_them():
     assert splitter.dropped == 1
     assert splitter.feed(b"tail\nnext\n" + b"z" * 20 + b"\nlast\n") == [b"next", b"last"]
     assert splitter.dropped == 2
+
+
+# Every captured line, a line that is no event and name pieces, in an order where pieces
+# come before events, after them and alone: parse_lines must say what parse says.
+MIXED_LINES = [
+    IPV4_CONNECT,
+    *NEWLINE_NAME_LINES,
+    IPV4_REFUSED,
+    b"CPU:1 [LOST 12 EVENTS]",
+    IPV6_CONNECT,
+    *NEWLINES_ONLY_NAME_LINES,
+    FAKE_CONTEXT_NAME,
+    NEWLINE_NAME_LINES[0],  # a piece, then a line that is no event: it ends the piece
+    IPV4_CONNECT.replace(b"TCP_SYN_SENT", b"TCP_NOT_A_STATE"),
+    INVALID_UTF8_NAME,
+    IPV4_ACCEPTED_IRQ_INFO,
+    b"x" * 10,
+    b"y" * 10,
+    IPV6_ACCEPTED,  # pieces too long together for a name: the event keeps its own
+    UNKNOWN_TGID,
+    NEWLINE_NAME_LINES[0],  # a piece left held at the end
+]
+
+
+@pytest.mark.parametrize("cut", [0, 1, 5, 9, len(MIXED_LINES)])
+def test_parse_lines_gives_what_parse_gives_one_line_at_a_time(cut):
+    one_by_one = ConnectLineParser()
+    expected = [one_by_one.parse(line, OFFSET) for line in MIXED_LINES]
+    batched = ConnectLineParser()
+    # In two batches, cut anywhere: what a batch leaves held carries into the next.
+    got = batched.parse_lines(MIXED_LINES[:cut], OFFSET)
+    got += batched.parse_lines(MIXED_LINES[cut:], OFFSET)
+    assert got == [event for event in expected if event is not None]
+    assert batched.unparsed == one_by_one.unparsed == 3  # LOST, NOT_A_STATE, y * 10
+    names = [event.name for event in got]
+    assert "a\nb (1) [0]: \x1b\udcff" in names and "\n\n" in names
+    assert "x-1 (2) [003] 9" in names and "\udcff\udcfe:[]()" in names
+
+
+def test_parse_lines_decodes_names_anew_once_it_forgot_them(monkeypatch):
+    monkeypatch.setattr("histstat.sources.trace_lines.MAX_NAMES", 1)
+    parser = ConnectLineParser()
+    lines = [IPV4_CONNECT, INVALID_UTF8_NAME, IPV4_CONNECT]
+    names = [event.name for event in parser.parse_lines(lines, OFFSET)]
+    assert names == ["python3", "\udcff\udcfe:[]()", "python3"]
+
+
+def test_line_splitter_takes_whole_lines_at_once_and_still_drops_overlong_ones():
+    splitter = LineSplitter(max_line=8)
+    assert splitter.feed(b"ok\n" + b"x" * 20 + b"\nend\n") == [b"ok", b"end"]
+    assert splitter.dropped == 1
+    assert splitter.feed(b"one\ntwo\n") == [b"one", b"two"]
+    assert splitter.feed(b"three\nfo") == [b"three"]  # a line still coming is held
+    assert splitter.feed(b"ur\n") == [b"four"]
+    assert splitter.feed(b"") == [] and splitter.dropped == 1
