@@ -7,6 +7,7 @@ installed:
 
     python benchmarks/connect_threads.py            # two turns of each
     python benchmarks/connect_threads.py --turns 4
+    python benchmarks/connect_threads.py --settle   # each run after the TIME_WAITs expired
 
 Python does not name its threads to the kernel: the main thread is the one whose id is
 the pid, the others are listed by their CPU, largest first (with auto: the connect
@@ -39,6 +40,23 @@ def thread_cpu(pid: int) -> dict[int, float]:
             continue
         found[int(tid)] = (int(fields[11]) + int(fields[12])) / TICKS
     return found
+
+
+def time_wait_sockets() -> int:
+    """The TIME_WAIT sockets of the machine's own namespace (/proc/net/sockstat's tw)."""
+    with open("/proc/net/sockstat") as sockstat:
+        for line in sockstat:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("tw") + 1])
+    return 0
+
+
+def settle(most: int = 10, limit: float = 70.0) -> None:
+    """Wait until at most ``most`` TIME_WAIT sockets are left (Linux keeps each 60 s)."""
+    deadline = time.monotonic() + limit
+    while time_wait_sockets() > most and time.monotonic() < deadline:
+        time.sleep(1.0)
 
 
 def turn(events: str) -> tuple[float, list[float], int, float]:
@@ -78,12 +96,20 @@ def turn(events: str) -> tuple[float, list[float], int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=2)
+    parser.add_argument(
+        "--settle",
+        action="store_true",
+        help="before each run, wait (at most 70 s) for the TIME_WAIT sockets of the runs "
+        "before to expire, so that each run dumps only its own",
+    )
     options = parser.parse_args()
     print(machine())
     print("| --kernel-events | main thread | other threads | histstat in all | rows |")
     print("|---|---|---|---|---|")
     for _ in range(options.turns):
         for events in ("auto", "off"):
+            if options.settle:
+                settle()
             main_cpu, others, rows, _ = turn(events)
             shown = ", ".join(f"{cpu:.2f}%" for cpu in others if cpu >= 0.005) or "-"
             total = main_cpu + sum(others)
