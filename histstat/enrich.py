@@ -241,6 +241,17 @@ PROCESS_NAME = read_linux_process_name if _ON_LINUX else read_process_name
 PROCESS_CONTAINER: Callable[[int], str | None] | None = read_container_id if _ON_LINUX else None
 
 
+# A change of the wall-clock time of boot larger than this is a step of the clock (NTP
+# slews by at most 0.5 ms a second, far less between two polls).
+CLOCK_STEP = 1.0  # seconds
+
+
+def _wall_clock_at_boot() -> float:
+    """When the machine booted, by the wall clock now: it moves when the clock is set."""
+    since_boot = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+    return time.time() - time.clock_gettime(since_boot)
+
+
 def _start_ticks(pid: int) -> int | None:
     """The process's start in clock ticks since boot, from one read of /proc/<pid>/stat;
     None when it is gone."""
@@ -304,6 +315,7 @@ class ProcessCache:
         read_container: Callable[[int], str | None] | None = PROCESS_CONTAINER,
         clock: Callable[[], float] = time.time,
         start_ticks: Callable[[int], int | None] | None = None,
+        boot_clock: Callable[[], float] = _wall_clock_at_boot,
     ) -> None:
         self._hasher = hasher
         self._process = process
@@ -322,10 +334,12 @@ class ProcessCache:
         self._entries: dict[int, list[Any]] = {}
         # pid → (its start time, its name), for parents that own no socket
         self._parent_names: dict[int, tuple[float, str | None]] = {}
-        # Pids whose start was read since the poll began (``retain`` ends a poll): the
-        # kernel hands a pid out again only after its whole range, never within a poll,
-        # and a poll's rows are often many of one process.
+        # Pids whose start was read since the poll began (``begin_poll``): the kernel
+        # hands a pid out again only after its whole range, never within a poll, and a
+        # poll's rows are often many of one process.
         self._checked: set[int] = set()
+        self._boot_clock = boot_clock
+        self._booted: float | None = None  # the wall-clock time of boot, as last seen
 
     def lookup(self, pid: int | None) -> ProcessFacts:
         """The facts of ``pid``'s process; unknown ones if it is gone."""
@@ -452,10 +466,21 @@ class ProcessCache:
             cached[2] = future
         return future
 
-    def retain(self, live_pids: set[int]) -> None:
-        """Forget processes that own no socket any more; the poll ends: every process's
-        start is read again at its next lookup."""
+    def begin_poll(self) -> None:
+        """A poll begins: every process's start is read again at its next lookup. After
+        a step of the wall clock the cache starts over: a start in epoch seconds is
+        psutil's boot time plus the start in ticks, and the boot time moved with the
+        clock, so a cached start (a process known by its ticks alone) would be off by
+        the step, and a live owner taken for a newer process."""
         self._checked.clear()
+        booted = self._boot_clock()
+        if self._booted is not None and abs(booted - self._booted) > CLOCK_STEP:
+            self._entries.clear()
+            self._parent_names.clear()
+        self._booted = booted
+
+    def retain(self, live_pids: set[int]) -> None:
+        """Forget processes that own no socket any more."""
         for pid in [pid for pid in self._entries if pid not in live_pids]:
             del self._entries[pid]
         parents = {entry[1].ppid for entry in self._entries.values()}

@@ -170,6 +170,7 @@ class Poller:
         self._told_ambiguous: set[str] = set()  # --container values said to name several
 
     def poll(self) -> list[PendingRow]:
+        self._processes.begin_poll()
         # Local time with its UTC offset, taken once: every row of a poll shares it.
         seen = datetime.datetime.now().astimezone()
         now = time.monotonic()

@@ -142,6 +142,7 @@ def test_reused_pid_with_another_create_time_is_a_new_process():
     cache = fake_cache(factory(old, new))
     assert cache.lookup(FAKE_PID).name == "old"
     cache.retain({FAKE_PID})  # a later poll
+    cache.begin_poll()
     assert cache.lookup(FAKE_PID).name == "new"
 
 
@@ -171,6 +172,7 @@ def test_start_and_facts_refused_for_a_reused_pid_reads_nothing_of_the_new_proce
     cache = fake_cache(factory(old, new))
     cache.start_and_facts(FAKE_PID)
     cache.retain({FAKE_PID})  # a later poll
+    cache.begin_poll()
     assert cache.start_and_facts(FAKE_PID, lambda start: start == 1000.0) == (2000.0, None)
     assert FakeProcess.reads == 1  # the old process's name only
     assert cache.lookup(FAKE_PID).name == "new"
@@ -208,13 +210,16 @@ def test_a_cached_process_is_recognised_by_its_start_in_ticks_alone():
     created, facts = cache.start_and_facts(FAKE_PID)
     assert (created, facts.name, len(built)) == (1000.0, "old", 1)
     cache.retain({FAKE_PID})  # a later poll
+    cache.begin_poll()
     assert cache.start_and_facts(FAKE_PID) == (1000.0, facts)
     assert len(built) == 1
     ticks[FAKE_PID] = 200
     cache.retain({FAKE_PID})
+    cache.begin_poll()
     assert cache.start_and_facts(FAKE_PID, lambda start: start == 1000.0) == (2000.0, None)
     assert cache.lookup(FAKE_PID).name == "new"
     cache.retain({FAKE_PID})
+    cache.begin_poll()
     del ticks[FAKE_PID]  # gone
     assert cache.start_and_facts(FAKE_PID) == (None, UNKNOWN_PROCESS)
     assert cache.lookup(FAKE_PID) == UNKNOWN_PROCESS
@@ -234,6 +239,7 @@ def test_a_processs_start_is_read_once_a_poll():
     assert cache.lookup(FAKE_PID) is facts
     assert len(reads) == 2
     cache.retain({FAKE_PID})
+    cache.begin_poll()
     assert cache.start_and_facts(FAKE_PID) == (1000.0, facts)
     assert cache.start_and_facts(FAKE_PID, lambda start: start < 1000.0) == (1000.0, None)
     assert len(reads) == 3
@@ -268,10 +274,12 @@ def test_a_real_process_is_cached_by_its_start_and_gone_once_reaped(sleepers):
     assert created == psutil.Process(child.pid).create_time()
     assert facts is not None and facts.name == psutil.Process(child.pid).name()
     cache.retain({child.pid})  # a later poll
+    cache.begin_poll()
     assert cache.start_and_facts(child.pid) == (created, facts)
     assert reads == [child.pid]
     end_child(child)
     cache.retain({child.pid})
+    cache.begin_poll()
     assert cache.start_and_facts(child.pid) == (None, UNKNOWN_PROCESS)
 
 
@@ -592,3 +600,41 @@ def test_a_process_in_a_docker_like_cgroup_has_that_container_in_its_facts():
             child.wait()
     assert (facts.name, facts.container) == ("cat", container)
     assert psutil_facts.container is None  # the portable reader knows no containers
+
+
+def test_a_step_of_the_wall_clock_makes_the_cache_start_over():
+    """psutil's start is its boot time plus the start in ticks, and the boot time moves
+    with the wall clock: after a step, a process known by its ticks alone would keep a
+    start off by the step (an owner then taken for a newer process). The cache starts
+    over instead, and reads the start anew."""
+    boot = [500.0]
+    proc = FakeProcess(FAKE_PID, created=1000.0, name="implant")
+    cache = ProcessCache(process=factory(proc), read=read_process_facts,
+                         read_name=read_process_name, start_ticks=lambda pid: 100,
+                         boot_clock=lambda: boot[0])  # fmt: skip
+    cache.begin_poll()
+    assert cache.start_and_facts(FAKE_PID)[0] == 1000.0
+    boot[0] += 0.3  # the clock slewed: the same process, its start cached
+    proc._created = 400.0  # (what psutil would say only after a step)
+    cache.begin_poll()
+    assert cache.start_and_facts(FAKE_PID)[0] == 1000.0
+    boot[0] -= 600.0  # set back ten minutes
+    cache.begin_poll()
+    assert cache.start_and_facts(FAKE_PID)[0] == 400.0
+    assert cache.lookup(FAKE_PID).name == "implant"
+
+
+def test_a_poll_cut_short_leaves_no_start_trusted_into_the_next():
+    """A start read in a poll that ended early (an error before ``retain``) is read again
+    in the next: only ``begin_poll`` says a poll began."""
+    ticks = {FAKE_PID: 100}
+    old = FakeProcess(FAKE_PID, created=1000.0, name="old")
+    new = FakeProcess(FAKE_PID, created=2000.0, name="new")
+    cache = ProcessCache(process=lambda pid: old if ticks[pid] == 100 else new,
+                         read=read_process_facts, read_name=read_process_name,
+                         start_ticks=ticks.get)  # fmt: skip
+    cache.begin_poll()
+    assert cache.lookup(FAKE_PID).name == "old"
+    ticks[FAKE_PID] = 200  # the pid taken by another process; no retain came
+    cache.begin_poll()
+    assert cache.lookup(FAKE_PID).name == "new"

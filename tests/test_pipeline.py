@@ -180,6 +180,9 @@ class CountingCache:
             return created, None
         return created, self.lookup(pid)
 
+    def begin_poll(self):
+        pass
+
     def retain(self, live):
         self.retained.append(live)
 

@@ -71,6 +71,9 @@ class Cache:
             return created, None
         return created, self.lookup(pid)
 
+    def begin_poll(self):
+        pass
+
     def retain(self, live):
         pass
 
