@@ -203,6 +203,20 @@ def test_a_dump_ended_by_an_error_is_refused_not_empty():
     assert refused.value.errno == errno.ENOENT
 
 
+def test_a_dump_ended_by_another_error_fails_once_and_is_not_refused():
+    """Any other error in the NLMSG_DONE (the kernel's ENOMEM of one dump) is that
+    dump's failure, not a refusal: the table is dumped again next time. Whatever number
+    an answer carries, it is said without raising anything else."""
+    diag = SockDiag(sock=FakeKernel(done_error=errno.ENOMEM))
+    with pytest.raises(OSError) as failed:
+        diag.dump("udp", socket.AF_INET, socket.IPPROTO_UDP, {}, {})
+    assert failed.type is OSError and failed.value.errno == errno.ENOMEM
+    for code in (2**31, 2**31 - 1):  # INT_MIN and INT_MAX as the kernel would send them
+        strange = SockDiag(sock=FakeKernel(done_error=code))
+        with pytest.raises(OSError):
+            strange.dump("udp", socket.AF_INET, socket.IPPROTO_UDP, {}, {})
+
+
 def netlink_source(kernel: FakeKernel, **options) -> LinuxSource:
     source = LinuxSource(netlink=True, watch_ends=False, namespaces=False, **options)
     # A failed dump closes the socket; the next one asks the opener: the same fake.

@@ -3,6 +3,7 @@ the messages of the kernel's socket destroy broadcasts."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -90,6 +91,19 @@ Buffer = Union[bytes, bytearray, memoryview]
 
 class NetlinkUnavailable(OSError):
     """The kernel refused a sock_diag dump (no inet_diag or udp_diag support)."""
+
+
+# The errors a kernel without the handler answers a dump with (sock_diag: ENOENT for a
+# protocol with no handler, EOPNOTSUPP for TCPDIAG_GETSOCK without inet_diag).
+_REFUSALS = frozenset((errno.ENOENT, errno.EOPNOTSUPP))
+
+
+def _error_text(code: int) -> str:
+    """strerror of an error number an answer carried, whatever the number."""
+    try:
+        return os.strerror(code)
+    except (ValueError, OverflowError):
+        return f"error {code}"
 
 
 def _swap_halves(cookie: int) -> int:
@@ -342,14 +356,18 @@ class SockDiag:
                     elif answer == _NLMSG_DONE:
                         # A dump the kernel could not make (no handler for the protocol)
                         # ends at once, its error in the NLMSG_DONE.
+                        # Any other error there (ENOMEM) is this dump's alone.
                         if length >= NLMSG_HEADER.size + _ERRNO.size:
                             (code,) = _ERRNO.unpack_from(buffer, offset + NLMSG_HEADER.size)
                             if code < 0:
-                                raise NetlinkUnavailable(-code, os.strerror(-code))
+                                refused = -code in _REFUSALS
+                                raise (NetlinkUnavailable if refused else OSError)(
+                                    -code, _error_text(-code)
+                                )
                         return
                     elif answer == _NLMSG_ERROR:
                         (code,) = _ERRNO.unpack_from(buffer, offset + NLMSG_HEADER.size)
-                        raise NetlinkUnavailable(-code, os.strerror(-code))
+                        raise NetlinkUnavailable(-code, _error_text(-code))
                 offset += (length + 3) & ~3
 
 
