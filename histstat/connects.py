@@ -237,9 +237,10 @@ class KnownProcesses:
     (Linux 5.3 and later): while it is not readable the process has not exited, so its
     pid names it still, and a connect of that pid needs no /proc read at all (a read of
     /proc/<pid>/stat costs about 50 µs on the reader's cold caches, a poll() of the
-    pidfd a few). A pidfd is let go as soon as its process exits: ``exits_fileno`` is
-    readable then (the reader thread sleeps on it too), and ``release_exited`` closes
-    what exited. ``close`` closes them all."""
+    pidfd a few). A pidfd is let go once its process exited and the reader is idle:
+    ``exits_fileno`` is readable then (the idle reader thread sleeps on it too), and
+    ``release_exited`` closes what exited; while events keep the reader busy, at most
+    MAX_WATCHED stay open. ``close`` closes them all."""
 
     def __init__(self, limit: int = 1024, watched: int = MAX_WATCHED) -> None:
         self._limit = limit
