@@ -8,7 +8,7 @@ installed (tracefs is mounted if it is not):
 
     python benchmarks/connect_reader.py                 # 3 turns of 200 connections
     python benchmarks/connect_reader.py --turns 5 --connections 300
-    python benchmarks/connect_reader.py --reference /work/wt/ref
+    python benchmarks/connect_reader.py --reference ../reference
 
 ``--reference ROOT`` alternates each turn with a run of the same measurement under
 ROOT/.venv/bin/python (a venv where that checkout is installed), so both sides see the

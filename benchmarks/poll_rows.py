@@ -7,7 +7,7 @@ Run from the repository root, with the Python of a venv where histstat is instal
 with this one:
 
     python benchmarks/poll_rows.py
-    python benchmarks/poll_rows.py --against /work/wt/ref/.venv/bin/python --turns 5
+    python benchmarks/poll_rows.py --against ../reference/.venv/bin/python --turns 5
 
 The workload is what ``histstat -j --port PORT`` sees at -i 1 of 200 connections of 50 ms,
 one every 70 ms (benchmarks/histstat_connects.py's), with the source and the kernel's
