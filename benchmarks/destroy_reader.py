@@ -22,12 +22,13 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from turns import in_turns  # this directory's (a script's first path)
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -103,19 +104,16 @@ def main() -> None:
     checkouts = {"this": HERE}
     if args.reference is not None:
         checkouts["reference"] = args.reference.resolve()
-    per_end: dict[str, list[float]] = {name: [] for name in checkouts}
-    for turn in range(args.turns):
-        for name, root in checkouts.items():
-            result = run_turn(root, args)
-            micros = result["cpu"] / max(result["ends"], 1) * 1e6
-            per_end[name].append(micros)
-            print(
-                f"turn {turn + 1} {name:9s} {micros:6.1f} µs per end "
-                f"({result['ends']} ends, {result['cpu'] * 1e3:.1f} ms, "
-                f"{result['missing']} of ours missing)",
-                flush=True,
-            )
-    medians = {name: statistics.median(values) for name, values in per_end.items()}
+
+    def per_end(root: Path) -> tuple[float, str]:
+        result = run_turn(root, args)
+        micros = result["cpu"] / max(result["ends"], 1) * 1e6
+        return micros, (
+            f"{micros:6.1f} µs per end ({result['ends']} ends, "
+            f"{result['cpu'] * 1e3:.1f} ms, {result['missing']} of ours missing)"
+        )
+
+    medians = in_turns(checkouts, args.turns, per_end)
     for name, value in medians.items():
         print(f"{name}: median {value:.1f} µs of the reader's CPU per end")
     if "reference" in medians:

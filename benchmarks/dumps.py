@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from turns import in_turns  # this directory's (a script's first path)
+
 HERE = Path(__file__).resolve().parent.parent
 
 
@@ -131,17 +133,13 @@ def main() -> None:
     if args.reference is None:
         return
     checkouts = {"this": HERE, "reference": args.reference.resolve()}
-    per_turn: dict[str, list[float]] = {name: [] for name in checkouts}
-    for turn in range(args.turns):
-        for name, root in checkouts.items():
-            result = run_worker(root, args, "snapshots")
-            per_turn[name].append(result["median"] * 1e6)
-            print(
-                f"turn {turn + 1} {name:9s} snapshot median {result['median'] * 1e6:6.0f} µs "
-                f"({result['sockets']} sockets)",
-                flush=True,
-            )
-    medians = {name: statistics.median(values) for name, values in per_turn.items()}
+
+    def snapshot(root: Path) -> tuple[float, str]:
+        result = run_worker(root, args, "snapshots")
+        micros = result["median"] * 1e6
+        return micros, f"snapshot median {micros:6.0f} µs ({result['sockets']} sockets)"
+
+    medians = in_turns(checkouts, args.turns, snapshot)
     for name, value in medians.items():
         print(f"{name}: snapshot {value:.0f} µs of CPU (median of the turns' medians)")
     print(f"ratio this/reference: {medians['this'] / medians['reference']:.2f}")
