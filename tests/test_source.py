@@ -254,3 +254,13 @@ def test_a_socket_that_stays_without_a_process_costs_one_second_read_only():
     reads.calls = [[orphan]]
     source.snapshot()
     assert reads.count == 4
+
+
+def test_a_connection_waiting_in_a_listeners_queue_costs_no_second_read():
+    """An accepted connection not yet taken by accept() has no process: on a busy
+    server a new one is listed at every poll, and the listener's owner stands for it."""
+    listener = sconn(5, ("127.0.0.1", 80), status="LISTEN")
+    queued = sconn(None, ("127.0.0.1", 80), ("127.0.0.1", 4000))
+    reads = Reads([listener, queued])
+    snapshot = PsutilSource(read=reads).snapshot()
+    assert reads.count == 1 and len(snapshot) == 2

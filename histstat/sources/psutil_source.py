@@ -196,7 +196,15 @@ class PsutilSource:
 
     def snapshot(self, counters: bool = False) -> frozenset[Connection]:
         conns = self._connections()
-        ownerless = frozenset(c for c in conns if c.pid is None and c.status in _HELD_STATES)
+        # A connection on a listening port may wait in its accept queue, held by no
+        # process: a busy server's would cost a second read at every poll, and one
+        # accepted meanwhile takes its listener's owner (attribution "listener").
+        listening = {c.lport for c in conns if c.status == psutil.CONN_LISTEN}
+        ownerless = frozenset(
+            c for c in conns
+            if c.pid is None and c.status in _HELD_STATES
+            and (c.raddr is None or c.lport not in listening)
+        )  # fmt: skip
         # Those ownerless in the last snapshot too are not asked again: a socket of a
         # process psutil cannot read would cost a second read at every poll.
         new = ownerless - self._ownerless
