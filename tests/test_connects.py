@@ -16,6 +16,7 @@ import time
 
 from test_story import CLIENT, LISTENER, SERVER, Cache, EventSource, poller_of, rows_of
 
+import histstat.connects as connects_module
 from histstat.connects import (
     Connect,
     ConnectJoiner,
@@ -343,6 +344,7 @@ def test_normal_addresses_are_remembered_within_their_bound(monkeypatch):
     assert normal_address(socket.AF_INET, "127.0.0.1") == "127.0.0.1"
     assert normal_address(socket.AF_INET, "::1") == "::1"  # not an IPv4 address: as given
     assert [normal_address(socket.AF_INET6, text) for text in spellings[:3]] == normal
+    assert len(connects_module._normal_addresses) <= 2  # the bound holds
 
 
 class PipeReader:
