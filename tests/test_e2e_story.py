@@ -839,8 +839,12 @@ def test_a_burst_of_connections_closes_each_exactly_once(run_histstat, mode, rat
         # hold it) makes a second connection on the same addresses and ports.
         client_port = key[1] if key[0] == port else key[0]
         again = max(1, used[str(client_port).encode()])
-        assert events == ["open", "close"] * (len(events) // 2), (key, events, times[key])
-        assert len(events) // 2 <= again, (key, events, times[key], again)
+        opens = events.count("open")
+        # The last may be open still: a poll in flight when the closes were counted
+        # (a connection seen in SYN_SENT then) writes its rows before histstat stops.
+        paired = ["open", "close"] * opens
+        assert events in (paired, paired[:-1]), (key, events, times[key])
+        assert opens <= again, (key, events, times[key], again)
 
 
 # --------------------------------------------------------------------------- 10. bytes
